@@ -1,0 +1,1 @@
+"""The edges of segflow: sources, the scene store, label rasterizers and exporters."""

@@ -1,0 +1,444 @@
+"""The scene store: one Zarr v3 group per scene (DESIGN.md section 3, a contract).
+
+Arrays share the level-0 pixel grid of the source. Every array is chunked ``chunk`` x
+``chunk`` (all bands together for ``image``), optionally grouped into ``shard`` x ``shard``
+shards, and compressed with Blosc-zstd + bitshuffle. Writers write whole *write units*
+(shards when sharded, else chunks), one writer per unit, so no locks are needed.
+
+Completed work is recorded in small progress arrays under ``_segflow/progress/<array>``
+(one uint8 element per write unit, one chunk per element, so each unit's marker has one
+writer too). A killed run therefore resumes where it stopped, on any Zarr store.
+
+An array is usable only once it is listed complete in the group's ``segflow.arrays``
+attribute, which only the coordinating process writes.
+
+Examples
+--------
+>>> import tempfile, numpy as np
+>>> tmp = tempfile.mkdtemp()
+>>> s = SceneStore.create(f"{tmp}/s.zarr", bands=("gray",), height=4, width=6,
+...                       dtype="uint8", chunk=2)
+>>> s.write_window("image", s.grid.window(0, 0), np.ones((1, 2, 2), "uint8"))
+>>> int(s.array("image")[0, :2, :2].sum())
+4
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from segflow import __version__
+from segflow.config import SCHEMA_VERSION, ClassDef
+from segflow.errors import StoreError
+from segflow.geometry import BlockGrid, BlockIndex, Window
+
+__all__ = [
+    "ARRAY_DIMS",
+    "GeoRef",
+    "SceneStore",
+    "SlideInfo",
+    "SourceRecord",
+    "staging_path",
+]
+
+log = logging.getLogger(__name__)
+
+#: Dimension names of the contract arrays (DESIGN.md section 3).
+ARRAY_DIMS: dict[str, tuple[str, ...]] = {
+    "image": ("band", "y", "x"),
+    "valid": ("y", "x"),
+    "labels": ("y", "x"),
+    "instances": ("y", "x"),
+    "weights": ("y", "x"),
+    "prediction/probabilities": ("class", "y", "x"),
+    "prediction/labels": ("y", "x"),
+}
+
+_PROGRESS = "_segflow/progress"
+
+
+@dataclass(frozen=True, slots=True)
+class GeoRef:
+    """A map georeference: CRS and GDAL geotransform of the level-0 pixel grid."""
+
+    crs_wkt: str
+    epsg: int | None
+    geotransform: tuple[float, float, float, float, float, float]
+
+    def affine(self) -> Any:
+        """The transform as an ``affine.Affine`` (rasterio's convention)."""
+        from affine import Affine
+
+        return Affine.from_gdal(*self.geotransform)
+
+    def window_geotransform(self, window: Window) -> tuple[float, float, float, float, float, float]:
+        """The geotransform of a sub-window's own pixel grid."""
+        x0, dx, rx, y0, ry, dy = self.geotransform
+        return (
+            x0 + window.col_off * dx + window.row_off * rx,
+            dx,
+            rx,
+            y0 + window.col_off * ry + window.row_off * dy,
+            ry,
+            dy,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SlideInfo:
+    """Whole-slide metadata: pixel size in microns and objective power."""
+
+    mpp_x: float | None
+    mpp_y: float | None
+    objective_power: float | None
+    vendor: str | None = None
+    level: int = 0
+    downsample: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """Where a store's pixels came from."""
+
+    uri: str
+    sha256: str
+    kind: str
+    level: int = 0
+
+
+def staging_path(path: str | Path) -> Path:
+    """Where a store is built before it is moved to ``path`` (``NAME.partial``)."""
+    p = Path(path)
+    return p.with_name(p.name + ".partial")
+
+
+def _codecs(level: int) -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")
+
+
+class SceneStore:
+    """A scene store opened from ``path``.
+
+    Use :meth:`create` for a new store and :meth:`open` for an existing one.
+    """
+
+    def __init__(self, path: str | Path, group: zarr.Group) -> None:
+        self.path = Path(path)
+        self.group = group
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        bands: Iterable[str],
+        height: int,
+        width: int,
+        dtype: str | np.dtype[Any],
+        chunk: int = 512,
+        shard: int | None = None,
+        compression_level: int = 3,
+        nodata: float | None = None,
+        georef: GeoRef | None = None,
+        slide: SlideInfo | None = None,
+        source: SourceRecord | None = None,
+        classes: Iterable[ClassDef] = (),
+        ignore_index: int = 255,
+    ) -> SceneStore:
+        """Create an empty store with its ``image`` and ``valid`` arrays and attributes.
+
+        ``path`` must not exist yet.
+        """
+        p = Path(path)
+        if p.exists():
+            raise StoreError(f"store already exists: {str(p)!r}: remove it or choose another --out")
+        band_names = tuple(bands)
+        grid = BlockGrid(height, width, shard or chunk)
+        group = zarr.open_group(str(p), mode="w-", zarr_format=3)
+        meta: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "code_version": __version__,
+            "source": asdict(source) if source else None,
+            "georef": asdict(georef) if georef else None,
+            "slide": asdict(slide) if slide else None,
+            "bands": list(band_names),
+            "nodata": nodata,
+            "classes": [c.model_dump() for c in classes],
+            "ignore_index": ignore_index,
+            "chunk": chunk,
+            "shard": shard,
+            "compression_level": compression_level,
+            "height": height,
+            "width": width,
+            "arrays": {},
+        }
+        attrs: dict[str, Any] = {"segflow": meta}
+        if georef is not None:
+            attrs.update(_geozarr_attrs(georef, height, width))
+        group.attrs.update(attrs)
+        store = cls(p, group)
+        if georef is not None:
+            store._write_spatial_ref(georef, height, width)
+        store.create_array("image", dtype=dtype, fill_value=nodata or 0, bands=len(band_names))
+        store.create_array("valid", dtype=bool, fill_value=False)
+        log.debug("created store %s (%d x %d, %d bands, grid %s)", p, height, width,
+                  len(band_names), grid.shape_in_blocks)
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path, *, mode: str = "r") -> SceneStore:
+        """Open an existing store (``mode`` ``"r"`` or ``"r+"``)."""
+        p = Path(path)
+        if not (p / "zarr.json").is_file():
+            hint = (
+                f" (an unfinished one is at {str(staging_path(p))!r}: re-run ingest to finish it)"
+                if staging_path(p).exists() else ": run flows/ingest.py first"
+            )
+            raise StoreError(f"no scene store at {str(p)!r}{hint}")
+        group = zarr.open_group(str(p), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        if "segflow" not in group.attrs:
+            raise StoreError(f"{str(p)!r} is a Zarr group but not a segflow scene store")
+        return cls(p, group)
+
+    # --------------------------------------------------------------- attributes
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The ``segflow`` attribute dictionary (a copy)."""
+        return dict(self.group.attrs["segflow"])  # type: ignore[arg-type]
+
+    def update_meta(self, **values: Any) -> None:
+        """Merge ``values`` into the ``segflow`` attribute (coordinator only)."""
+        meta = self.meta
+        meta.update(values)
+        self.group.attrs["segflow"] = meta
+
+    @property
+    def height(self) -> int:
+        return int(self.meta["height"])
+
+    @property
+    def width(self) -> int:
+        return int(self.meta["width"])
+
+    @property
+    def chunk(self) -> int:
+        return int(self.meta["chunk"])
+
+    @property
+    def write_unit(self) -> int:
+        """Side of the unit one writer owns: the shard when sharded, else the chunk."""
+        return int(self.meta["shard"] or self.meta["chunk"])
+
+    @property
+    def grid(self) -> BlockGrid:
+        """The grid of write units over the level-0 pixels."""
+        return BlockGrid(self.height, self.width, self.write_unit)
+
+    @property
+    def georef(self) -> GeoRef | None:
+        g = self.meta.get("georef")
+        if not g:
+            return None
+        return GeoRef(crs_wkt=g["crs_wkt"], epsg=g["epsg"], geotransform=tuple(g["geotransform"]))
+
+    @property
+    def slide(self) -> SlideInfo | None:
+        s = self.meta.get("slide")
+        return SlideInfo(**s) if s else None
+
+    @property
+    def classes(self) -> tuple[ClassDef, ...]:
+        return tuple(ClassDef.model_validate(c) for c in self.meta.get("classes", []))
+
+    @property
+    def ignore_index(self) -> int:
+        return int(self.meta.get("ignore_index", 255))
+
+    # ------------------------------------------------------------------- arrays
+    def has(self, name: str) -> bool:
+        """Whether array ``name`` exists *and* is recorded complete."""
+        return bool(self.meta["arrays"].get(name, {}).get("complete"))
+
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` (e.g. ``"image"``, ``"prediction/labels"``)."""
+        try:
+            node = self.group[name]
+        except KeyError:
+            raise StoreError(
+                f"store {str(self.path)!r} has no array {name!r}: "
+                f"it has {sorted(self.meta['arrays'])}"
+            ) from None
+        assert isinstance(node, zarr.Array)
+        return node
+
+    def create_array(
+        self,
+        name: str,
+        *,
+        dtype: str | np.dtype[Any] | type,
+        fill_value: Any = 0,
+        bands: int | None = None,
+        dims: tuple[str, ...] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> zarr.Array:
+        """Create a 2-D (y, x) array, or 3-D (``bands``, y, x), on the store's grid."""
+        dims = dims or ARRAY_DIMS.get(name) or (("band", "y", "x") if bands else ("y", "x"))
+        h, w, c = self.height, self.width, self.chunk
+        shape: tuple[int, ...] = (h, w)
+        chunks: tuple[int, ...] = (min(c, h), min(c, w))
+        shards: tuple[int, ...] | None = None
+        if self.meta["shard"]:
+            s = int(self.meta["shard"])
+            # a shard must be a whole multiple of the chunk, also when the image is smaller
+            shards = (-(-min(s, h) // chunks[0]) * chunks[0], -(-min(s, w) // chunks[1]) * chunks[1])
+        if bands is not None:
+            shape, chunks = (bands, *shape), (bands, *chunks)
+            shards = (bands, *shards) if shards else None
+        all_attrs: dict[str, Any] = dict(attrs or {})
+        if self.meta.get("georef"):
+            all_attrs.setdefault("grid_mapping", "spatial_ref")
+            all_attrs.setdefault("coordinates", "spatial_ref")
+        arr = zarr.create_array(
+            store=self.group.store,
+            name=f"{self.group.path}/{name}".lstrip("/") if self.group.path else name,
+            shape=shape,
+            chunks=chunks,
+            shards=shards,
+            dtype=dtype,
+            fill_value=fill_value,
+            compressors=_codecs(int(self.meta.get("compression_level", 3))),
+            dimension_names=dims,
+            attributes=all_attrs,
+            zarr_format=3,
+            overwrite=overwrite,
+        )
+        return arr
+
+    def write_window(self, name: str, window: Window, data: np.ndarray) -> None:
+        """Write ``data`` at ``window`` of array ``name``; the window must be whole write units.
+
+        Whole units (clipped at the image edge) keep one writer per chunk/shard, the rule that
+        prevents the silent data loss described in FIELD-NOTES.md.
+        """
+        u = self.write_unit
+        aligned = (
+            window.row_off % u == 0
+            and window.col_off % u == 0
+            and (window.height % u == 0 or window.row_stop == self.height)
+            and (window.width % u == 0 or window.col_stop == self.width)
+        )
+        if not aligned:
+            raise StoreError(f"write to {name!r} at {window} is not aligned to {u}-pixel units")
+        arr = self.array(name)
+        arr[(..., *window.slices)] = data
+
+    def record_array(self, name: str, **params: Any) -> None:
+        """Record array ``name`` complete, with how it was made (coordinator only)."""
+        arrays = dict(self.meta["arrays"])
+        arrays[name] = {"complete": True, "code_version": __version__, "params": params}
+        self.update_meta(arrays=arrays)
+
+    def forget_array(self, name: str) -> None:
+        """Mark ``name`` incomplete (before it is rewritten)."""
+        arrays = dict(self.meta["arrays"])
+        arrays.pop(name, None)
+        self.update_meta(arrays=arrays)
+
+    def array_params(self, name: str) -> dict[str, Any] | None:
+        rec = self.meta["arrays"].get(name)
+        return dict(rec["params"]) if rec else None
+
+    # ----------------------------------------------------------------- progress
+    def progress(self, name: str) -> Progress:
+        """The progress record of array ``name`` (created on first use)."""
+        return Progress(self, name)
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata so ``xarray.open_zarr`` opens without listing."""
+        zarr.consolidate_metadata(self.group.store, path=self.group.path)
+
+    # ------------------------------------------------------------------ helpers
+    def _write_spatial_ref(self, georef: GeoRef, height: int, width: int) -> None:
+        gt = georef.geotransform
+        cf: dict[str, Any] = {
+            "crs_wkt": georef.crs_wkt,
+            "spatial_ref": georef.crs_wkt,
+            "GeoTransform": " ".join(repr(float(v)) for v in gt),
+        }
+        ref = zarr.create_array(store=self.group.store, name="spatial_ref", shape=(), dtype="int64",
+                                fill_value=0, dimension_names=(), attributes=cf, zarr_format=3)
+        ref[...] = 0
+        # pixel-centre coordinates (north-up grids); rioxarray reads GeoTransform first
+        x = gt[0] + (np.arange(width) + 0.5) * gt[1]
+        y = gt[3] + (np.arange(height) + 0.5) * gt[5]
+        for name, values, dim in (("x", x, "x"), ("y", y, "y")):
+            arr = zarr.create_array(store=self.group.store, name=name, shape=values.shape,
+                                    chunks=(min(len(values), 65536),), dtype="float64",
+                                    fill_value=0.0, dimension_names=(dim,), zarr_format=3,
+                                    attributes={"axis": dim.upper()})
+            arr[:] = values
+
+
+def _geozarr_attrs(georef: GeoRef, height: int, width: int) -> dict[str, Any]:
+    """GeoZarr ``proj:`` / ``spatial:`` convention attributes."""
+    from affine import Affine
+
+    a = Affine.from_gdal(*georef.geotransform)
+    out: dict[str, Any] = {
+        "proj:wkt2": georef.crs_wkt,
+        "spatial:transform": [a.a, a.b, a.c, a.d, a.e, a.f],
+        "spatial:shape": [height, width],
+        "spatial:dimensions": ["y", "x"],
+    }
+    if georef.epsg is not None:
+        out["proj:code"] = f"EPSG:{georef.epsg}"
+    return out
+
+
+class Progress:
+    """Which write units of one array are finished (one marker element per unit)."""
+
+    def __init__(self, store: SceneStore, name: str) -> None:
+        self._store = store
+        self.name = name
+        rows, cols = store.grid.shape_in_blocks
+        key = f"{_PROGRESS}/{name}"
+        try:
+            node = store.group[key]
+            assert isinstance(node, zarr.Array)
+            self._arr = node
+        except KeyError:
+            self._arr = zarr.create_array(
+                store=store.group.store, name=key, shape=(rows, cols), chunks=(1, 1),
+                dtype="uint8", fill_value=0, compressors=None, zarr_format=3,
+            )
+
+    def done(self) -> set[BlockIndex]:
+        """The finished units."""
+        marks = np.asarray(self._arr[...])
+        return {BlockIndex(int(r), int(c)) for r, c in zip(*np.nonzero(marks), strict=True)}
+
+    def mark(self, index: BlockIndex) -> None:
+        """Record unit ``index`` finished (call after its data is written)."""
+        self._arr[index.row, index.col] = 1
+
+    def reset(self) -> None:
+        """Forget all progress (before an array is rebuilt from scratch)."""
+        self._arr[...] = 0
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a store directory if it exists."""
+    if path.exists():
+        shutil.rmtree(path)
