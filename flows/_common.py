@@ -1,0 +1,43 @@
+"""What every flow's command line shares: environment, error reporting, progress bars.
+
+Flows stay thin: parse arguments, call ``segflow``, report artifacts. A ``SegflowError``
+(or a Prefect-wrapped one) becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from segflow.errors import SegflowError  # noqa: E402
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run ``main``; turn segflow errors into one clear line and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except SegflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def tqdm_progress(total: int, desc: str) -> Any:
+    """A terminal progress bar (``tqdm``), updated by ``bar.update(n)``."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", disable=None, file=sys.stderr)
