@@ -89,9 +89,7 @@ class IngestConfig(_Model):
     @model_validator(mode="after")
     def _shard_multiple_of_chunk(self) -> IngestConfig:
         if self.shard is not None and self.shard % self.chunk:
-            raise ValueError(
-                f"shard ({self.shard}) must be a multiple of chunk ({self.chunk})"
-            )
+            raise ValueError(f"shard ({self.shard}) must be a multiple of chunk ({self.chunk})")
         return self
 
 
@@ -116,7 +114,9 @@ class TrainRegion(_Model):
         if self.bbox is not None:
             r0, c0, r1, c1 = self.bbox
             if r1 <= r0 or c1 <= c0:
-                raise ValueError(f"bbox must have row_stop > row_start and col_stop > col_start, got {self.bbox}")
+                raise ValueError(
+                    f"bbox must have row_stop > row_start and col_stop > col_start, got {self.bbox}"
+                )
         return self
 
 
@@ -134,7 +134,7 @@ class PrepareConfig(_Model):
 class PipelineConfig(_Model):
     """A whole pipeline: one data set or use case."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # == SCHEMA_VERSION
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     classes: tuple[ClassDef, ...] = DEFAULT_CLASSES
     ignore_index: Annotated[int, Field(ge=0, le=65535)] = 255
@@ -181,7 +181,9 @@ def load_config(path: str | Path) -> PipelineConfig:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__}): fix the syntax") from err
+        raise ConfigError(
+            f"{p}: not valid YAML ({err.__class__.__name__}): fix the syntax"
+        ) from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
     try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,7 +81,9 @@ class GeoRef:
 
         return Affine.from_gdal(*self.geotransform)
 
-    def window_geotransform(self, window: Window) -> tuple[float, float, float, float, float, float]:
+    def window_geotransform(
+        self, window: Window
+    ) -> tuple[float, float, float, float, float, float]:
         """The geotransform of a sub-window's own pixel grid."""
         x0, dx, rx, y0, ry, dy = self.geotransform
         return (
@@ -157,14 +160,15 @@ class SceneStore:
     ) -> SceneStore:
         """Create an empty store with its ``image`` and ``valid`` arrays and attributes.
 
-        ``path`` must not exist yet.
+        ``path`` must not hold a store yet (an existing directory without one is used).
         """
         p = Path(path)
-        if p.exists():
+        if (p / "zarr.json").exists() or p.is_file():
             raise StoreError(f"store already exists: {str(p)!r}: remove it or choose another --out")
         band_names = tuple(bands)
         grid = BlockGrid(height, width, shard or chunk)
-        group = zarr.open_group(str(p), mode="w-", zarr_format=3)
+        # "a": the directory may already hold our own non-Zarr files (checked above: no group)
+        group = zarr.open_group(str(p), mode="a", zarr_format=3)
         meta: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "code_version": __version__,
@@ -191,8 +195,14 @@ class SceneStore:
             store._write_spatial_ref(georef, height, width)
         store.create_array("image", dtype=dtype, fill_value=nodata or 0, bands=len(band_names))
         store.create_array("valid", dtype=bool, fill_value=False)
-        log.debug("created store %s (%d x %d, %d bands, grid %s)", p, height, width,
-                  len(band_names), grid.shape_in_blocks)
+        log.debug(
+            "created store %s (%d x %d, %d bands, grid %s)",
+            p,
+            height,
+            width,
+            len(band_names),
+            grid.shape_in_blocks,
+        )
         return store
 
     @classmethod
@@ -202,7 +212,8 @@ class SceneStore:
         if not (p / "zarr.json").is_file():
             hint = (
                 f" (an unfinished one is at {str(staging_path(p))!r}: re-run ingest to finish it)"
-                if staging_path(p).exists() else ": run flows/ingest.py first"
+                if staging_path(p).exists()
+                else ": run flows/ingest.py first"
             )
             raise StoreError(f"no scene store at {str(p)!r}{hint}")
         group = zarr.open_group(str(p), mode=mode, zarr_format=3)  # type: ignore[arg-type]
@@ -301,7 +312,10 @@ class SceneStore:
         if self.meta["shard"]:
             s = int(self.meta["shard"])
             # a shard must be a whole multiple of the chunk, also when the image is smaller
-            shards = (-(-min(s, h) // chunks[0]) * chunks[0], -(-min(s, w) // chunks[1]) * chunks[1])
+            shards = (
+                -(-min(s, h) // chunks[0]) * chunks[0],
+                -(-min(s, w) // chunks[1]) * chunks[1],
+            )
         if bands is not None:
             shape, chunks = (bands, *shape), (bands, *chunks)
             shards = (bands, *shards) if shards else None
@@ -366,7 +380,11 @@ class SceneStore:
 
     def consolidate(self) -> None:
         """Write consolidated metadata so ``xarray.open_zarr`` opens without listing."""
-        zarr.consolidate_metadata(self.group.store, path=self.group.path)
+        with (
+            warnings.catch_warnings()
+        ):  # "not part of the v3 spec": xarray reads it, we rely on nothing else
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(self.group.store, path=self.group.path)
 
     # ------------------------------------------------------------------ helpers
     def _write_spatial_ref(self, georef: GeoRef, height: int, width: int) -> None:
@@ -376,17 +394,32 @@ class SceneStore:
             "spatial_ref": georef.crs_wkt,
             "GeoTransform": " ".join(repr(float(v)) for v in gt),
         }
-        ref = zarr.create_array(store=self.group.store, name="spatial_ref", shape=(), dtype="int64",
-                                fill_value=0, dimension_names=(), attributes=cf, zarr_format=3)
+        ref = zarr.create_array(
+            store=self.group.store,
+            name="spatial_ref",
+            shape=(),
+            dtype="int64",
+            fill_value=0,
+            dimension_names=(),
+            attributes=cf,
+            zarr_format=3,
+        )
         ref[...] = 0
         # pixel-centre coordinates (north-up grids); rioxarray reads GeoTransform first
         x = gt[0] + (np.arange(width) + 0.5) * gt[1]
         y = gt[3] + (np.arange(height) + 0.5) * gt[5]
         for name, values, dim in (("x", x, "x"), ("y", y, "y")):
-            arr = zarr.create_array(store=self.group.store, name=name, shape=values.shape,
-                                    chunks=(min(len(values), 65536),), dtype="float64",
-                                    fill_value=0.0, dimension_names=(dim,), zarr_format=3,
-                                    attributes={"axis": dim.upper()})
+            arr = zarr.create_array(
+                store=self.group.store,
+                name=name,
+                shape=values.shape,
+                chunks=(min(len(values), 65536),),
+                dtype="float64",
+                fill_value=0.0,
+                dimension_names=(dim,),
+                zarr_format=3,
+                attributes={"axis": dim.upper()},
+            )
             arr[:] = values
 
 
@@ -420,8 +453,14 @@ class Progress:
             self._arr = node
         except KeyError:
             self._arr = zarr.create_array(
-                store=store.group.store, name=key, shape=(rows, cols), chunks=(1, 1),
-                dtype="uint8", fill_value=0, compressors=None, zarr_format=3,
+                store=store.group.store,
+                name=key,
+                shape=(rows, cols),
+                chunks=(1, 1),
+                dtype="uint8",
+                fill_value=0,
+                compressors=None,
+                zarr_format=3,
             )
 
     def done(self) -> set[BlockIndex]:
