@@ -20,6 +20,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +31,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from segflow import __version__
 from segflow.config import DEFAULT_CLASSES, ClassDef, IngestConfig
@@ -150,32 +153,45 @@ class _Task:
 
 
 def plan_tasks(
-    grid: BlockGrid, source_block: tuple[int, int], *, done: Set[BlockIndex] = frozenset()
+    grid: BlockGrid,
+    source_block: tuple[int, int],
+    *,
+    done: Set[BlockIndex] = frozenset(),
+    task_pixels: int = 2048,
 ) -> list[_Task]:
     """Group write units into tasks whose reads follow the source's own block layout.
 
     A source whose blocks span the full width (strips) is read one full row of units at a
-    time, so each strip is decoded once; tiled sources are read one unit at a time. Units in
-    ``done`` are left out (a resumed run writes nothing twice).
+    time, so each strip is decoded once; tiled sources are read in squares of units about
+    ``task_pixels`` on a side (fewer, larger reads and writes). Units in ``done`` are left
+    out, so a resumed run writes nothing twice.
 
     >>> tasks = plan_tasks(BlockGrid(1000, 1000, 512), (4, 1000))
     >>> [t.window for t in tasks]
     [Window(row_off=0, col_off=0, height=512, width=1000), Window(row_off=512, col_off=0, height=488, width=1000)]
     """
     rows, cols = grid.shape_in_blocks
-    striped = source_block[1] >= grid.width and cols > 1
-    groups = (
-        [[(BlockIndex(r, c), grid.window(r, c)) for c in range(cols)] for r in range(rows)]
-        if striped
-        else [[unit] for unit in grid]
-    )
+    if source_block[1] >= grid.width and cols > 1:  # strips: one row of units
+        step_r, step_c = 1, cols
+    else:
+        step_r = step_c = max(1, task_pixels // grid.block)
     tasks = []
-    for group in groups:
-        todo = tuple(u for u in group if u[0] not in done)
-        if todo:
-            first, last = todo[0][1], todo[-1][1]
-            window = Window.from_bounds(first.row_off, first.col_off, last.row_stop, last.col_stop)
-            tasks.append(_Task(window, todo))
+    for r0 in range(0, rows, step_r):
+        for c0 in range(0, cols, step_c):
+            todo = tuple(
+                (BlockIndex(r, c), grid.window(r, c))
+                for r in range(r0, min(r0 + step_r, rows))
+                for c in range(c0, min(c0 + step_c, cols))
+                if BlockIndex(r, c) not in done
+            )
+            if todo:
+                window = Window.from_bounds(
+                    min(w.row_off for _, w in todo),
+                    min(w.col_off for _, w in todo),
+                    max(w.row_stop for _, w in todo),
+                    max(w.col_stop for _, w in todo),
+                )
+                tasks.append(_Task(window, todo))
     return tasks
 
 
@@ -194,6 +210,12 @@ def _run_key(spec: IngestSpec, source_hash: str, label_hashes: Mapping[str, str]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _worker_store(path: str, ingest_key: str) -> SceneStore:
+    """The staging store, opened once per worker process (keyed by its content key too)."""
+    return SceneStore.open(path, mode="r+")
+
+
 def _ingest_task(
     task: _Task,
     *,
@@ -201,28 +223,33 @@ def _ingest_task(
     labels: LabelReader | None,
     instances: LabelReader | None,
     store_path: str,
-) -> tuple[int, int, int]:
-    """Read one task window, write its units, mark them done. Returns (units, valid, pixels)."""
-    store = SceneStore.open(store_path, mode="r+")
-    progress = store.progress("ingest")
-    image = source.read(task.window)  # sources and label readers are thread-safe
-    valid = source.read_valid(task.window)
+    ingest_key: str,
+) -> tuple[BlockIndex, ...]:
+    """Read one task window and write its units; returns the units written.
+
+    Sources and label readers are thread-safe. Progress is recorded by the caller, after the
+    data is written, so a unit is never marked done before its pixels are on disk.
+    """
+    store = _worker_store(store_path, ingest_key)
+    image, valid = source.read_with_valid(task.window)
     # one read per distinct reader: vector labels give classes and instances in one pass
     blocks = {id(r): r.read(task.window) for r in (labels, instances) if r is not None}
-    label_block = blocks[id(labels)].labels if labels is not None else None
-    inst_block = blocks[id(instances)].instances if instances is not None else None
-    n_valid = 0
-    for index, unit in task.units:
-        rel = unit.relative_to(task.window).slices
-        store.write_window("image", unit, image[(slice(None), *rel)])
-        store.write_window("valid", unit, valid[rel])
-        if label_block is not None:
-            store.write_window("labels", unit, label_block[rel])
-        if inst_block is not None:
-            store.write_window("instances", unit, inst_block[rel])
-        progress.mark(index)
-        n_valid += int(valid[rel].sum())
-    return len(task.units), n_valid, task.window.size
+    arrays: dict[str, np.ndarray | None] = {
+        "image": image,
+        "valid": valid,
+        "labels": blocks[id(labels)].labels if labels is not None else None,
+        "instances": blocks[id(instances)].instances if instances is not None else None,
+    }
+    # all units of the window to do: one write, so Zarr encodes its chunks concurrently;
+    # otherwise unit by unit, never touching the units finished before a resume
+    whole = sum(w.size for _, w in task.units) == task.window.size
+    pieces = [task.window] if whole else [w for _, w in task.units]
+    for piece in pieces:
+        rel = piece.relative_to(task.window).slices
+        for name, data in arrays.items():
+            if data is not None:
+                store.write_window(name, piece, data[(..., *rel)])
+    return tuple(index for index, _ in task.units)
 
 
 def _is_vector(path: str) -> bool:
@@ -391,14 +418,18 @@ def ingest(
             labels=labels,
             instances=instances,
             store_path=str(staging),
+            ingest_key=run_key,
         )
         for t in tasks
     ]
+    marks = store.progress("ingest")
     try:
         for fut in as_completed(futures):
-            n_units, _, _ = fut.result()
+            units = fut.result()
+            for index in units:
+                marks.mark(index)
             if progress:
-                progress(n_units)
+                progress(len(units))
     except SegflowError:
         # e.g. label values outside the class table, found only when read: this store
         # can never be finished, so it is removed rather than left to resume

@@ -226,7 +226,8 @@ def test_plan_tasks_reads_strips_once_and_covers_every_unit() -> None:
             for _, w in t.units:
                 assert t.window.contains(w)
     assert len(striped) == grid.shape_in_blocks[0]
-    assert len(tiled) == len(grid)
+    assert len(tiled) == 1  # 4 x 6 units of 256 fit in one 2048-pixel task
+    assert len(plan_tasks(grid, (256, 256), task_pixels=256)) == len(grid)
 
 
 KILL_SCRIPT = textwrap.dedent(

@@ -227,8 +227,10 @@ class Source:
         i = getattr(self, "info", None)
         if i is None:
             return f"{type(self).__name__}({str(self.path)!r})"
-        return (f"{type(self).__name__}({i.uri!r}, level={self.level}, {i.height}x{i.width}, "
-                f"bands={i.bands}, dtype={i.dtype})")
+        return (
+            f"{type(self).__name__}({i.uri!r}, level={self.level}, {i.height}x{i.width}, "
+            f"bands={i.bands}, dtype={i.dtype})"
+        )
 
     # ------------------------------------------------------------------------- reading
     def read(self, window: Window) -> np.ndarray:
@@ -244,6 +246,16 @@ class Source:
         self._check_window(window)
         return self._read_valid(window)
 
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """``(read(window), read_valid(window))``, decoding the pixels only once where possible."""
+        self._check_window(window)
+        data = self._read(window)
+        return data, self._valid_of(window, data)
+
+    def _valid_of(self, window: Window, data: np.ndarray) -> np.ndarray:
+        """The valid mask of ``window`` given its already-read pixels (default: read it)."""
+        return self._read_valid(window)
+
     def _read(self, window: Window) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -252,8 +264,13 @@ class Source:
 
     def _check_window(self, window: Window) -> None:
         h, w = self.info.height, self.info.width
-        if (window.size == 0 or window.row_off < 0 or window.col_off < 0
-                or window.row_stop > h or window.col_stop > w):
+        if (
+            window.size == 0
+            or window.row_off < 0
+            or window.col_off < 0
+            or window.row_stop > h
+            or window.col_stop > w
+        ):
             raise RegionError(
                 f"window {window} is empty or outside the image of {self.info.uri!r} "
                 f"({h} x {w} pixels at level {self.level}): request a non-empty window within "
@@ -344,6 +361,23 @@ class RasterioSource(Source):
                 "check the file (and, for a VRT, the files it refers to) is complete"
             ) from None
         return np.asarray(out)
+
+    def _valid_of(self, window: Window, data: np.ndarray) -> np.ndarray:
+        # When every band's mask comes from nodata alone (or there is none), GDAL's dataset
+        # mask is "any band != nodata": compute it from the pixels instead of decoding the
+        # window a second time. Internal masks and alpha bands still go through GDAL.
+        from rasterio.enums import MaskFlags
+
+        flags = {tuple(f) for f in self._handle().mask_flag_enums}
+        nodata = self.info.nodata
+        if flags == {(MaskFlags.all_valid,)}:
+            return np.ones(data.shape[1:], dtype=bool)
+        if flags == {(MaskFlags.nodata,)} and nodata is not None:
+            if np.isnan(nodata):
+                return np.asarray(~np.isnan(data).all(axis=0))
+            if np.can_cast(np.min_scalar_type(nodata), data.dtype) or data.dtype.kind == "f":
+                return np.asarray((data != data.dtype.type(nodata)).any(axis=0))
+        return self._read_valid(window)
 
     def _read_valid(self, window: Window) -> np.ndarray:
         try:
@@ -533,8 +567,9 @@ class _TiffLayout:
     @classmethod
     def of(cls, axes: str, shape: tuple[int, ...], path: Path) -> _TiffLayout:
         if "Y" not in axes or "X" not in axes:
-            raise SourceError(f"TIFF {str(path)!r} has axes {axes!r} with no Y/X plane: "
-                              "pass a 2-D image")
+            raise SourceError(
+                f"TIFF {str(path)!r} has axes {axes!r} with no Y/X plane: pass a 2-D image"
+            )
         others = [i for i, a in enumerate(axes) if a not in "YX" and shape[i] > 1]
         if len(others) > 1:
             raise SourceError(
@@ -555,7 +590,7 @@ class _TiffLayout:
                 index.append(slice(None) if i == self.band_axis else 0)
         data = np.asarray(arr[tuple(index)])
         kept = [a for i, a in enumerate(self.axes) if a in "YX" or i == self.band_axis]
-        order = ([kept.index(self.axes[self.band_axis])] if self.band_axis is not None else [])
+        order = [kept.index(self.axes[self.band_axis])] if self.band_axis is not None else []
         order += [kept.index("Y"), kept.index("X")]
         data = data.transpose(order)
         if self.band_axis is None:
@@ -569,8 +604,9 @@ def _tiff_open(path: Path) -> Any:
     try:
         return tifffile.TiffFile(path)
     except Exception as err:
-        raise SourceError(f"cannot read TIFF {str(path)!r} ({_one_line(err)}): "
-                          "check the file is a complete TIFF") from None
+        raise SourceError(
+            f"cannot read TIFF {str(path)!r} ({_one_line(err)}): check the file is a complete TIFF"
+        ) from None
 
 
 def _tiff_level_array(tif: Any, level: int) -> Any:
@@ -609,7 +645,9 @@ def _tiff_block(page: Any) -> tuple[int, int]:
 class _TiffBase(Source):
     """Shared tifffile machinery: one Zarr array over the chosen level, read by window."""
 
-    def _probe_tiff(self) -> tuple[Any, _TiffLayout, list[tuple[int, int]], str, int, tuple[int, int]]:
+    def _probe_tiff(
+        self,
+    ) -> tuple[Any, _TiffLayout, list[tuple[int, int]], str, int, tuple[int, int]]:
         tif = _tiff_open(self.path)
         try:
             series = tif.series[0]
@@ -619,8 +657,9 @@ class _TiffBase(Source):
             shapes = []
             for lvl in levels:
                 _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.path)  # each level is 2-D
-                shapes.append((int(lvl.shape[lvl.axes.index("Y")]),
-                               int(lvl.shape[lvl.axes.index("X")])))
+                shapes.append(
+                    (int(lvl.shape[lvl.axes.index("Y")]), int(lvl.shape[lvl.axes.index("X")]))
+                )
             lvl = levels[self.level]
             lay = _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.path)
             nbands = 1 if lay.band_axis is None else int(lvl.shape[lay.band_axis])
@@ -636,8 +675,10 @@ class _TiffBase(Source):
             return _TiffHandle(tif, _tiff_level_array(tif, self.level))
         except Exception as err:
             tif.close()
-            raise SourceError(f"cannot read level {self.level} of {str(self.path)!r} "
-                              f"({_one_line(err)}): check the file is complete") from None
+            raise SourceError(
+                f"cannot read level {self.level} of {str(self.path)!r} "
+                f"({_one_line(err)}): check the file is complete"
+            ) from None
 
     def _pixels(self, window: Window) -> np.ndarray:
         cached = getattr(self._local, "last", None)
@@ -736,14 +777,17 @@ def _thumbnail(read: Callable[[Window], np.ndarray], h: int, w: int) -> np.ndarr
     if h * w <= 4096 * 4096:
         step = max(1, math.ceil(max(h, w) / _THUMB_SIDE))
         rows = step * max(1, 512 // step)
-        strips = [read(Window(r, 0, min(rows, h - r), w))[:, ::step, ::step]
-                  for r in range(0, h, rows)]
+        strips = [
+            read(Window(r, 0, min(rows, h - r), w))[:, ::step, ::step] for r in range(0, h, rows)
+        ]
         return np.concatenate(strips, axis=1)
     side, n = 256, 8
     parts = []
     for r in np.linspace(0, h - side, n).astype(int):
-        row = [read(Window(int(r), int(c), side, side))[:, ::2, ::2]
-               for c in np.linspace(0, w - side, n).astype(int)]
+        row = [
+            read(Window(int(r), int(c), side, side))[:, ::2, ::2]
+            for c in np.linspace(0, w - side, n).astype(int)
+        ]
         parts.append(np.concatenate(row, axis=2))
     return np.concatenate(parts, axis=1)
 
@@ -772,8 +816,17 @@ def _tiff_slide_meta(tif: Any, page: Any) -> tuple[float | None, float | None, f
     return mpp_x, mpp_y, objective, vendor
 
 
-_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
-               "m": 1e6, "pm": 1e-6, "Å": 1e-4}
+_UNIT_TO_UM = {
+    "µm": 1.0,
+    "um": 1.0,
+    "\u03bcm": 1.0,
+    "nm": 1e-3,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "pm": 1e-6,
+    "Å": 1e-4,
+}
 
 
 def _ome_root(xml: str | None) -> ET.Element | None:
@@ -797,8 +850,14 @@ def _ome_physical_size(xml: str | None) -> tuple[float | None, float | None, flo
             unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
             factor = _UNIT_TO_UM.get(unit)
             sizes[i] = None if value is None or factor is None else value * factor
-    objective = next((_float_or_none(e.get("NominalMagnification")) for e in root.iter()
-                      if e.tag.endswith("}Objective") and e.get("NominalMagnification")), None)
+    objective = next(
+        (
+            _float_or_none(e.get("NominalMagnification"))
+            for e in root.iter()
+            if e.tag.endswith("}Objective") and e.get("NominalMagnification")
+        ),
+        None,
+    )
     return sizes[0], sizes[1], objective
 
 
@@ -889,16 +948,21 @@ class PlainImageSource(_TiffBase):
             with Image.open(self.path) as img:
                 img.verify()  # PNG: checks every chunk's CRC, so truncation shows up now
         except Image.DecompressionBombError as err:
-            raise SourceError(f"{str(self.path)!r} is too large for a PNG/JPEG source "
-                              f"({_one_line(err)}): convert it to a tiled TIFF or COG") from None
+            raise SourceError(
+                f"{str(self.path)!r} is too large for a PNG/JPEG source "
+                f"({_one_line(err)}): convert it to a tiled TIFF or COG"
+            ) from None
         except Exception as err:
-            raise SourceError(f"cannot decode image {str(self.path)!r} ({_one_line(err)}): "
-                              "check the file is complete") from None
+            raise SourceError(
+                f"cannot decode image {str(self.path)!r} ({_one_line(err)}): "
+                "check the file is complete"
+            ) from None
         spec = _PIL_MODES.get(mode)
         if spec is not None:
             return spec[0], spec[1], h, w
-        log.debug("unusual Pillow mode %s (%s) in %s: decoding to learn the layout",
-                  mode, fmt, self.path)
+        log.debug(
+            "unusual Pillow mode %s (%s) in %s: decoding to learn the layout", mode, fmt, self.path
+        )
         arr = self._decode_pil()
         return str(arr.dtype), tuple(f"band{i}" for i in range(1, arr.shape[0] + 1)), h, w
 
@@ -915,8 +979,10 @@ class PlainImageSource(_TiffBase):
                     conv = img
                 arr = np.asarray(conv)
         except Exception as err:
-            raise SourceError(f"cannot decode image {str(self.path)!r} ({_one_line(err)}): "
-                              "check the file is complete") from None
+            raise SourceError(
+                f"cannot decode image {str(self.path)!r} ({_one_line(err)}): "
+                "check the file is complete"
+            ) from None
         arr = arr[np.newaxis] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
 
@@ -1008,12 +1074,15 @@ def _open_tiff(path: Path, level: int) -> Source:
             raise SourceError(f"TIFF {str(path)!r} holds no image: pass a TIFF with pixels")
         levels = series.levels
         page = levels[0].pages[0] if levels[0].pages else series.pages[0]
-        rgb8 = (np.dtype(series.dtype) == np.uint8 and int(page.photometric) in (2, 6)
-                and int(page.samplesperpixel) in (3, 4))
-        wsi_flavour = any(getattr(tif, f"is_{f}", False)
-                          for f in ("svs", "ndpi", "scn", "bif", "philips", "qpi"))
-        slide_like = (len(levels) > 1 or tif.is_ome or wsi_flavour
-                      or (bool(page.is_tiled) and rgb8))
+        rgb8 = (
+            np.dtype(series.dtype) == np.uint8
+            and int(page.photometric) in (2, 6)
+            and int(page.samplesperpixel) in (3, 4)
+        )
+        wsi_flavour = any(
+            getattr(tif, f"is_{f}", False) for f in ("svs", "ndpi", "scn", "bif", "philips", "qpi")
+        )
+        slide_like = len(levels) > 1 or tif.is_ome or wsi_flavour or (bool(page.is_tiled) and rgb8)
         tiff_shapes = [tuple(lv.shape) for lv in levels]
         tiff_levels = len(levels)
     finally:
@@ -1035,14 +1104,24 @@ def _open_tiff(path: Path, level: int) -> Source:
                 w, h = os_dims[level]
                 same = level < tiff_levels and tuple(tiff_shapes[level][:2]) == (h, w)
                 if same:
-                    log.debug("%s level %d: downsample %.4f is not an integer; reading with "
-                              "tifffile", path, level, ds)
+                    log.debug(
+                        "%s level %d: downsample %.4f is not an integer; reading with tifffile",
+                        path,
+                        level,
+                        ds,
+                    )
                     return TiffSlideSource(path, level)
-                log.warning("%s level %d: downsample %.4f is not an integer, so OpenSlide "
-                            "positions windows to within a sub-pixel", path, level, ds)
+                log.warning(
+                    "%s level %d: downsample %.4f is not an integer, so OpenSlide "
+                    "positions windows to within a sub-pixel",
+                    path,
+                    level,
+                    ds,
+                )
             return OpenSlideSource(path, level)
-        log.debug("%s: OpenSlide sees %d level(s), tifffile %d: using tifffile", path, n_os,
-                  tiff_levels)
+        log.debug(
+            "%s: OpenSlide sees %d level(s), tifffile %d: using tifffile", path, n_os, tiff_levels
+        )
         return TiffSlideSource(path, level)
     if slide_like:
         return TiffSlideSource(path, level)
@@ -1052,16 +1131,18 @@ def _open_tiff(path: Path, level: int) -> Source:
 def _local_path(uri: str | Path) -> Path:
     text = str(uri)
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     if "://" in text:
         raise SourceError(f"only local files are supported, got {text!r}: download it first")
     path = Path(os.path.abspath(os.path.expanduser(text)))
     if not path.exists():
-        raise SourceError(f"image file not found: {text!r} (resolved to {str(path)!r}): "
-                          "check the path")
+        raise SourceError(
+            f"image file not found: {text!r} (resolved to {str(path)!r}): check the path"
+        )
     if path.is_dir():
-        raise SourceError(f"source is a directory, not an image file: {str(path)!r}: "
-                          "pass the image file itself")
+        raise SourceError(
+            f"source is a directory, not an image file: {str(path)!r}: pass the image file itself"
+        )
     return path
 
 
@@ -1070,8 +1151,9 @@ def _head(path: Path, n: int = 512) -> bytes:
         with open(path, "rb") as f:
             return f.read(n)
     except OSError as err:
-        raise SourceError(f"cannot read {str(path)!r} ({_one_line(err)}): "
-                          "check the file's permissions") from None
+        raise SourceError(
+            f"cannot read {str(path)!r} ({_one_line(err)}): check the file's permissions"
+        ) from None
 
 
 def _looks_like_vrt(head: bytes) -> bool:
@@ -1132,8 +1214,10 @@ def check_tiff_complete(path: str | Path) -> None:
                 for lvl in series.levels:
                     pages.extend(lvl.pages)
         except Exception as err:
-            raise SourceError(f"truncated or corrupt TIFF {str(p)!r} ({_one_line(err)}): "
-                              "copy or download the file again") from None
+            raise SourceError(
+                f"truncated or corrupt TIFF {str(p)!r} ({_one_line(err)}): "
+                "copy or download the file again"
+            ) from None
         if not pages:
             raise SourceError(
                 f"truncated or corrupt TIFF {str(p)!r}: no readable image directory in its "
@@ -1175,8 +1259,9 @@ def source_sha256(uri: str | Path) -> str:
 
 def _sha256(path: Path, stack: tuple[Path, ...]) -> str:
     if path in stack:
-        raise SourceError(f"VRT {str(stack[-1])!r} refers to itself through {str(path)!r}: "
-                          "fix the VRT")
+        raise SourceError(
+            f"VRT {str(stack[-1])!r} refers to itself through {str(path)!r}: fix the VRT"
+        )
     try:
         with open(path, "rb") as f:
             if not _looks_like_vrt(f.read(512)):
@@ -1185,8 +1270,10 @@ def _sha256(path: Path, stack: tuple[Path, ...]) -> str:
             f.seek(0)
             xml = f.read()
     except OSError as err:
-        raise SourceError(f"cannot read {str(path)!r} to hash it ({_one_line(err)}): "
-                          "check the file exists and is readable") from None
+        raise SourceError(
+            f"cannot read {str(path)!r} to hash it ({_one_line(err)}): "
+            "check the file exists and is readable"
+        ) from None
     h = hashlib.sha256(xml)
     for ref in _vrt_references(path, check=True):
         if isinstance(ref, Path):
@@ -1201,8 +1288,9 @@ def _vrt_references(path: Path, *, check: bool) -> list[Path | str]:
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as err:
-        raise SourceError(f"cannot parse VRT {str(path)!r} ({_one_line(err)}): "
-                          "check it is complete XML") from None
+        raise SourceError(
+            f"cannot parse VRT {str(path)!r} ({_one_line(err)}): check it is complete XML"
+        ) from None
     refs: list[Path | str] = []
     for el in root.iter("SourceFilename"):
         name = (el.text or "").strip()
@@ -1218,8 +1306,10 @@ def _vrt_references(path: Path, *, check: bool) -> list[Path | str]:
         ref = Path(os.path.abspath(ref))
         if check:
             if not ref.is_file():
-                raise SourceError(f"VRT {str(path)!r} refers to a missing file {name!r} "
-                                  f"(resolved to {str(ref)!r}): restore it or fix the VRT")
+                raise SourceError(
+                    f"VRT {str(path)!r} refers to a missing file {name!r} "
+                    f"(resolved to {str(ref)!r}): restore it or fix the VRT"
+                )
             if _head(ref, 4).startswith(_TIFF_MAGICS):
                 check_tiff_complete(ref)
         refs.append(ref)

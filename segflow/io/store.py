@@ -137,6 +137,7 @@ class SceneStore:
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
+        self._arrays: dict[str, zarr.Array] = {}
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -281,7 +282,12 @@ class SceneStore:
         return bool(self.meta["arrays"].get(name, {}).get("complete"))
 
     def array(self, name: str) -> zarr.Array:
-        """The Zarr array ``name`` (e.g. ``"image"``, ``"prediction/labels"``)."""
+        """The Zarr array ``name`` (e.g. ``"image"``, ``"prediction/labels"``).
+
+        Opened arrays are kept by this object (opening reads metadata from the store).
+        """
+        if name in self._arrays:
+            return self._arrays[name]
         try:
             node = self.group[name]
         except KeyError:
@@ -290,6 +296,7 @@ class SceneStore:
                 f"it has {sorted(self.meta['arrays'])}"
             ) from None
         assert isinstance(node, zarr.Array)
+        self._arrays[name] = node
         return node
 
     def create_array(
@@ -304,6 +311,7 @@ class SceneStore:
         overwrite: bool = False,
     ) -> zarr.Array:
         """Create a 2-D (y, x) array, or 3-D (``bands``, y, x), on the store's grid."""
+        self._arrays.pop(name, None)
         dims = dims or ARRAY_DIMS.get(name) or (("band", "y", "x") if bands else ("y", "x"))
         h, w, c = self.height, self.width, self.chunk
         shape: tuple[int, ...] = (h, w)
