@@ -1,0 +1,239 @@
+"""Helpers shared by the exporters: atomic outputs, input checks, class tables, windows.
+
+Internal module; the public API is re-exported by :mod:`segflow.io.export`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from segflow.config import ClassDef
+from segflow.errors import ConfigError, LabelError
+from segflow.geometry import BlockGrid, Window
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ArrayLike",
+    "ClassTable",
+    "IdChecker",
+    "atomic_output",
+    "check_labels",
+    "iter_windows",
+    "read_window",
+    "scratch_path",
+]
+
+
+class ArrayLike(Protocol):
+    """What the exporters read: ``.shape``, ``.dtype`` and numpy basic slicing.
+
+    A ``zarr.Array`` (e.g. ``SceneStore.array("prediction/labels")``), a ``numpy.ndarray`` or
+    a ``dask.array.Array`` all qualify; only one window is read at a time.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+
+# --------------------------------------------------------------------------- outputs
+def _partial_name(final: Path) -> Path:
+    # same directory (so os.replace is atomic), hidden, unique, keeps the suffix for drivers
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.partial{final.suffix}")
+
+
+def _remove_with_siblings(tmp: Path) -> None:
+    """Remove ``tmp`` and what GDAL/SQLite may leave beside it (``-journal``, ``.aux.xml``...)."""
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    parent = tmp.parent
+    if not parent.is_dir():
+        return
+    for sibling in parent.glob(tmp.name + "*"):
+        with contextlib.suppress(OSError):
+            if sibling.is_file():
+                sibling.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only on success.
+
+    On an exception the temporary file is removed and nothing appears at ``path`` (an older
+    file already there stays untouched). The move is ``os.replace``, atomic on one file system.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> with atomic_output(out) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> out.read_text()
+    'done'
+    """
+    final = Path(path)
+    if final.is_dir():
+        raise ConfigError(f"output path {str(final)!r} is a directory: give a file name")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _partial_name(final)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"exporter produced no file at {str(tmp)!r}")
+        os.replace(tmp, final)
+        log.debug("wrote %s", final)
+    finally:
+        _remove_with_siblings(tmp)
+
+
+@contextlib.contextmanager
+def scratch_path(beside: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a unique temporary path beside ``beside``; always removed afterwards."""
+    ref = Path(beside)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f".{ref.name}.{uuid.uuid4().hex[:12]}.scratch{suffix}")
+    try:
+        yield tmp
+    finally:
+        if tmp.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_with_siblings(tmp)
+
+
+# ----------------------------------------------------------------------- class table
+class ClassTable:
+    """The class table as the exporters need it: ids, names, colours, lookups."""
+
+    def __init__(self, classes: Iterable[ClassDef | Mapping[str, Any]]) -> None:
+        defs = tuple(c if isinstance(c, ClassDef) else ClassDef.model_validate(c) for c in classes)
+        if not defs:
+            raise ConfigError("the class table is empty: pass classes=[ClassDef(id=0, ...), ...]")
+        ids = [c.id for c in defs]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ConfigError(
+                f"class ids must be unique, got duplicates {dup}: fix the class table"
+            )
+        self.classes = tuple(sorted(defs, key=lambda c: c.id))
+        self.by_id = {c.id: c for c in self.classes}
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        return tuple(c.id for c in self.classes)
+
+    def name(self, class_id: int) -> str:
+        return self.by_id[class_id].name
+
+    def tags(self) -> dict[str, str]:
+        """GDAL metadata items naming the classes (``CLASS_<id>=name``, plus JSON)."""
+        import json
+
+        out = {f"CLASS_{c.id}": c.name for c in self.classes}
+        out["SEGFLOW_CLASSES"] = json.dumps([c.model_dump() for c in self.classes])
+        return out
+
+
+def check_labels(labels: Any, *, what: str = "labels", ndim: int = 2) -> tuple[int, ...]:
+    """Check that ``labels`` is an array-like of integers with ``ndim`` dimensions."""
+    shape = getattr(labels, "shape", None)
+    dtype = getattr(labels, "dtype", None)
+    if shape is None or dtype is None or not hasattr(labels, "__getitem__"):
+        raise ConfigError(
+            f"{what} must be an array-like with .shape, .dtype and slicing (zarr/numpy), "
+            f"got {type(labels).__name__}"
+        )
+    if len(shape) != ndim:
+        dims = "(y, x)" if ndim == 2 else "(class, y, x)"
+        raise ConfigError(f"{what} must be {ndim}-D {dims}, got shape {tuple(shape)}")
+    if any(int(s) <= 0 for s in shape):
+        raise ConfigError(f"{what} is empty: shape {tuple(shape)}")
+    return tuple(int(s) for s in shape)
+
+
+def check_integer_dtype(dtype: Any, *, what: str, allowed: Sequence[str]) -> np.dtype[Any]:
+    dt = np.dtype(dtype)
+    if dt.name not in allowed:
+        raise ConfigError(
+            f"{what} dtype must be one of {list(allowed)}, got {dt.name}: cast the class ids first"
+        )
+    return dt
+
+
+def check_nodata(nodata: int | None, dtype: np.dtype[Any], table: ClassTable) -> int | None:
+    """Check the nodata value fits ``dtype`` and is not also a class id."""
+    if nodata is None:
+        return None
+    if isinstance(nodata, float) and not float(nodata).is_integer():
+        raise ConfigError(f"nodata must be an integer class value, got {nodata!r}")
+    value = int(nodata)
+    info = np.iinfo(dtype)
+    if not info.min <= value <= info.max:
+        raise ConfigError(
+            f"nodata {value} does not fit the labels' dtype {dtype.name} "
+            f"({info.min}..{info.max}): pass e.g. nodata={info.max}"
+        )
+    if value in table.by_id:
+        raise ConfigError(
+            f"nodata {value} is also class {table.name(value)!r} in the class table: "
+            "choose a value outside the table (e.g. 255)"
+        )
+    return value
+
+
+class IdChecker:
+    """Raise :class:`LabelError` on values that are neither a class id nor nodata.
+
+    A boolean lookup table for unsigned 8/16-bit labels (one gather per pixel), ``np.isin``
+    otherwise.
+    """
+
+    def __init__(self, table: ClassTable, dtype: np.dtype[Any], nodata: int | None) -> None:
+        self.table = table
+        allowed = [*table.ids, *([] if nodata is None else [int(nodata)])]
+        self.allowed = np.array(sorted(set(allowed)), dtype="int64")
+        self.lut: np.ndarray | None = None
+        if dtype.kind == "u" and dtype.itemsize <= 2:
+            size = int(np.iinfo(dtype).max) + 1
+            self.lut = np.zeros(size, dtype=bool)
+            self.lut[self.allowed[self.allowed < size]] = True
+
+    def __call__(self, block: np.ndarray, window: Window) -> None:
+        ok = self.lut[block] if self.lut is not None else np.isin(block, self.allowed)
+        if not ok.all():
+            bad = np.unique(block[~ok])[:10]
+            raise LabelError(
+                f"labels hold values {bad.tolist()} that are not in the class table "
+                f"{list(self.table.ids)} nor nodata (first seen in window {window}): "
+                "add them to the class table or pass the right nodata"
+            )
+
+
+# --------------------------------------------------------------------------- windows
+def iter_windows(height: int, width: int, size: int) -> Iterator[Window]:
+    """Row-major windows of ``size`` x ``size`` (clipped at the edges) covering the array."""
+    for _, w in BlockGrid(height, width, size):
+        yield w
+
+
+def read_window(arr: Any, window: Window) -> np.ndarray:
+    """Read one window of the last two axes as a numpy array."""
+    return np.asarray(arr[(..., *window.slices)])
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-int(value) // multiple) * multiple

@@ -1,0 +1,376 @@
+"""Cloud-Optimized GeoTIFFs of class ids and class probabilities, streamed window by window.
+
+GDAL's COG driver only has ``CreateCopy``: given an in-memory raster it would buffer the whole
+mask. So the writers stream the array window by window into a tiled BigTIFF *staging* file
+(one process, one GDAL handle), build its overviews there (``mode`` for class ids, so every
+overview pixel is a real class id; ``average`` for probabilities), then let the COG driver copy
+it, with ``GDAL_CACHEMAX`` bounded. Memory is bounded by the read window and the cache, not by
+the raster. The staging file and the COG are written under temporary names beside the output
+and the COG is moved into place last, so a crash never leaves a half-written file at ``path``.
+
+Class names: rasterio cannot write a GDAL raster attribute table, so the class table travels as
+GDAL metadata: band description ``"class"``, band tags ``CLASS_<id>=<name>`` and a dataset tag
+``SEGFLOW_CLASSES`` (JSON of the whole table); colours go in the TIFF colour table.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from segflow.config import ClassDef
+from segflow.errors import ConfigError
+from segflow.io.export._common import (
+    ClassTable,
+    IdChecker,
+    atomic_output,
+    check_integer_dtype,
+    check_labels,
+    check_nodata,
+    iter_windows,
+    read_window,
+    round_up,
+    scratch_path,
+)
+from segflow.io.store import GeoRef
+
+__all__ = ["overview_factors", "write_cog", "write_probability_cog"]
+
+log = logging.getLogger(__name__)
+
+Compression = Literal["deflate", "zstd", "lzw"]
+LabelResampling = Literal["mode", "nearest"]
+ProbResampling = Literal["average", "bilinear", "nearest", "mode"]
+
+_LABEL_DTYPES = ("uint8", "uint16")
+_STAGING_COMPRESS = "ZSTD"  # fast, lossless; the staging file only lives during the export
+
+
+def overview_factors(height: int, width: int, block: int) -> list[int]:
+    """Decimation factors 2, 4, 8 ... until the smallest overview fits in one block.
+
+    Examples
+    --------
+    >>> overview_factors(900, 900, 256)
+    [2, 4]
+    >>> overview_factors(100, 100, 512)
+    []
+    """
+    factors: list[int] = []
+    f = 2
+    while max(height, width) > block * (f // 2):
+        factors.append(f)
+        f *= 2
+    return factors
+
+
+def _check_block(block: int) -> int:
+    if block < 16 or block % 16:
+        raise ConfigError(
+            f"block must be a multiple of 16 and >= 16 (TIFF tiles), got {block}: use 512"
+        )
+    return int(block)
+
+
+def _compress(compress: str) -> str:
+    value = compress.upper()
+    if value not in {"DEFLATE", "ZSTD", "LZW"}:
+        raise ConfigError(f"compress must be 'deflate', 'zstd' or 'lzw', got {compress!r}")
+    return value
+
+
+def _georef_profile(georef: GeoRef | None) -> dict[str, Any]:
+    if georef is None:
+        return {}
+    from rasterio.crs import CRS
+
+    crs = CRS.from_epsg(georef.epsg) if georef.epsg else CRS.from_wkt(georef.crs_wkt)
+    return {"crs": crs, "transform": georef.affine()}
+
+
+def _env(cache_mb: int, threads: int | str) -> Any:
+    import rasterio
+
+    return rasterio.Env(
+        GDAL_CACHEMAX=int(cache_mb),  # < 100000 is read as MiB
+        GDAL_PAM_ENABLED="NO",  # no stray .aux.xml beside the temporary files
+        GDAL_NUM_THREADS=str(threads),
+    )
+
+
+def _stream_to_cog(
+    src: Any,
+    path: str | Path,
+    *,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    georef: GeoRef | None,
+    nodata: float | None,
+    block: int,
+    read_size: int,
+    resampling: str,
+    compress: str,
+    predictor: int,
+    cache_mb: int,
+    threads: int | str,
+    colormap: Mapping[int, tuple[int, int, int, int]] | None,
+    tags: Mapping[str, str],
+    band_tags: Mapping[int, Mapping[str, str]],
+    descriptions: Iterable[str],
+    check: Any = None,
+) -> Path:
+    import rasterio
+    import rasterio.shutil
+    from rasterio.enums import Resampling
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.windows import Window as RioWindow
+
+    count = shape[0] if len(shape) == 3 else 1
+    height, width = shape[-2], shape[-1]
+    read_size = round_up(max(read_size, block), block)
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": dtype.name,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": _STAGING_COMPRESS,
+        "zstd_level": 1,
+        "interleave": "pixel" if count > 1 else "band",
+        "BIGTIFF": "YES",
+        **_georef_profile(georef),
+    }
+    factors = overview_factors(height, width, block)
+    out = Path(path)
+    with (
+        atomic_output(out) as tmp_cog,
+        scratch_path(out, ".tif") as staging,
+        _env(cache_mb, threads),
+        warnings.catch_warnings(),
+    ):
+        if georef is None:
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(staging, "w", **profile) as dst:
+            n = 0
+            for win in iter_windows(height, width, read_size):
+                data = read_window(src, win)
+                if check is not None:
+                    check(data, win)
+                if data.dtype != dtype:
+                    data = data.astype(dtype)
+                if data.ndim == 2:
+                    data = data[None]
+                dst.write(data, window=RioWindow(win.col_off, win.row_off, win.width, win.height))
+                n += 1
+            log.debug("staged %d windows of %d px into %s", n, read_size, staging)
+            if colormap is not None:
+                dst.write_colormap(1, dict(colormap))
+            for i, desc in enumerate(descriptions, start=1):
+                dst.set_band_description(i, desc)
+            dst.update_tags(**tags)
+            for band, btags in band_tags.items():
+                dst.update_tags(band, **btags)
+            if factors:
+                dst.build_overviews(factors, Resampling[resampling])
+                dst.update_tags(ns="rio_overview", resampling=resampling)
+        rasterio.shutil.copy(
+            staging,
+            tmp_cog,
+            driver="COG",
+            BLOCKSIZE=block,
+            COMPRESS=compress,
+            PREDICTOR="YES" if predictor > 1 else "NO",
+            BIGTIFF="IF_SAFER",
+            OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
+            OVERVIEW_RESAMPLING=resampling.upper(),
+            NUM_THREADS=str(threads),
+        )
+    return out
+
+
+def write_cog(
+    labels: Any,
+    path: str | Path,
+    *,
+    georef: GeoRef | None,
+    classes: Iterable[ClassDef | Mapping[str, Any]],
+    nodata: int | None = 255,
+    block: int = 512,
+    overview_resampling: LabelResampling = "mode",
+    compress: Compression = "deflate",
+    read_size: int = 2048,
+    cache_mb: int = 64,
+    threads: int | str = 1,
+    check_classes: bool = True,
+) -> Path:
+    """Write a 2-D class-id array as a Cloud-Optimized GeoTIFF with a colour table.
+
+    Parameters
+    ----------
+    labels
+        ``(y, x)`` uint8/uint16 class ids; any array-like with numpy slicing (a zarr array is
+        read ``read_size`` x ``read_size`` at a time, never whole).
+    path
+        The output ``.tif``; written under a temporary name and moved into place at the end.
+    georef
+        CRS and geotransform of ``labels``' pixel grid, or ``None`` (e.g. slides).
+    classes
+        The class table; colours become the TIFF colour table, names GDAL metadata.
+    nodata
+        The value of pixels outside the prediction (must not be a class id), or ``None``.
+    block
+        Tile size of the COG and its overviews (multiple of 16).
+    overview_resampling
+        ``"mode"`` (default) or ``"nearest"``: overview pixels are always class ids.
+    compress
+        ``"deflate"`` (most compatible), ``"zstd"`` or ``"lzw"``; no predictor.
+    read_size
+        Side of the windows read from ``labels`` (rounded up to a multiple of ``block``).
+    cache_mb
+        ``GDAL_CACHEMAX`` for the export, in MiB.
+    threads
+        GDAL threads for compression and overviews (``"ALL_CPUS"`` allowed).
+    check_classes
+        Fail with :class:`~segflow.errors.LabelError` on values neither in the table nor nodata.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from segflow.config import ClassDef
+    >>> lab = np.zeros((64, 64), "uint8"); lab[10:20, 10:40] = 1
+    >>> cls = [ClassDef(id=0, name="bg", color="#000000"), ClassDef(id=1, name="b", color="#ff0000")]
+    >>> p = write_cog(lab, tempfile.mkdtemp() + "/m.tif", georef=None, classes=cls, block=32)
+    >>> p.name
+    'm.tif'
+    """
+    shape = check_labels(labels)
+    dtype = check_integer_dtype(labels.dtype, what="labels", allowed=_LABEL_DTYPES)
+    table = ClassTable(classes)
+    nodata = check_nodata(nodata, dtype, table)
+    block = _check_block(block)
+    if overview_resampling not in ("mode", "nearest"):
+        raise ConfigError(
+            f"overview_resampling for class ids must be 'mode' or 'nearest', got "
+            f"{overview_resampling!r}: averaging would invent class ids"
+        )
+    big = max(table.ids) > np.iinfo(dtype).max
+    if big:
+        raise ConfigError(f"class ids up to {max(table.ids)} do not fit the labels' {dtype.name}")
+    checker = IdChecker(table, dtype, nodata) if check_classes else None
+
+    colormap: dict[int, tuple[int, int, int, int]] = {c.id: (*c.rgb, 255) for c in table.classes}
+    if nodata is not None:
+        colormap[nodata] = (0, 0, 0, 0)
+    return _stream_to_cog(
+        labels,
+        path,
+        shape=shape,
+        dtype=dtype,
+        georef=georef,
+        nodata=nodata,
+        block=block,
+        read_size=read_size,
+        resampling=overview_resampling,
+        compress=_compress(compress),
+        predictor=1,
+        cache_mb=cache_mb,
+        threads=threads,
+        colormap=colormap,
+        tags={**table.tags(), "SEGFLOW_KIND": "labels"},
+        band_tags={1: table.tags()},
+        descriptions=["class"],
+        check=checker,
+    )
+
+
+def write_probability_cog(
+    probs: Any,
+    path: str | Path,
+    *,
+    georef: GeoRef | None,
+    classes: Iterable[ClassDef | Mapping[str, Any]],
+    nodata: float | None = None,
+    block: int = 512,
+    overview_resampling: ProbResampling = "average",
+    compress: Compression = "deflate",
+    read_size: int = 1024,
+    cache_mb: int = 64,
+    threads: int | str = 1,
+) -> Path:
+    """Write ``(class, y, x)`` class scores as a COG, one band per class.
+
+    uint8 scores (0..255) are the store's default; uint16 and float32 pass through and
+    float16 is widened to float32 (GeoTIFF has no half floats). Band ``i`` is described by the
+    name of the ``i``-th class of the table sorted by id. Overviews average by default
+    (fine for scores). Memory: one ``(class, read_size, read_size)`` window at a time.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from segflow.config import ClassDef
+    >>> p = np.zeros((2, 64, 64), "uint8"); p[1] = 200; p[0] = 55
+    >>> cls = [ClassDef(id=0, name="bg"), ClassDef(id=1, name="b")]
+    >>> write_probability_cog(p, tempfile.mkdtemp() + "/p.tif", georef=None, classes=cls,
+    ...                       block=32).suffix
+    '.tif'
+    """
+    shape = check_labels(probs, what="probabilities", ndim=3)
+    table = ClassTable(classes)
+    if shape[0] != len(table.classes):
+        raise ConfigError(
+            f"probabilities have {shape[0]} class bands but the class table has "
+            f"{len(table.classes)} classes: pass the table the model was trained with"
+        )
+    dtype = np.dtype(probs.dtype)
+    if dtype == np.float16:
+        dtype = np.dtype("float32")
+    if dtype.name not in ("uint8", "uint16", "float32"):
+        raise ConfigError(
+            f"probabilities dtype must be uint8, uint16 or float16/32, got {dtype.name}"
+        )
+    block = _check_block(block)
+    if overview_resampling not in ("average", "bilinear", "nearest", "mode"):
+        raise ConfigError(f"unknown overview_resampling {overview_resampling!r}")
+    names = [c.name for c in table.classes]
+    return _stream_to_cog(
+        probs,
+        path,
+        shape=shape,
+        dtype=dtype,
+        georef=georef,
+        nodata=nodata,
+        block=block,
+        read_size=read_size,
+        resampling=overview_resampling,
+        compress=_compress(compress),
+        predictor=3 if dtype.kind == "f" else 2,
+        cache_mb=cache_mb,
+        threads=threads,
+        colormap=None,
+        tags={
+            **table.tags(),
+            "SEGFLOW_KIND": "probabilities",
+            "SEGFLOW_SCALE": "255"
+            if dtype == np.uint8
+            else ("65535" if dtype == np.uint16 else "1"),
+        },
+        band_tags={
+            i: {"CLASS_ID": str(c.id), "CLASS_NAME": c.name}
+            for i, c in enumerate(table.classes, start=1)
+        },
+        descriptions=names,
+    )

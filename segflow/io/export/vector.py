@@ -1,0 +1,567 @@
+"""Polygons from a chunked class-id array, vectorized window by window.
+
+Each window is polygonized with ``rasterio.features.shapes`` (GDAL, 4-connectivity) in pixel
+coordinates. A polygon that does not touch an *internal* window edge is final and is written at
+once. Pieces that touch an internal edge are merged with ``shapely.union_all`` per class
+(``coverage_union_all`` cannot be used: pieces of different objects may share edges). Windows
+are processed a row of windows at a time; after each row, merged components that do not reach
+the next row's seam are final and written, the rest are carried to the next row. The result
+equals whole-raster vectorization: same polygons, same areas.
+
+Memory bound: one window of pixels, plus the seam pieces of one row of windows, plus the
+components carried across the next horizontal seam (their whole geometry, so a single object
+spanning the scene is held entirely: an output polygon is as large as it is), plus one output
+batch. It does not grow with the number of finished polygons.
+
+Coordinates: with a ``georef``, outputs are in its CRS; otherwise in pixel coordinates
+(x = column, y = row, y down), scaled by ``downsample`` and shifted by ``origin`` to a slide's
+level-0 pixels. Areas are computed exactly in pixel space and scaled: CRS units^2 for projected
+CRSs, m^2 on the ellipsoid (``pyproj.Geod``) for geographic ones, um^2 for slides with a pixel
+size, level-0 px^2 otherwise; the unit is in :attr:`VectorizeResult.area_unit` and in the files'
+metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import shapely
+
+from segflow.config import ClassDef
+from segflow.errors import ConfigError
+from segflow.geometry import Window
+from segflow.io.export._common import (
+    ClassTable,
+    IdChecker,
+    atomic_output,
+    check_integer_dtype,
+    check_labels,
+    check_nodata,
+    iter_windows,
+    read_window,
+)
+from segflow.io.store import GeoRef, SlideInfo
+
+__all__ = ["LAYER", "VectorizeResult", "vectorize"]
+
+log = logging.getLogger(__name__)
+
+#: Layer name of the GeoPackage output.
+LAYER = "predictions"
+
+_VECTOR_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
+
+
+@dataclass
+class VectorizeResult:
+    """What :func:`vectorize` wrote: counts, areas and paths (never the polygons)."""
+
+    n_features: int = 0
+    count_by_class: dict[int, int] = field(default_factory=dict)
+    area_by_class: dict[int, float] = field(default_factory=dict)
+    area_unit: str = "px^2"
+    crs_wkt: str | None = None
+    outputs: dict[str, Path] = field(default_factory=dict)
+    windows: int = 0
+    max_pending_pieces: int = 0
+    """Largest number of seam pieces held at once (the memory bound, measured)."""
+
+    @property
+    def total_area(self) -> float:
+        return float(sum(self.area_by_class.values()))
+
+
+# ------------------------------------------------------------------------ geometry
+class _Frame:
+    """Pixel -> output coordinates and pixel area -> output area."""
+
+    def __init__(
+        self,
+        georef: GeoRef | None,
+        slide: SlideInfo | None,
+        origin: tuple[float, float],
+        downsample: float,
+    ) -> None:
+        self.georef = georef
+        self.geod: Any = None
+        self.crs: Any = None
+        if georef is not None:
+            from pyproj import CRS
+
+            self.crs = CRS.from_epsg(georef.epsg) if georef.epsg else CRS.from_wkt(georef.crs_wkt)
+            a = georef.affine()
+            self.coef = (a.a, a.b, a.c, a.d, a.e, a.f)
+            det = abs(a.a * a.e - a.b * a.d)
+            if self.crs.is_geographic:
+                self.geod = self.crs.get_geod()
+                self.area_scale = 1.0
+                self.area_unit = "m^2"
+            else:
+                self.area_scale = det
+                unit = self.crs.axis_info[0].unit_name if self.crs.axis_info else "unit"
+                self.area_unit = {"metre": "m^2", "meter": "m^2"}.get(unit, f"{unit}^2")
+        else:
+            d = float(downsample)
+            row0, col0 = origin
+            self.coef = (d, 0.0, float(col0), 0.0, d, float(row0))
+            if slide is not None and slide.mpp_x and slide.mpp_y:
+                self.area_scale = d * d * float(slide.mpp_x) * float(slide.mpp_y)
+                self.area_unit = "um^2"
+            else:
+                self.area_scale = d * d
+                self.area_unit = "px^2"
+
+    def to_output(self, geoms: np.ndarray) -> np.ndarray:
+        a, b, c, d, e, f = self.coef
+
+        def fn(xy: np.ndarray) -> np.ndarray:
+            x, y = xy[:, 0], xy[:, 1]
+            return np.column_stack((a * x + b * y + c, d * x + e * y + f))
+
+        return shapely.transform(geoms, fn)
+
+    def areas(self, pixel_geoms: np.ndarray, out_geoms: np.ndarray) -> np.ndarray:
+        if self.geod is not None:
+            return np.array(
+                [abs(self.geod.geometry_area_perimeter(g)[0]) for g in out_geoms], dtype="float64"
+            )
+        return shapely.area(pixel_geoms) * self.area_scale
+
+
+def _to_pixel_level0(
+    geoms: np.ndarray, origin: tuple[float, float], downsample: float
+) -> np.ndarray:
+    d = float(downsample)
+    row0, col0 = origin
+
+    def fn(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack((xy[:, 0] * d + col0, xy[:, 1] * d + row0))
+
+    return shapely.transform(geoms, fn)
+
+
+# --------------------------------------------------------------------------- sinks
+class _GpkgSink:
+    def __init__(self, path: Path, crs_wkt: str | None, meta: Mapping[str, str]) -> None:
+        self.path = path
+        self.crs_wkt = crs_wkt
+        self.meta = dict(meta)
+        self.started = False
+
+    def write(
+        self, geoms: np.ndarray, ids: np.ndarray, names: list[str], areas: np.ndarray
+    ) -> None:
+        import geopandas as gpd
+        import pyogrio
+
+        gdf = gpd.GeoDataFrame(
+            {"class_id": ids.astype("int32"), "class_name": names, "area": areas},
+            geometry=gpd.GeoSeries(geoms, crs=self.crs_wkt),
+        )
+        with warnings.catch_warnings():
+            # pixel-coordinate outputs (slides) have no CRS on purpose
+            warnings.filterwarnings("ignore", message="'crs' was not provided")
+            self._write(pyogrio, gdf)
+        self.started = True
+
+    def _write(self, pyogrio: Any, gdf: Any) -> None:
+        pyogrio.write_dataframe(
+            gdf,
+            self.path,
+            layer=LAYER,
+            driver="GPKG",
+            append=self.started,
+            geometry_type="Polygon",
+            promote_to_multi=False,
+            layer_metadata=None if self.started else self.meta,
+        )
+
+    def close(self) -> None:
+        if not self.started:
+            self.write(
+                np.array([], dtype=object), np.array([], "int32"), [], np.array([], "float64")
+            )
+
+
+class _ParquetSink:
+    def __init__(self, path: Path, crs: Any, meta: Mapping[str, str]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.schema = pa.schema(
+            [
+                ("class_id", pa.int32()),
+                ("class_name", pa.string()),
+                ("area", pa.float64()),
+                ("geometry", pa.binary()),
+            ]
+        )
+        self.crs = crs
+        self.meta = dict(meta)
+        self.bbox = [np.inf, np.inf, -np.inf, -np.inf]
+        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
+
+    def write(
+        self, geoms: np.ndarray, ids: np.ndarray, names: list[str], areas: np.ndarray
+    ) -> None:
+        import pyarrow as pa
+
+        if len(geoms):
+            b = shapely.bounds(geoms)
+            self.bbox = [
+                min(self.bbox[0], float(b[:, 0].min())),
+                min(self.bbox[1], float(b[:, 1].min())),
+                max(self.bbox[2], float(b[:, 2].max())),
+                max(self.bbox[3], float(b[:, 3].max())),
+            ]
+        table = pa.table(
+            {
+                "class_id": pa.array(ids.astype("int32")),
+                "class_name": pa.array(names, pa.string()),
+                "area": pa.array(areas.astype("float64")),
+                "geometry": pa.array(shapely.to_wkb(geoms), pa.binary())
+                if len(geoms)
+                else pa.array([], pa.binary()),
+            },
+            schema=self.schema,
+        )
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        col: dict[str, Any] = {
+            "encoding": "WKB",
+            "geometry_types": ["Polygon"],
+            # an explicit null CRS means "unknown" (pixel coordinates); a missing key would
+            # mean OGC:CRS84 to GeoParquet readers
+            "crs": self.crs.to_json_dict() if self.crs is not None else None,
+        }
+        if np.isfinite(self.bbox).all():
+            col["bbox"] = self.bbox
+        geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
+        self.writer.add_key_value_metadata({"geo": json.dumps(geo), **self.meta})
+        self.writer.close()
+
+
+class _QuPathSink:
+    """A GeoJSON FeatureCollection of QuPath annotations in level-0 pixel coordinates."""
+
+    def __init__(
+        self, path: Path, table: ClassTable, origin: tuple[float, float], downsample: float
+    ) -> None:
+        self.fh: TextIO = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.fh.write('{"type": "FeatureCollection", "features": [\n')
+        self.first = True
+        self.table = table
+        self.origin = origin
+        self.downsample = downsample
+
+    def write_pixels(self, pixel_geoms: np.ndarray, ids: np.ndarray) -> None:
+        if not len(pixel_geoms):
+            return
+        geoms = _to_pixel_level0(pixel_geoms, self.origin, self.downsample)
+        for g, cid in zip(shapely.to_geojson(geoms), ids, strict=True):
+            c = self.table.by_id[int(cid)]
+            props = {
+                "objectType": "annotation",
+                "classification": {"name": c.name, "color": list(c.rgb)},
+            }
+            feat = f'{{"type": "Feature", "geometry": {g}, "properties": {json.dumps(props)}}}'
+            self.fh.write(feat if self.first else ",\n" + feat)
+            self.first = False
+
+    def close(self) -> None:
+        self.fh.write("\n]}\n")
+        self.fh.close()
+
+    def abort(self) -> None:
+        self.fh.close()
+
+
+# ------------------------------------------------------------------------- emitter
+class _Emitter:
+    """Buffers final pixel-space polygons and flushes them to every sink in batches."""
+
+    def __init__(
+        self,
+        table: ClassTable,
+        frame: _Frame,
+        min_area: float,
+        batch: int,
+        sinks: list[Any],
+        qupath: _QuPathSink | None,
+        result: VectorizeResult,
+    ) -> None:
+        self.table = table
+        self.frame = frame
+        self.min_area = float(min_area)
+        self.batch = batch
+        self.sinks = sinks
+        self.qupath = qupath
+        self.result = result
+        self.geoms: list[Any] = []
+        self.ids: list[int] = []
+
+    def add(self, geom: Any, class_id: int) -> None:
+        self.geoms.append(geom)
+        self.ids.append(class_id)
+        if len(self.geoms) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.geoms:
+            return
+        pix = np.array(self.geoms, dtype=object)
+        ids = np.array(self.ids, dtype="int64")
+        self.geoms, self.ids = [], []
+        out = self.frame.to_output(pix)
+        areas = self.frame.areas(pix, out)
+        keep = areas >= self.min_area
+        if not keep.all():
+            pix, ids, out, areas = pix[keep], ids[keep], out[keep], areas[keep]
+        if not len(ids):
+            return
+        names = [self.table.name(int(i)) for i in ids]
+        for sink in self.sinks:
+            sink.write(out, ids, names, areas)
+        if self.qupath is not None:
+            self.qupath.write_pixels(pix, ids)
+        r = self.result
+        r.n_features += len(ids)
+        for cid in np.unique(ids):
+            sel = ids == cid
+            r.count_by_class[int(cid)] = r.count_by_class.get(int(cid), 0) + int(sel.sum())
+            r.area_by_class[int(cid)] = r.area_by_class.get(int(cid), 0.0) + float(areas[sel].sum())
+
+
+def _shapes(data: np.ndarray, mask: np.ndarray, win: Window) -> Iterable[tuple[Any, int]]:
+    from affine import Affine
+    from rasterio.features import shapes
+
+    if data.dtype == np.uint32:
+        data = data.astype("int32") if int(data.max()) <= np.iinfo("int32").max else data
+    transform = Affine.translation(win.col_off, win.row_off)
+    for geom, value in shapes(data, mask=mask, connectivity=4, transform=transform):
+        # GDAL yields GeoJSON-like polygons; numpy rings are ~2x faster than shapely's shape()
+        rings = geom["coordinates"]
+        shell = shapely.linearrings(np.asarray(rings[0], dtype="float64"))
+        holes = [shapely.linearrings(np.asarray(r, dtype="float64")) for r in rings[1:]]
+        yield shapely.polygons(shell, holes=holes or None), int(value)
+
+
+def _clean(geom: Any) -> Any:
+    """Drop collinear vertices left by unions (exact: pixel coordinates are integers)."""
+    return shapely.simplify(geom, 0.0, preserve_topology=True)
+
+
+def vectorize(
+    labels: Any,
+    *,
+    classes: Iterable[ClassDef | Mapping[str, Any]],
+    georef: GeoRef | None = None,
+    slide: SlideInfo | None = None,
+    nodata: int | None = 255,
+    window: int = 1024,
+    skip_classes: Iterable[int] = (0,),
+    min_area: float = 0.0,
+    out_gpkg: str | Path | None = None,
+    out_parquet: str | Path | None = None,
+    out_geojson_pixels: str | Path | None = None,
+    origin: tuple[float, float] = (0.0, 0.0),
+    downsample: float | None = None,
+    batch_size: int = 5000,
+    check_classes: bool = True,
+) -> VectorizeResult:
+    """Polygonize a class-id array window by window into GeoPackage / GeoParquet / GeoJSON.
+
+    Parameters
+    ----------
+    labels
+        ``(y, x)`` class ids (uint8/uint16/int16/int32/uint32), any array-like with slicing.
+    classes
+        The class table; ``class_name`` comes from it.
+    georef
+        Georeference of ``labels``' grid: polygons in its CRS. ``None``: pixel coordinates.
+    slide
+        Slide metadata for pixel-coordinate outputs: ``mpp_x``/``mpp_y`` give areas in um^2
+        (taken as level-0 pixel sizes) and ``downsample`` (if ``downsample`` is not given)
+        scales pixels of the labels' level to level-0 pixels.
+    nodata
+        Value that is never vectorized (outside the prediction).
+    window
+        Side of the windows read and polygonized (memory: one window of pixels).
+    skip_classes
+        Class ids not vectorized (default ``(0,)``, background).
+    min_area
+        Drop polygons with an ``area`` below this, in the units of the ``area`` attribute.
+    out_gpkg, out_parquet
+        GeoPackage (layer ``"predictions"``) and GeoParquet outputs, with attributes
+        ``class_id``, ``class_name``, ``area``. Coordinates as described above.
+    out_geojson_pixels
+        GeoJSON FeatureCollection in level-0 *pixel* coordinates with QuPath annotation
+        properties (``objectType``, ``classification`` name and colour), for whole-slide images.
+    origin
+        ``(row, col)`` level-0 pixel offset of the labels' top-left (a region of a slide);
+        used for pixel-coordinate outputs.
+    downsample
+        Level-0 pixels per labels pixel for pixel-coordinate outputs (default: the slide's, or 1).
+    batch_size
+        Polygons written per batch.
+    check_classes
+        Fail with :class:`~segflow.errors.LabelError` on ids outside the table and nodata.
+
+    Returns
+    -------
+    VectorizeResult
+        Counts and areas per class, the area unit and the written paths.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> lab = np.zeros((6, 6), "uint8"); lab[1:5, 1:5] = 1
+    >>> r = vectorize(lab, classes=[{"id": 0, "name": "bg"}, {"id": 1, "name": "fg"}], window=3)
+    >>> r.n_features, r.total_area, r.area_unit
+    (1, 16.0, 'px^2')
+    """
+    shape = check_labels(labels)
+    dtype = check_integer_dtype(labels.dtype, what="labels", allowed=_VECTOR_DTYPES)
+    table = ClassTable(classes)
+    nodata = check_nodata(nodata, dtype, table)
+    if window < 2:
+        raise ConfigError(f"window must be >= 2 pixels, got {window}: use e.g. 1024")
+    if min_area < 0:
+        raise ConfigError(f"min_area must be >= 0, got {min_area}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    skip = {int(c) for c in skip_classes}
+    if downsample is None:
+        downsample = float(slide.downsample) if slide is not None else 1.0
+    if downsample <= 0:
+        raise ConfigError(f"downsample must be > 0, got {downsample}")
+    height, width = shape
+    frame = _Frame(georef, slide, origin, downsample)
+    checker = IdChecker(table, dtype, nodata) if check_classes else None
+    vectorized = np.array(sorted(set(table.ids) - skip), dtype="int64")
+
+    result = VectorizeResult(
+        area_unit=frame.area_unit, crs_wkt=georef.crs_wkt if georef is not None else None
+    )
+    meta = {
+        "segflow": json.dumps(
+            {
+                "kind": "predictions",
+                "area_unit": frame.area_unit,
+                "coordinates": "crs" if georef is not None else "pixels",
+                "classes": [c.model_dump() for c in table.classes],
+                "nodata": nodata,
+                "skip_classes": sorted(skip),
+            }
+        )
+    }
+
+    with contextlib.ExitStack() as stack:
+        sinks: list[Any] = []
+        qupath: _QuPathSink | None = None
+        if out_gpkg is not None:
+            tmp = stack.enter_context(atomic_output(out_gpkg))
+            sinks.append(_GpkgSink(tmp, frame.crs.to_wkt() if frame.crs else None, meta))
+            result.outputs["gpkg"] = Path(out_gpkg)
+        if out_parquet is not None:
+            tmp = stack.enter_context(atomic_output(out_parquet))
+            psink = _ParquetSink(tmp, frame.crs, meta)
+            stack.callback(_close_quietly, psink.writer)
+            sinks.append(psink)
+            result.outputs["parquet"] = Path(out_parquet)
+        if out_geojson_pixels is not None:
+            tmp = stack.enter_context(atomic_output(out_geojson_pixels))
+            qupath = _QuPathSink(tmp, table, origin, downsample)
+            stack.callback(qupath.abort)
+            result.outputs["geojson_pixels"] = Path(out_geojson_pixels)
+        emit = _Emitter(table, frame, min_area, batch_size, sinks, qupath, result)
+
+        pending: dict[int, list[Any]] = defaultdict(list)  # carried across the row seam
+        row_pieces: dict[int, list[Any]] = defaultdict(list)
+        row_stop = 0
+        for win in iter_windows(height, width, window):
+            if win.row_stop != row_stop:
+                if row_stop:
+                    _close_row(row_pieces, pending, row_stop, height, emit)
+                row_stop = win.row_stop
+            result.windows += 1
+            data = read_window(labels, win)
+            if checker is not None:
+                checker(data, win)
+            mask = np.isin(data, vectorized)
+            if not mask.any():
+                continue
+            internal = (
+                win.col_off if win.col_off > 0 else None,
+                win.col_stop if win.col_stop < width else None,
+                win.row_off if win.row_off > 0 else None,
+                win.row_stop if win.row_stop < height else None,
+            )
+            for geom, value in _shapes(data, mask, win):
+                x0, y0, x1, y1 = geom.bounds
+                if x0 == internal[0] or x1 == internal[1] or y0 == internal[2] or y1 == internal[3]:
+                    row_pieces[value].append(geom)
+                else:
+                    emit.add(geom, value)
+            held = sum(map(len, row_pieces.values())) + sum(map(len, pending.values()))
+            result.max_pending_pieces = max(result.max_pending_pieces, held)
+        _close_row(row_pieces, pending, height, height, emit)
+        emit.flush()
+        for sink in sinks:
+            sink.close()
+        if qupath is not None:
+            qupath.close()
+    log.info(
+        "vectorized %d polygons in %d windows (%s)",
+        result.n_features,
+        result.windows,
+        ", ".join(f"{table.name(k)}: {v}" for k, v in sorted(result.count_by_class.items())),
+    )
+    return result
+
+
+def _close_quietly(writer: Any) -> None:
+    with contextlib.suppress(Exception):
+        if getattr(writer, "is_open", True):
+            writer.close()
+
+
+def _close_row(
+    row_pieces: dict[int, list[Any]],
+    pending: dict[int, list[Any]],
+    row_stop: int,
+    height: int,
+    emit: _Emitter,
+) -> None:
+    """Merge this row's seam pieces with the carried ones; emit what cannot grow any more.
+
+    A merged component that does not reach the row's bottom seam (``row_stop``) cannot meet
+    any later piece, and every earlier piece it could meet is already merged into it.
+    """
+    classes = set(row_pieces) | set(pending)
+    carried: dict[int, list[Any]] = defaultdict(list)
+    for cid in sorted(classes):
+        pieces = pending.get(cid, []) + row_pieces.get(cid, [])
+        if not pieces:
+            continue
+        merged = shapely.get_parts(shapely.union_all(np.array(pieces, dtype=object)))
+        for part in merged:
+            part = _clean(part)
+            if row_stop < height and part.bounds[3] == row_stop:
+                carried[cid].append(part)
+            else:
+                emit.add(part, cid)
+    row_pieces.clear()
+    pending.clear()
+    pending.update(carried)
