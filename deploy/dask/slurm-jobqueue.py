@@ -1,0 +1,39 @@
+"""Start Dask workers as Slurm jobs with dask-jobqueue and print the scheduler address.
+
+    pip install dask-jobqueue
+    python deploy/dask/slurm-jobqueue.py --jobs 8 &
+    export SEGFLOW_DASK_ADDRESS=$(cat dask-scheduler-address.txt)
+    python flows/pipeline.py pipelines/NAME.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from dask_jobqueue import SLURMCluster
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--cores", type=int, default=8)
+    ap.add_argument("--memory", default="32GB")
+    ap.add_argument("--queue", default=None)
+    ap.add_argument("--walltime", default="04:00:00")
+    args = ap.parse_args()
+    cluster = SLURMCluster(
+        cores=args.cores, processes=1, memory=args.memory, queue=args.queue,
+        walltime=args.walltime, local_directory="$TMPDIR",
+        job_extra_directives=["--exclusive"],
+    )
+    cluster.scale(jobs=args.jobs)
+    Path("dask-scheduler-address.txt").write_text(cluster.scheduler_address)
+    print(cluster.scheduler_address, flush=True)
+    while True:  # keep the scheduler alive; Ctrl-C cancels the jobs
+        time.sleep(60)
+
+
+if __name__ == "__main__":
+    main()
