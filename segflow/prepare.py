@@ -1,0 +1,567 @@
+"""The prepare stage over a scene store: instances, class weights, weight map, fingerprint.
+
+Composes :mod:`segflow.weights` and :mod:`segflow.stats` over the arrays of a
+:class:`~segflow.io.store.SceneStore` (DESIGN.md sections 3-4). Each stage is a plain function
+that a Prefect task (``flows/prepare.py``) or a script can call; all Dask work runs on the
+given ``client`` (``distributed.Client``) or, without one, on the current Dask scheduler.
+
+Stages
+------
+1. :func:`ensure_instances`: use the store's ``instances``; without them, derive them from the
+   ``labels`` by connected components (:func:`segflow.weights.instances_from_labels`: the
+   4-connected components of valid pixels whose class is neither 0 (background) nor
+   ``ignore_index``, all foreground classes together) and write them as ``instances``,
+   recorded with ``derived_from="labels"``.
+2. :func:`compute_class_counts` and :func:`segflow.stats.class_weights`.
+3. :func:`write_weights`: ``weights = w_c + border term`` (0 on unlabelled and invalid
+   pixels), computed with ``map_overlap`` in chunks of at most 1024 pixels, rechunked to the
+   store's write units and written one unit per task; per-unit progress makes a killed run
+   resume, and the array is recorded with its parameters.
+4. :func:`compute_fingerprint` and :func:`write_fingerprint`: store attribute ``fingerprint``
+   and a JSON file beside the store, ``scene.zarr`` -> ``scene.fingerprint.json`` (or a given
+   path).
+
+A re-run with the same parameters and inputs finds everything recorded and does nothing
+(:func:`is_current`).
+
+Examples
+--------
+>>> from segflow.config import PrepareConfig
+>>> result = prepare_store("scene.zarr", PrepareConfig(sigma=5, class_weights="median"))  # doctest: +SKIP
+>>> result.fingerprint.mean  # doctest: +SKIP
+(112.3, 87.1, 60.2)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from segflow.config import PrepareConfig, TrainRegion, format_validation_error
+from segflow.errors import ConfigError, StoreError
+from segflow.geometry import BlockIndex, Window
+from segflow.io.store import SceneStore
+from segflow.stats import (
+    Fingerprint,
+    band_histograms,
+    band_moments,
+    check_train_region,
+    class_counts,
+    class_weights,
+    counts_to_dict,
+    fingerprint_from_moments,
+    pixel_size,
+)
+from segflow.stats import _int_hist_spec as int_hist_spec
+from segflow.weights import (
+    apply_class_weights,
+    border_halo,
+    border_radius,
+    border_term_dask,
+    class_weight_lut,
+    instances_from_labels,
+    merge_small_chunks,
+)
+
+__all__ = [
+    "FINGERPRINT_SUFFIX",
+    "PrepareResult",
+    "check_inputs",
+    "compute_class_counts",
+    "compute_fingerprint",
+    "default_fingerprint_path",
+    "ensure_instances",
+    "is_current",
+    "make_config",
+    "open_store",
+    "prepare_store",
+    "request_of",
+    "write_fingerprint",
+    "write_weights",
+]
+
+log = logging.getLogger(__name__)
+
+#: Suffix of the default fingerprint file, beside the store: ``scene.zarr`` ->
+#: ``scene.fingerprint.json`` (a file *inside* the Zarr hierarchy makes zarr warn on every listing).
+FINGERPRINT_SUFFIX = ".fingerprint.json"
+_INPUTS = ("image", "valid", "labels", "instances")
+_PENDING = "segflow_pending"
+#: Largest side of the chunks the border term is computed in (memory per task).
+MAX_COMPUTE_CHUNK = 1024
+
+Progress = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What :func:`prepare_store` did."""
+
+    store: Path
+    skipped: bool
+    instances: str
+    class_counts: dict[int, int]
+    class_weights: dict[int, float]
+    fingerprint: Fingerprint
+    fingerprint_path: Path
+
+
+# --------------------------------------------------------------------------- validation
+def make_config(**options: Any) -> PrepareConfig:
+    """A :class:`PrepareConfig` from keyword options; bad values raise :class:`ConfigError`.
+
+    >>> make_config(sigma=0)
+    Traceback (most recent call last):
+    ...
+    segflow.errors.ConfigError: prepare options: 'sigma' = 0 is invalid: Input should be greater than 0
+    """
+    try:
+        return PrepareConfig.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source="prepare options")) from None
+
+
+def open_store(path: str | Path) -> SceneStore:
+    """Open a store for prepare (``r+``); :class:`StoreError` if it is missing."""
+    return SceneStore.open(path, mode="r+")
+
+
+def check_inputs(store: SceneStore, config: PrepareConfig) -> None:
+    """Validate before any work: arrays present, region overlaps, weights mode possible."""
+    if not store.has("image"):
+        raise StoreError(f"store {str(store.path)!r} has no complete image: re-run flows/ingest.py")
+    if not (store.has("labels") or store.has("instances")):
+        raise StoreError(
+            f"store {str(store.path)!r} has neither labels nor instances: border weights need "
+            "objects; ingest with --labels or --instances"
+        )
+    if config.class_weights != "none" and not store.has("labels"):
+        raise ConfigError(
+            f"class weights {config.class_weights!r} need labels, and store {str(store.path)!r} "
+            "has only instances: use --class-weights none or ingest labels"
+        )
+    if config.class_weights == "explicit" and not config.explicit_class_weights:
+        raise ConfigError(
+            "class weights 'explicit' need explicit_class_weights: give id=weight pairs"
+        )
+    if store.has("labels"):
+        dt = np.dtype(store.array("labels").dtype)
+        if dt.kind != "u" or dt.itemsize > 2:
+            raise StoreError(
+                f"labels of {str(store.path)!r} are {dt}, expected uint8 or uint16: re-run ingest"
+            )
+    if "instances" in store.group and not store.has("instances") and not store.has("labels"):
+        raise StoreError(
+            f"the instances of {str(store.path)!r} are incomplete: re-run flows/ingest.py"
+        )
+    check_train_region(config.train_region, store.height, store.width)
+
+
+def request_of(store: SceneStore, config: PrepareConfig) -> dict[str, Any]:
+    """What the results depend on: the options and the records of the input arrays."""
+    arrays = store.meta["arrays"]
+    return {
+        "config": config.model_dump(mode="json"),
+        "inputs": {name: arrays[name] for name in _INPUTS if name in arrays},
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality after a JSON round trip (attributes turn tuples into lists, int keys into str)."""
+    import json
+
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def is_current(store: SceneStore, config: PrepareConfig) -> bool:
+    """Whether weights and fingerprint are recorded complete for these options and inputs."""
+    done = store.meta.get("prepare")
+    return bool(
+        store.has("weights")
+        and done
+        and store.meta.get("fingerprint")
+        and _same(done.get("request"), request_of(store, config))
+        and _same((store.array_params("weights") or {}).get("request"), request_of(store, config))
+    )
+
+
+# --------------------------------------------------------------------------- dask helpers
+def _compute(obj: Any, client: Any | None, progress: Progress | None) -> Any:
+    if client is None:
+        import dask
+
+        return dask.compute(obj)[0]
+    future = client.compute(obj)
+    if progress is not None:
+        progress(future)
+    return future.result()
+
+
+def compute_chunk(store: SceneStore, limit: int = MAX_COMPUTE_CHUNK) -> int:
+    """The chunk side the border term is computed in: the largest multiple of the store's
+    chunk that divides the write unit and is at most ``limit`` (at least one chunk)."""
+    c, u = store.chunk, store.write_unit
+    best = c
+    for k in range(c, min(u, limit) + 1, c):
+        if u % k == 0:
+            best = k
+    return best
+
+
+def _from_store(store: SceneStore, name: str, side: int) -> Any:
+    import dask.array as da
+
+    arr = store.array(name)
+    chunks = (*arr.shape[:-2], side, side)
+    return da.from_zarr(arr, chunks=chunks)
+
+
+def _valid(store: SceneStore, side: int) -> Any | None:
+    if store.has("valid"):
+        return _from_store(store, "valid", side)
+    log.warning("store %s has no complete 'valid' array: every pixel counts as valid", store.path)
+    return None
+
+
+def _write_block(
+    block: np.ndarray,
+    *,
+    path: str,
+    array: str,
+    unit: int,
+    height: int,
+    width: int,
+    skip: frozenset[tuple[int, int]],
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    assert block_info is not None
+    i, j = block_info[0]["chunk-location"]
+    if (i, j) in skip:
+        return np.zeros((1, 1), np.int64)
+    r0, c0 = i * unit, j * unit
+    window = Window.from_bounds(r0, c0, min(r0 + unit, height), min(c0 + unit, width))
+    store = SceneStore.open(path, mode="r+")
+    store.write_window(array, window, block)
+    store.progress(array).mark(BlockIndex(i, j))
+    return np.ones((1, 1), np.int64)
+
+
+def _store_units(
+    x: Any, store: SceneStore, name: str, *, skip: frozenset[tuple[int, int]] = frozenset()
+) -> Any:
+    """Lazy: write ``x`` (y, x) into array ``name``, one task per write unit; sums to units written."""
+    u = store.write_unit
+    x = x.rechunk((u, u))
+    rows, cols = store.grid.shape_in_blocks
+    store.progress(name)  # created here, by the coordinator, before any task marks it
+    return x.map_blocks(
+        _write_block,
+        chunks=((1,) * rows, (1,) * cols),
+        dtype=np.int64,
+        meta=np.empty((0, 0), np.int64),
+        path=str(store.path),
+        array=name,
+        unit=u,
+        height=store.height,
+        width=store.width,
+        skip=skip,
+    ).sum()
+
+
+def _start_array(
+    store: SceneStore, name: str, request: Any, *, dtype: str, restart: bool = False
+) -> set[BlockIndex]:
+    """Create (or resume) array ``name`` for ``request``; the write units already done."""
+    store.forget_array(name)
+    pending = None
+    if name in store.group:
+        pending = store.array(name).attrs.get(_PENDING)
+    progress = store.progress(name)
+    if not restart and pending is not None and _same(pending, request):
+        done = progress.done()
+        log.info("resuming %s: %d of %d units already written", name, len(done), len(store.grid))
+        return done
+    store.create_array(name, dtype=dtype, fill_value=0, overwrite=True, attrs={_PENDING: request})
+    progress.reset()
+    return set()
+
+
+# --------------------------------------------------------------------------- stages
+def ensure_instances(
+    store: SceneStore, *, client: Any | None = None, progress: Progress | None = None
+) -> str:
+    """Make sure the store has complete ``instances``; derive them from ``labels`` if needed.
+
+    Returns ``"instances"`` (given by ingest) or ``"labels"`` (derived, now or earlier).
+    """
+    labels_rec = store.meta["arrays"].get("labels")
+    if store.has("instances"):
+        params = store.array_params("instances") or {}
+        if params.get("derived_from") != "labels":
+            return "instances"
+        if _same(params.get("labels_record"), labels_rec):
+            return "labels"
+        log.info("labels changed since instances were derived: deriving them again")
+    if not store.has("labels"):
+        raise StoreError(
+            f"store {str(store.path)!r} has neither labels nor instances: ingest with --labels"
+        )
+    request = {"derived_from": "labels", "labels_record": labels_rec}
+    _start_array(store, "instances", request, dtype="uint32")
+    side = store.write_unit
+    labels = _from_store(store, "labels", side)
+    valid = _valid(store, side)
+    ids, count = instances_from_labels(labels, valid, ignore_index=store.ignore_index)
+    written, n = _compute((_store_units(ids, store, "instances"), count), client, progress)
+    store.record_array(
+        "instances",
+        derived_from="labels",
+        labels_record=labels_rec,
+        method="dask_image.ndmeasure.label",
+        connectivity=4,
+        objects=f"valid pixels of classes other than 0 and ignore_index {store.ignore_index}",
+        count=int(n),
+    )
+    log.info("derived %d objects from labels (%d units)", int(n), int(written))
+    return "labels"
+
+
+def compute_class_counts(
+    store: SceneStore,
+    config: PrepareConfig,
+    *,
+    client: Any | None = None,
+    progress: Progress | None = None,
+) -> dict[int, int]:
+    """Pixels per class over valid, labelled pixels of the training region (``{}`` without labels)."""
+    if not store.has("labels"):
+        return {}
+    side = compute_chunk(store)
+    graph = class_counts(
+        _from_store(store, "labels", side),
+        _valid(store, side),
+        ignore_index=store.ignore_index,
+        region=config.train_region,
+    )
+    counts = _compute(graph, client, progress)
+    return counts_to_dict(
+        counts, class_ids=[c.id for c in store.classes], ignore_index=store.ignore_index
+    )
+
+
+def compute_class_weights(counts: Mapping[int, int], config: PrepareConfig) -> dict[int, float]:
+    """Class weights for ``config.class_weights`` (``{}`` = 1 everywhere, without labels)."""
+    if not counts and config.class_weights == "none":
+        return {}
+    return class_weights(counts, config.class_weights, explicit=config.explicit_class_weights)
+
+
+@lru_cache(maxsize=8)
+def _lut(items: tuple[tuple[int, float], ...], dtype: str, ignore_index: int) -> np.ndarray:
+    return class_weight_lut(dict(items), dtype=dtype, ignore_index=ignore_index)
+
+
+def _combine_block(
+    term: np.ndarray,
+    labels: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    *,
+    items: tuple[tuple[int, float], ...],
+    ignore_index: int,
+) -> np.ndarray:
+    lut = _lut(items, str(labels.dtype), ignore_index) if labels is not None else None
+    return apply_class_weights(term, labels, valid, lut)
+
+
+def _combine_valid(
+    term: np.ndarray, valid: np.ndarray, *, items: tuple[tuple[int, float], ...], ignore_index: int
+) -> np.ndarray:
+    return apply_class_weights(term, None, valid, None)
+
+
+def write_weights(
+    store: SceneStore,
+    config: PrepareConfig,
+    weights_by_class: Mapping[int, float],
+    *,
+    client: Any | None = None,
+    progress: Progress | None = None,
+    chunk: int | None = None,
+    force: bool = False,
+) -> bool:
+    """Compute ``weights = w_c + border term`` over the store and write it; False if current.
+
+    ``chunk`` overrides the side of the chunks the term is computed in (default
+    :func:`compute_chunk`); the result does not depend on it. ``force`` recomputes everything.
+    """
+    import dask.array as da
+
+    request = request_of(store, config)
+    current = _same((store.array_params("weights") or {}).get("request"), request)
+    if not force and store.has("weights") and current:
+        log.info("weights of %s are current", store.path)
+        return False
+    done = _start_array(store, "weights", request, dtype="float32", restart=force)
+    side = chunk or compute_chunk(store)
+    halo = border_halo(config.w0, config.sigma, config.eps)
+    inst = _from_store(store, "instances", side)
+    inst = inst.rechunk(merge_small_chunks(inst.chunks, max(halo, 1)))
+    # compute blocks whose every write unit is already written need not be computed again
+    done_keys = {(b.row, b.col) for b in done}
+    skip = set()
+    r = 0
+    for i, h in enumerate(inst.chunks[0]):
+        c = 0
+        for j, w in enumerate(inst.chunks[1]):
+            units = {(b.row, b.col) for b, _ in store.grid.blocks_touching(Window(r, c, h, w))}
+            if units <= done_keys:
+                skip.add((i, j))
+            c += w
+        r += h
+    term = border_term_dask(
+        inst, w0=config.w0, sigma=config.sigma, eps=config.eps, skip_blocks=frozenset(skip)
+    )
+    labels = (
+        _from_store(store, "labels", side).rechunk(term.chunks) if store.has("labels") else None
+    )
+    valid = _valid(store, side)
+    valid = valid.rechunk(term.chunks) if valid is not None else None
+    items = tuple(sorted((int(k), float(v)) for k, v in weights_by_class.items()))
+    kw = {"dtype": np.float32, "items": items, "ignore_index": store.ignore_index}
+    if labels is not None:
+        w = da.map_blocks(
+            _combine_block, term, labels, *([valid] if valid is not None else []), **kw
+        )
+    elif valid is not None:
+        w = da.map_blocks(_combine_valid, term, valid, **kw)
+    else:
+        w = da.map_blocks(_combine_block, term, **kw)
+    written = _compute(
+        _store_units(w, store, "weights", skip=frozenset(done_keys)), client, progress
+    )
+    store.record_array(
+        "weights",
+        w0=config.w0,
+        sigma=config.sigma,
+        eps=config.eps,
+        radius=border_radius(config.w0, config.sigma, config.eps),
+        halo=halo,
+        class_weight_mode=config.class_weights,
+        class_weights={str(k): v for k, v in items},
+        train_region=config.train_region.model_dump(mode="json") if config.train_region else None,
+        request=request,
+    )
+    log.info("wrote weights of %s (%d units, %d resumed)", store.path, int(written), len(done_keys))
+    return True
+
+
+def compute_fingerprint(
+    store: SceneStore,
+    config: PrepareConfig,
+    counts: Mapping[int, int],
+    weights_by_class: Mapping[int, float],
+    *,
+    client: Any | None = None,
+    progress: Progress | None = None,
+) -> Fingerprint:
+    """Per-band statistics over valid pixels of the training region, with the class data."""
+    side = compute_chunk(store)
+    image = _from_store(store, "image", side)
+    valid = _valid(store, side)
+    region: TrainRegion | None = config.train_region
+    moments = _compute(band_moments(image, valid, region=region), client, progress)
+    float_hist = None
+    if int_hist_spec(image.dtype) is None and moments.n.size and moments.n.min() > 0:
+        float_hist = _compute(
+            band_histograms(image, valid, region=region, lo=moments.min, hi=moments.max),
+            client,
+            progress,
+        )
+    size, unit = pixel_size(store.georef, store.slide)
+    return fingerprint_from_moments(
+        moments,
+        bands=tuple(store.meta["bands"]),
+        dtype=image.dtype,
+        float_hist=float_hist,
+        class_counts=dict(counts),
+        class_weights=dict(weights_by_class),
+        class_weight_mode=config.class_weights,
+        ignore_index=store.ignore_index,
+        pixel_size=size,
+        pixel_unit=unit,
+        train_region=region.model_dump(mode="json") if region else None,
+    )
+
+
+def default_fingerprint_path(store_path: str | Path) -> Path:
+    """Where the fingerprint JSON goes by default: ``scene.zarr`` -> ``scene.fingerprint.json``."""
+    p = Path(store_path).resolve()
+    return p.with_name(p.stem + FINGERPRINT_SUFFIX)
+
+
+def write_fingerprint(
+    store: SceneStore,
+    fingerprint: Fingerprint,
+    config: PrepareConfig,
+    path: str | Path | None = None,
+) -> Path:
+    """Store the fingerprint in the store's attributes and as JSON; record prepare complete.
+
+    The JSON goes to ``path``, by default :func:`default_fingerprint_path`; the path written
+    is recorded in the store attribute ``prepare.fingerprint_path`` (absolute).
+    """
+    out = Path(path).resolve() if path is not None else default_fingerprint_path(store.path)
+    fingerprint.to_json(out)
+    store.update_meta(
+        fingerprint=fingerprint.to_dict(),
+        prepare={"request": request_of(store, config), "fingerprint_path": str(out)},
+    )
+    return out
+
+
+def prepare_store(
+    path: str | Path,
+    config: PrepareConfig | None = None,
+    *,
+    client: Any | None = None,
+    progress: Progress | None = None,
+    fingerprint_path: str | Path | None = None,
+    force: bool = False,
+) -> PrepareResult:
+    """Run the whole prepare stage on the store at ``path`` (see the module docstring).
+
+    Returns
+    -------
+    PrepareResult
+        ``skipped`` is True when everything was already current.
+    """
+    config = config or PrepareConfig()
+    store = open_store(path)
+    check_inputs(store, config)
+    if not force and is_current(store, config):
+        meta = store.meta
+        fp = Fingerprint.from_dict(meta["fingerprint"])
+        out = (
+            Path(fingerprint_path).resolve()
+            if fingerprint_path
+            else Path(meta["prepare"]["fingerprint_path"])
+        )
+        if not out.is_file():
+            fp.to_json(out)
+        log.info("prepare of %s is current: nothing to do", store.path)
+        source = (store.array_params("instances") or {}).get("derived_from", "instances")
+        return PrepareResult(store.path, True, source, fp.class_counts, fp.class_weights, fp, out)
+    source = ensure_instances(store, client=client, progress=progress)
+    counts = compute_class_counts(store, config, client=client, progress=progress)
+    weights = compute_class_weights(counts, config)
+    write_weights(store, config, weights, client=client, progress=progress, force=force)
+    fp = compute_fingerprint(store, config, counts, weights, client=client, progress=progress)
+    out = write_fingerprint(store, fp, config, fingerprint_path)
+    return PrepareResult(store.path, False, source, counts, weights, fp, out)
