@@ -15,6 +15,8 @@ from typing import Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# a loaded machine can take longer than Prefect's default 20 s to start its temporary API server
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
@@ -26,6 +28,7 @@ from segflow.errors import SegflowError  # noqa: E402
 def run_cli(main: Callable[[], Any]) -> None:
     """Run ``main``; turn segflow errors into one clear line and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines flood the terminal
     try:
         main()
     except SegflowError as err:
