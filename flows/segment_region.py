@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     r = segment_region_flow(req)
     print(
         f"{req.out}: {r['region']['width']} x {r['region']['height']} px in {r['seconds']:.1f} s "
-        f"({r['inference']['seconds_in_model']:.1f} s in the model)"
+        f"(inference {r['inference']['seconds']:.1f} s, model forward {r['inference']['seconds_in_model']:.1f} s)"
     )
     for name, path in r["outputs"].items():
         print(f"  {name}: {path}")

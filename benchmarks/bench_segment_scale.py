@@ -1,0 +1,112 @@
+"""segment_region at gigapixel scale on CPU: peak memory, and end-to-end vs pure model time.
+
+    python benchmarks/bench_segment_scale.py [--size 32768] [--workdir bench-data]
+
+Uses the mosaic GeoTIFF of benchmarks/make_big_geotiff.py and a small U-Net checkpoint
+(features 4, depth 1, random weights: speed and memory do not depend on the weights).
+Runs the whole flow (`flows/segment_region.py`) in a subprocess, sampling the peak RSS of its
+process tree, and reports:
+  * inference wall time vs the model's own forward time over the same tiles (the engine
+    measures the forward; the ratio is the price of reading, padding, stitching and writing);
+  * end-to-end time including the COG export;
+  * peak memory of the whole process tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import measure, python
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MAKE_CKPT = """
+import sys, torch
+from segflow.config import ClassDef
+from segflow.train.checkpoint import build_meta, save_checkpoint
+from segflow.train.models import ModelConfig, build_model
+torch.manual_seed(0)
+cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=4, depth=1, num_res_units=0)
+meta = build_meta(cfg, bands=("pan",), mean=[400.0], std=[300.0], tile=512,
+                  classes=(ClassDef(id=0, name="background"), ClassDef(id=1, name="building")))
+save_checkpoint(sys.argv[1], build_model(cfg).eval(), meta, overwrite=True)
+print(meta.halo)
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", type=int, default=32768)
+    ap.add_argument("--workdir", default=str(ROOT / "bench-data"))
+    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=4)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(exist_ok=True)
+    big = work / f"mosaic_{args.size}.tif"
+    if not big.exists():
+        subprocess.run(
+            python(
+                str(ROOT / "benchmarks/make_big_geotiff.py"), str(big), "--size", str(args.size)
+            ),
+            check=True,
+        )
+    ckpt = work / "small_unet"
+    halo = subprocess.run(
+        python("-c", MAKE_CKPT, str(ckpt)), check=True, capture_output=True, text=True
+    ).stdout.strip()
+    out = work / "seg.tif"
+    for p in (out, work / "seg.predictions.zarr", work / "seg.predictions.zarr.partial"):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    m = measure(
+        python(
+            str(ROOT / "flows/segment_region.py"),
+            "--image",
+            str(big),
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--tile",
+            str(args.tile),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            "cpu",
+        )
+    )
+    if m.returncode != 0:
+        raise SystemExit(m.output[-3000:])
+    line = next(ln for ln in m.output.splitlines() if ln.startswith(str(out)))
+    total, infer_s, model_s = (float(v) for v in re.findall(r"([\d.]+) s", line)[:3])
+    store = work / "seg.predictions.zarr"
+
+        "prediction_run", {}
+    )
+    summary = {
+        "gigapixels": round(args.size**2 / 1e9, 3),
+        "halo": int(halo),
+        "tile": args.tile,
+        "flow_wall_s": round(m.seconds, 1),
+        "segment_region_s": total,
+        "model_forward_s": model_s,
+        "inference_s": infer_s,
+        "inference_over_model": round(infer_s / model_s, 3),
+        "end_to_end_over_model": round(total / model_s, 3),
+        "peak_rss_gib_process_tree": round(m.peak_gib, 2),
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
