@@ -89,10 +89,6 @@ def main() -> None:
         raise SystemExit(m.output[-3000:])
     line = next(ln for ln in m.output.splitlines() if ln.startswith(str(out)))
     total, infer_s, model_s = (float(v) for v in re.findall(r"([\d.]+) s", line)[:3])
-    store = work / "seg.predictions.zarr"
-
-        "prediction_run", {}
-    )
     summary = {
         "gigapixels": round(args.size**2 / 1e9, 3),
         "halo": int(halo),
