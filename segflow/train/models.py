@@ -1,0 +1,946 @@
+"""Segmentation networks built from a typed config.
+
+One entry point, :func:`build_model`, maps a :class:`ModelConfig` to a 2-D
+``torch.nn.Module`` that takes ``(N, in_channels, H, W)`` and returns logits
+``(N, out_channels, H, W)`` (one tensor, in train and eval mode alike) for every ``H, W``
+divisible by :func:`size_multiple`.
+
+Architectures
+-------------
+MONAI's networks: ``unet`` (``monai.networks.nets.UNet``), ``basic_unet``,
+``basic_unet_pp`` (UNet++; only the final output is returned), ``attention_unet``,
+``segresnet``, ``dynunet`` and ``flexible_unet`` (a ResNet encoder built with
+``pretrained=False``: nothing is downloaded).
+
+The seeds' classics MONAI lacks, written here in torch:
+
+- ``fcn32s`` / ``fcn16s`` / ``fcn8s``: Long et al. 2015 skip decoders on a small VGG-like
+  encoder (2, 2, 3, 3, 3 convolutions per stage, no pretrained weights, "same" padding
+  instead of the paper's 100-pixel pad and crop).
+- ``fc_densenet56`` / ``fc_densenet67`` / ``fc_densenet103``: the "One Hundred Layers
+  Tiramisu" (Jegou et al. 2017): dense blocks, transition down (BN, ReLU, 1x1 conv,
+  dropout, max-pool) and transition up on the new feature maps only; growth rate 12 / 16 /
+  16 and 4 / 5 / (4, 5, 7, 10, 12, 15) layers per block as in the paper's Table 2.
+- ``segnet``: a SegNet-style (Badrinarayanan et al. 2017) encoder-decoder whose decoder
+  upsamples with the encoder's max-pooling indices
+  (``MaxPool2d(return_indices=True)`` + ``MaxUnpool2d``).
+
+Upsampling choices (``upsample``) for the decoders that allow them: ``transpose``
+(transposed convolution), ``nearest`` and ``bilinear`` (interpolation plus a 1x1
+convolution where the width changes), ``subpixel`` (a convolution and ``PixelShuffle``
+initialised with ICNR, :func:`icnr_`), and ``unpool`` (SegNet only). MONAI's options are
+mapped: ``transpose`` -> ``"deconv"``, ``subpixel`` -> ``"pixelshuffle"`` (MONAI applies
+ICNR itself), ``nearest`` / ``bilinear`` -> ``"nontrainable"`` with that interpolation
+(``bilinear`` always with ``align_corners=False``). The combinations each architecture
+accepts are in :data:`UPSAMPLE_CHOICES` and :data:`NORM_CHOICES`.
+
+Tiling
+------
+Overlap-tile inference with ``crop`` merging equals whole-image inference only if every
+output pixel depends on a bounded neighbourhood of the input. That holds with
+``norm="batch"`` (in eval mode, where BatchNorm is a fixed affine map) or ``norm="none"``.
+``instance`` and ``group`` normalisation compute statistics over the whole tile, so every
+output depends on every input pixel of the tile: such models are not tile-independent
+(:func:`tile_independent`) and tiles merge only approximately (use Gaussian blending).
+BatchNorm in *train* mode also uses batch statistics. :func:`receptive_field` measures the
+context radius (the halo) numerically; input windows must also start on multiples of
+:func:`size_multiple` for the down-sampling grid to line up.
+
+Examples
+--------
+>>> import torch
+>>> cfg = ModelConfig(arch="unet", in_channels=3, out_channels=2, features=4, depth=2)
+>>> model = build_model(cfg).eval()
+>>> model(torch.zeros(1, 3, 64, 64)).shape
+torch.Size([1, 2, 64, 64])
+>>> size_multiple(cfg), tile_independent(cfg)
+(4, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from segflow.config import format_validation_error
+from segflow.errors import ConfigError
+
+__all__ = [
+    "ARCH_DEFAULTS",
+    "NORM_CHOICES",
+    "UPSAMPLE_CHOICES",
+    "Arch",
+    "ModelConfig",
+    "Upsample2d",
+    "build_model",
+    "halo",
+    "icnr_",
+    "receptive_field",
+    "size_multiple",
+    "tile_independent",
+]
+
+Arch = Literal[
+    "unet",
+    "basic_unet",
+    "basic_unet_pp",
+    "attention_unet",
+    "segresnet",
+    "dynunet",
+    "flexible_unet",
+    "fcn32s",
+    "fcn16s",
+    "fcn8s",
+    "fc_densenet56",
+    "fc_densenet67",
+    "fc_densenet103",
+    "segnet",
+]
+Norm = Literal["batch", "instance", "group", "none"]
+UpsampleMode = Literal["transpose", "nearest", "bilinear", "subpixel", "unpool"]
+Backbone = Literal["resnet10", "resnet18", "resnet34", "resnet50"]
+
+_ALL_NORMS: frozenset[str] = frozenset({"batch", "instance", "group", "none"})
+_INTERP_UPSAMPLE: frozenset[str] = frozenset({"transpose", "nearest", "bilinear", "subpixel"})
+
+#: Upsampling modes each architecture accepts.
+UPSAMPLE_CHOICES: dict[str, frozenset[str]] = {
+    "unet": frozenset({"transpose"}),
+    "attention_unet": frozenset({"transpose"}),
+    "dynunet": frozenset({"transpose"}),
+    "basic_unet": _INTERP_UPSAMPLE,
+    "basic_unet_pp": _INTERP_UPSAMPLE,
+    "segresnet": _INTERP_UPSAMPLE,
+    "flexible_unet": _INTERP_UPSAMPLE,
+    "fcn32s": _INTERP_UPSAMPLE,
+    "fcn16s": _INTERP_UPSAMPLE,
+    "fcn8s": _INTERP_UPSAMPLE,
+    "fc_densenet56": _INTERP_UPSAMPLE,
+    "fc_densenet67": _INTERP_UPSAMPLE,
+    "fc_densenet103": _INTERP_UPSAMPLE,
+    "segnet": frozenset({"unpool"}),
+}
+
+#: Normalisations each architecture accepts (MONAI's AttentionUnet hard-codes BatchNorm,
+#: DynUNet has no "no norm" option).
+NORM_CHOICES: dict[str, frozenset[str]] = {
+    arch: _ALL_NORMS for arch in UPSAMPLE_CHOICES
+} | {"attention_unet": frozenset({"batch"}), "dynunet": frozenset({"batch", "instance", "group"})}
+
+#: Defaults filled in per architecture for every option not given (or given as None).
+#: Options not listed for an architecture do not apply to it and must stay unset.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": dict(depth=4, features=32, upsample="transpose", dropout=0.0,
+                 up_kernel_size=3, num_res_units=2),
+    "basic_unet": dict(depth=4, features=32, upsample="transpose", dropout=0.0),
+    "basic_unet_pp": dict(depth=4, features=32, upsample="transpose", dropout=0.0),
+    "attention_unet": dict(depth=4, features=32, upsample="transpose", dropout=0.0,
+                           up_kernel_size=3),
+    "segresnet": dict(depth=3, features=8, upsample="bilinear", dropout=0.0, blocks_down=None),
+    "dynunet": dict(depth=4, features=32, upsample="transpose", dropout=0.0,
+                    up_kernel_size=2, residual=False),
+    "flexible_unet": dict(depth=5, features=16, upsample="nearest", dropout=0.0,
+                          backbone="resnet18"),
+    "fcn32s": dict(depth=5, features=64, upsample="transpose", dropout=0.5),
+    "fcn16s": dict(depth=5, features=64, upsample="transpose", dropout=0.5),
+    "fcn8s": dict(depth=5, features=64, upsample="transpose", dropout=0.5),
+    "fc_densenet56": dict(depth=5, features=48, upsample="transpose", dropout=0.2,
+                          growth_rate=12),
+    "fc_densenet67": dict(depth=5, features=48, upsample="transpose", dropout=0.2,
+                          growth_rate=16),
+    "fc_densenet103": dict(depth=5, features=48, upsample="transpose", dropout=0.2,
+                           growth_rate=16),
+    "segnet": dict(depth=5, features=64, upsample="unpool", dropout=0.0),
+}
+_SPECIFIC = ("up_kernel_size", "num_res_units", "residual", "blocks_down", "backbone",
+             "growth_rate")
+#: Architectures whose depth is fixed by their design.
+_FIXED_DEPTH = {"basic_unet": 4, "basic_unet_pp": 4, "flexible_unet": 5, "fc_densenet56": 5,
+                "fc_densenet67": 5, "fc_densenet103": 5}
+#: FC-DenseNet layers per dense block: 5 down, the bottleneck, 5 up (Jegou et al., Table 2).
+_DENSE_LAYERS = {
+    "fc_densenet56": (4,) * 11,
+    "fc_densenet67": (5,) * 11,
+    "fc_densenet103": (4, 5, 7, 10, 12, 15, 12, 10, 7, 5, 4),
+}
+
+
+class ModelConfig(BaseModel):
+    """Which network to build and how wide, deep and normalised it is.
+
+    Options left out take the architecture's default from :data:`ARCH_DEFAULTS`, so a
+    validated config (and its ``model_dump()``, stored in checkpoints) spells out every
+    value that shapes the network.
+
+    Parameters
+    ----------
+    arch
+        The architecture (see the module docstring).
+    in_channels, out_channels
+        Input bands and output classes (logit channels).
+    features
+        Width of the first level; each level down doubles it (VGG-like encoders of FCN
+        and SegNet stop doubling after the fourth stage). For ``segresnet`` this is
+        ``init_filters``; for ``flexible_unet`` the decoder widths are
+        ``features * (16, 8, 4, 2, 1)``; for FC-DenseNet the first convolution's width.
+    depth
+        Number of 2x down-samplings (fixed for ``basic_unet*`` (4), ``flexible_unet`` and
+        FC-DenseNet (5)).
+    norm
+        ``batch`` (default; tile-independent in eval mode), ``instance``, ``group`` (with
+        ``num_groups``) or ``none``.
+    dropout
+        Dropout probability (FCN's head and FC-DenseNet's layers have paper defaults).
+    upsample
+        Decoder upsampling: ``transpose``, ``nearest``, ``bilinear``, ``subpixel``, or
+        ``unpool`` (SegNet).
+    up_kernel_size
+        ``unet``/``attention_unet``: kernel of the transposed convolutions; ``dynunet``:
+        its ``upsample_kernel_size``.
+    num_res_units
+        ``unet``: residual units per level (0 = plain convolutions).
+    residual
+        ``dynunet``: residual blocks.
+    blocks_down
+        ``segresnet``: residual blocks per level (``depth + 1`` entries; default
+        ``(1, 2, ..., 2, 4)``); one up block per level.
+    backbone
+        ``flexible_unet``: the ResNet encoder, always built without pretrained weights.
+        (EfficientNet encoders are not offered: their squeeze-and-excitation blocks pool
+        over the whole tile, so no halo makes tiling seamless.)
+    growth_rate
+        FC-DenseNet: feature maps added by each dense layer.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: Arch
+    in_channels: Annotated[int, Field(ge=1)]
+    out_channels: Annotated[int, Field(ge=1)]
+    features: Annotated[int, Field(ge=1)] = 32
+    depth: Annotated[int, Field(ge=1, le=8)] = 4
+    norm: Norm = "batch"
+    num_groups: Annotated[int, Field(ge=1)] = 8
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    upsample: UpsampleMode = "transpose"
+    up_kernel_size: Annotated[int, Field(ge=1)] | None = None
+    num_res_units: Annotated[int, Field(ge=0)] | None = None
+    residual: bool | None = None
+    blocks_down: tuple[Annotated[int, Field(ge=1)], ...] | None = None
+    backbone: Backbone | None = None
+    growth_rate: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_arch_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or data.get("arch") not in ARCH_DEFAULTS:
+            return data  # let field validation report the problem
+        arch = data["arch"]
+        defaults = ARCH_DEFAULTS[arch]
+        for key in _SPECIFIC:
+            if data.get(key) is not None and key not in defaults:
+                raise ValueError(f"option '{key}' does not apply to arch {arch!r}: remove it")
+        filled = dict(data)
+        for key, value in defaults.items():
+            if filled.get(key) is None:
+                filled[key] = value
+        if arch == "segresnet" and filled["blocks_down"] is None:
+            depth = filled["depth"]
+            if isinstance(depth, int) and depth >= 1:
+                filled["blocks_down"] = (1, *([2] * (depth - 1)), 4)
+        return filled
+
+    @model_validator(mode="after")
+    def _check_arch(self) -> ModelConfig:
+        arch = self.arch
+        if self.upsample not in UPSAMPLE_CHOICES[arch]:
+            raise ValueError(
+                f"upsample {self.upsample!r} is not available for arch {arch!r}: "
+                f"use one of {sorted(UPSAMPLE_CHOICES[arch])}"
+            )
+        if self.norm not in NORM_CHOICES[arch]:
+            raise ValueError(
+                f"norm {self.norm!r} is not available for arch {arch!r}: "
+                f"use one of {sorted(NORM_CHOICES[arch])}"
+            )
+        fixed = _FIXED_DEPTH.get(arch)
+        if fixed is not None and self.depth != fixed:
+            raise ValueError(f"arch {arch!r} has a fixed depth of {fixed}, got {self.depth}")
+        if (arch == "fcn16s" and self.depth < 2) or (arch == "fcn8s" and self.depth < 3):
+            raise ValueError(f"arch {arch!r} needs depth >= {2 if arch == 'fcn16s' else 3}")
+        if self.blocks_down is not None and len(self.blocks_down) != self.depth + 1:
+            raise ValueError(
+                f"blocks_down needs depth + 1 = {self.depth + 1} entries, got {self.blocks_down}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_model(cfg: ModelConfig | Mapping[str, Any]) -> nn.Module:
+    """Build the network a config describes (weights freshly initialised, train mode).
+
+    Parameters
+    ----------
+    cfg
+        A :class:`ModelConfig`, or a mapping validated into one.
+
+    Returns
+    -------
+    torch.nn.Module
+        Maps ``(N, in_channels, H, W)`` to logits ``(N, out_channels, H, W)`` for ``H`` and
+        ``W`` divisible by :func:`size_multiple`.
+
+    Raises
+    ------
+    ConfigError
+        The mapping does not validate, or the architecture cannot be built with these
+        widths (for example group normalisation over a width not divisible by
+        ``num_groups``).
+    """
+    cfg = _as_config(cfg)
+    try:
+        return _BUILDERS[cfg.arch](cfg)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(
+            f"cannot build arch {cfg.arch!r} from this config ({err}): "
+            "change the widths, norm or depth"
+        ) from err
+
+
+def _as_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    try:
+        return ModelConfig.model_validate(cfg)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source="model config")) from err
+
+
+def size_multiple(cfg: ModelConfig | Mapping[str, Any]) -> int:
+    """The number input heights and widths must be divisible by (``2 ** depth``).
+
+    >>> size_multiple(ModelConfig(arch="fc_densenet56", in_channels=1, out_channels=2))
+    32
+    """
+    return 2 ** _as_config(cfg).depth
+
+
+def tile_independent(cfg: ModelConfig | Mapping[str, Any]) -> bool:
+    """Whether, in eval mode, each output pixel depends only on a bounded neighbourhood.
+
+    True for ``norm`` ``batch`` or ``none``; instance and group normalisation use
+    statistics of the whole tile, so crop-tiling does not reproduce whole-image inference.
+
+    >>> tile_independent(ModelConfig(arch="unet", in_channels=1, out_channels=2, norm="instance"))
+    False
+    """
+    return _as_config(cfg).norm in ("batch", "none")
+
+
+def _widths(cfg: ModelConfig, *, vgg: bool = False) -> list[int]:
+    """Widths of levels 0..depth: doubling, or VGG-like (x1, x2, x4, x8, x8, ...)."""
+    return [cfg.features * 2 ** (min(i, 3) if vgg else i) for i in range(cfg.depth + 1)]
+
+
+def _monai_norm(cfg: ModelConfig) -> str | tuple[str, dict[str, Any]]:
+    if cfg.norm == "group":
+        return ("group", {"num_groups": cfg.num_groups})
+    if cfg.norm == "instance":
+        return ("instance", {"affine": True})
+    return "" if cfg.norm == "none" else "batch"
+
+
+_MONAI_UPSAMPLE = {"transpose": "deconv", "subpixel": "pixelshuffle", "nearest": "nontrainable",
+                   "bilinear": "nontrainable"}
+
+
+def _set_interpolation(model: nn.Module, mode: str) -> nn.Module:
+    """Make every ``nn.Upsample`` of a MONAI network interpolate with ``mode``.
+
+    MONAI's BasicUNet and SegResNet do not expose their "nontrainable" interpolation mode;
+    we set it on the modules so ``nearest``/``bilinear`` mean the same in every network.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Upsample):
+            module.mode = mode
+            module.align_corners = None if mode == "nearest" else False
+    return model
+
+
+class _LastOutput(nn.Module):
+    """Return only the final output of a network that returns a list (UNet++)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out[-1] if isinstance(out, list | tuple) else out
+
+
+def _build_unet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=2, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        channels=_widths(cfg), strides=(2,) * cfg.depth, up_kernel_size=cfg.up_kernel_size or 3,
+        num_res_units=cfg.num_res_units or 0, norm=_monai_norm(cfg), dropout=cfg.dropout,
+    )
+
+
+def _build_basic_unet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import BasicUNet, BasicUNetPlusPlus
+
+    w = _widths(cfg)
+    kwargs: dict[str, Any] = dict(
+        spatial_dims=2, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        features=(*w, w[0]), norm=_monai_norm(cfg), dropout=cfg.dropout,
+        upsample=_MONAI_UPSAMPLE[cfg.upsample],
+    )
+    net: nn.Module
+    if cfg.arch == "basic_unet_pp":
+        net = _LastOutput(BasicUNetPlusPlus(deep_supervision=False, **kwargs))
+    else:
+        net = BasicUNet(**kwargs)
+    if cfg.upsample in ("nearest", "bilinear"):
+        _set_interpolation(net, cfg.upsample)
+    return net
+
+
+def _build_attention_unet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import AttentionUnet
+
+    return AttentionUnet(
+        spatial_dims=2, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        channels=_widths(cfg), strides=(2,) * cfg.depth, up_kernel_size=cfg.up_kernel_size or 3,
+        dropout=cfg.dropout,
+    )
+
+
+def _build_segresnet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import SegResNet
+
+    blocks_down = cfg.blocks_down or (1, *([2] * (cfg.depth - 1)), 4)
+    net = SegResNet(
+        spatial_dims=2, init_filters=cfg.features, in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels, dropout_prob=cfg.dropout or None, norm=_monai_norm(cfg),
+        blocks_down=tuple(blocks_down), blocks_up=(1,) * cfg.depth,
+        upsample_mode=_MONAI_UPSAMPLE[cfg.upsample],
+    )
+    if cfg.upsample in ("nearest", "bilinear"):
+        _set_interpolation(net, cfg.upsample)
+    return net
+
+
+def _build_dynunet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    return DynUNet(
+        spatial_dims=2, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        kernel_size=[3] * (cfg.depth + 1), strides=[1] + [2] * cfg.depth,
+        upsample_kernel_size=[cfg.up_kernel_size or 2] * cfg.depth, filters=_widths(cfg),
+        dropout=cfg.dropout or None, norm_name=_monai_norm(cfg), res_block=bool(cfg.residual),
+    )
+
+
+def _build_flexible_unet(cfg: ModelConfig) -> nn.Module:
+    from monai.networks.nets import FlexibleUNet
+
+    mode = cfg.upsample
+    return FlexibleUNet(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        backbone=cfg.backbone or "resnet18", pretrained=False,
+        decoder_channels=tuple(cfg.features * m for m in (16, 8, 4, 2, 1)), spatial_dims=2,
+        norm=_monai_norm(cfg), dropout=cfg.dropout, upsample=_MONAI_UPSAMPLE[mode],
+        interp_mode=mode if mode in ("nearest", "bilinear") else "nearest",
+    )
+
+
+# ------------------------------------------------------------------ our own decoders
+
+
+def icnr_(
+    weight: torch.Tensor,
+    scale: int = 2,
+    init: Callable[[torch.Tensor], Any] = nn.init.kaiming_normal_,
+) -> torch.Tensor:
+    """ICNR initialisation of a sub-pixel convolution, in place.
+
+    Aitken et al. 2017, "Checkerboard artifact free sub-pixel convolution"
+    (arXiv:1707.02937): initialise one sub-kernel per output channel and repeat it for the
+    ``scale**2`` channels that ``PixelShuffle(scale)`` spreads over one output pixel's
+    neighbourhood, so the initial subpixel upsampling equals nearest-neighbour upsampling
+    of a convolution (no checkerboard at initialisation).
+
+    Parameters
+    ----------
+    weight
+        Convolution weight ``(out * scale**2, in, kh, kw)``.
+    scale
+        The ``PixelShuffle`` factor.
+    init
+        Initialiser of the ``(out, in, kh, kw)`` sub-kernel.
+
+    >>> w = torch.empty(8, 3, 3, 3)
+    >>> _ = icnr_(w, 2)
+    >>> bool((w[0] == w[3]).all() and (w[4] == w[7]).all())
+    True
+    """
+    out_ch = weight.shape[0]
+    groups = scale**2
+    if out_ch % groups:
+        raise ConfigError(f"ICNR needs output channels divisible by scale**2 = {groups}, got {out_ch}")
+    sub = torch.empty((out_ch // groups, *weight.shape[1:]), dtype=weight.dtype)
+    init(sub)
+    with torch.no_grad():
+        weight.copy_(sub.repeat_interleave(groups, dim=0))
+    return weight
+
+
+def _bilinear_kernel(channels: int, size: int) -> torch.Tensor:
+    """A diagonal (channels, channels, size, size) bilinear upsampling kernel (FCN)."""
+    factor = (size + 1) // 2
+    centre = factor - 1 if size % 2 == 1 else factor - 0.5
+    og = torch.arange(size, dtype=torch.float32)
+    filt1 = 1 - (og - centre).abs() / factor
+    weight = torch.zeros(channels, channels, size, size)
+    weight[range(channels), range(channels)] = filt1[:, None] * filt1[None, :]
+    return weight
+
+
+class Upsample2d(nn.Module):
+    """Upsample by ``scale`` and change the width from ``in_ch`` to ``out_ch``.
+
+    ``transpose``: ``ConvTranspose2d`` with kernel ``2 * scale``, stride ``scale``
+    (initialised to bilinear interpolation where the width does not change, as in FCN);
+    ``nearest`` / ``bilinear``: a 1x1 convolution (where the width changes; it commutes
+    with the interpolation) then interpolation (``align_corners=False``); ``subpixel``:
+    a 3x3 convolution to ``out_ch * scale**2`` channels, ICNR-initialised, then
+    ``PixelShuffle(scale)``.
+
+    >>> up = Upsample2d(4, 2, 4, "subpixel")
+    >>> up(torch.zeros(1, 4, 8, 8)).shape
+    torch.Size([1, 2, 32, 32])
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, scale: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.scale = scale
+        self.body: nn.Module
+        if mode == "transpose":
+            conv = nn.ConvTranspose2d(in_ch, out_ch, 2 * scale, stride=scale, padding=scale // 2)
+            if in_ch == out_ch:
+                with torch.no_grad():
+                    conv.weight.copy_(_bilinear_kernel(in_ch, 2 * scale))
+                    assert conv.bias is not None
+                    conv.bias.zero_()
+            self.body = conv
+        elif mode in ("nearest", "bilinear"):
+            proj: nn.Module = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+            interp = nn.Upsample(
+                scale_factor=scale, mode=mode, align_corners=None if mode == "nearest" else False
+            )
+            self.body = nn.Sequential(proj, interp)
+        elif mode == "subpixel":
+            sub = nn.Conv2d(in_ch, out_ch * scale**2, 3, padding=1)
+            icnr_(sub.weight, scale)
+            with torch.no_grad():
+                assert sub.bias is not None
+                sub.bias.zero_()
+            self.body = nn.Sequential(sub, nn.PixelShuffle(scale))
+        else:
+            raise ConfigError(f"unknown upsample mode {mode!r}: use transpose, nearest, "
+                              "bilinear or subpixel")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _norm_layer(cfg: ModelConfig, channels: int) -> nn.Module:
+    if cfg.norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if cfg.norm == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if cfg.norm == "group":
+        return nn.GroupNorm(cfg.num_groups, channels)
+    return nn.Identity()
+
+
+def _conv_bn_relu(cfg: ModelConfig, cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=cfg.norm == "none"),
+        _norm_layer(cfg, cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _vgg_stage(cfg: ModelConfig, level: int, cin: int, cout: int) -> nn.Sequential:
+    """VGG-style stage: 2 convolutions in the first two stages, 3 below."""
+    n = 2 if level < 2 else 3
+    return nn.Sequential(*[_conv_bn_relu(cfg, cin if i == 0 else cout, cout) for i in range(n)])
+
+
+class FCN(nn.Module):
+    """FCN-32s/16s/8s (Long, Shelhamer & Darrell 2015) on a small VGG-like encoder.
+
+    The encoder has ``depth`` stages, each ending with a 2x max-pool; a 3x3 + 1x1
+    convolutional head (the paper's fc6/fc7) and a 1x1 classifier score the coarsest map.
+    ``skips`` (0, 1 or 2 for 32s, 16s, 8s) adds scores from the pools one and two levels
+    up, fused after 2x upsampling; the fused scores are upsampled to the input size.
+    """
+
+    def __init__(self, cfg: ModelConfig, skips: int) -> None:
+        super().__init__()
+        w = _widths(cfg, vgg=True)
+        k = cfg.out_channels
+        self.stages = nn.ModuleList(
+            _vgg_stage(cfg, i, cfg.in_channels if i == 0 else w[i - 1], w[i])
+            for i in range(cfg.depth)
+        )
+        self.pool = nn.MaxPool2d(2, 2)
+        top, head = w[cfg.depth - 1], 2 * w[cfg.depth - 1]
+        self.head = nn.Sequential(
+            nn.Conv2d(top, head, 3, padding=1), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Conv2d(head, head, 1), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout),
+            nn.Conv2d(head, k, 1),
+        )
+        # score layers for pool(depth-1), pool(depth-2) and the 2x fusing upsamplers
+        self.skip_scores = nn.ModuleList(nn.Conv2d(w[cfg.depth - 2 - i], k, 1) for i in range(skips))
+        self.skip_ups = nn.ModuleList(Upsample2d(k, k, 2, cfg.upsample) for _ in range(skips))
+        self.final_up = Upsample2d(k, k, 2 ** (cfg.depth - skips), cfg.upsample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pools = []
+        for stage in self.stages:
+            x = self.pool(stage(x))
+            pools.append(x)
+        score = self.head(x)
+        for i, (score_layer, up) in enumerate(zip(self.skip_scores, self.skip_ups, strict=True)):
+            score = up(score) + score_layer(pools[-2 - i])
+        return self.final_up(score)
+
+
+class _DenseLayer(nn.Sequential):
+    def __init__(self, cfg: ModelConfig, cin: int, growth: int) -> None:
+        super().__init__(
+            _norm_layer(cfg, cin), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, growth, 3, padding=1), nn.Dropout(cfg.dropout),
+        )
+
+
+class _DenseBlock(nn.Module):
+    """``n`` dense layers; returns the new feature maps only (``n * growth`` channels)."""
+
+    def __init__(self, cfg: ModelConfig, cin: int, n: int, growth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_DenseLayer(cfg, cin + i * growth, growth) for i in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        new = []
+        for layer in self.layers:
+            out = layer(x)
+            x = torch.cat([x, out], dim=1)
+            new.append(out)
+        return torch.cat(new, dim=1)
+
+
+class FCDenseNet(nn.Module):
+    """FC-DenseNet ("The One Hundred Layers Tiramisu", Jegou et al. 2017).
+
+    First 3x3 convolution to ``features`` (48) maps; 5 dense blocks each followed by a
+    transition down (norm, ReLU, 1x1 conv, dropout, 2x max-pool); a bottleneck block; 5
+    transitions up (``Upsample2d`` of the previous block's *new* maps only, the paper's
+    3x3 stride-2 transposed convolution by default), each concatenated with the skip and
+    followed by a dense block; the last block's full concatenation goes to a 1x1
+    classifier. With growth 16 and the 103-layer plan the last block has 256 maps, as in
+    the paper.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: tuple[int, ...], growth: int) -> None:
+        super().__init__()
+        n_down = cfg.depth
+        self.first = nn.Conv2d(cfg.in_channels, cfg.features, 3, padding=1)
+        m = cfg.features
+        self.down_blocks = nn.ModuleList()
+        self.transitions_down = nn.ModuleList()
+        skips = []
+        for i in range(n_down):
+            self.down_blocks.append(_DenseBlock(cfg, m, layers[i], growth))
+            m += layers[i] * growth
+            skips.append(m)
+            self.transitions_down.append(nn.Sequential(
+                _norm_layer(cfg, m), nn.ReLU(inplace=True), nn.Conv2d(m, m, 1),
+                nn.Dropout(cfg.dropout), nn.MaxPool2d(2, 2),
+            ))
+        self.bottleneck = _DenseBlock(cfg, m, layers[n_down], growth)
+        up_in = layers[n_down] * growth
+        self.transitions_up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for j, skip in enumerate(reversed(skips)):
+            n = layers[n_down + 1 + j]
+            self.transitions_up.append(Upsample2d(up_in, up_in, 2, cfg.upsample))
+            self.up_blocks.append(_DenseBlock(cfg, up_in + skip, n, growth))
+            last_in = up_in + skip
+            up_in = n * growth
+        self.classifier = nn.Conv2d(last_in + up_in, cfg.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.transitions_down, strict=True):
+            x = torch.cat([x, block(x)], dim=1)
+            skips.append(x)
+            x = down(x)
+        new = self.bottleneck(x)
+        for up, block, skip in zip(self.transitions_up, self.up_blocks, reversed(skips),
+                                   strict=True):
+            x = torch.cat([up(new), skip], dim=1)
+            new = block(x)
+        return self.classifier(torch.cat([x, new], dim=1))
+
+
+class SegNet(nn.Module):
+    """SegNet-style encoder-decoder (Badrinarayanan, Kendall & Cipolla 2017).
+
+    VGG-like encoder stages (conv-norm-ReLU x 2 or 3) each ending with a 2x max-pool that
+    keeps its indices; the mirrored decoder upsamples with ``MaxUnpool2d`` at those
+    indices (no learned upsampling), then convolves; a 1x1 classifier gives the logits.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        w = _widths(cfg, vgg=True)[: cfg.depth]
+        self.encoders = nn.ModuleList(
+            _vgg_stage(cfg, i, cfg.in_channels if i == 0 else w[i - 1], w[i])
+            for i in range(cfg.depth)
+        )
+        self.pool = nn.MaxPool2d(2, 2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+        self.decoders = nn.ModuleList()
+        for i in reversed(range(cfg.depth)):
+            n = 2 if i < 2 else 3
+            cout = w[i - 1] if i > 0 else w[0]
+            convs = [_conv_bn_relu(cfg, w[i], w[i]) for _ in range(n - 1)]
+            self.decoders.append(nn.Sequential(*convs, _conv_bn_relu(cfg, w[i], cout)))
+        self.classifier = nn.Conv2d(w[0], cfg.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        saved = []
+        for enc in self.encoders:
+            x = enc(x)
+            size = x.shape[-2:]
+            x, idx = self.pool(x)
+            saved.append((idx, size))
+        for dec, (idx, size) in zip(self.decoders, reversed(saved), strict=True):
+            x = dec(self.unpool(x, idx, output_size=size))
+        return self.classifier(x)
+
+
+_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "unet": _build_unet,
+    "basic_unet": _build_basic_unet,
+    "basic_unet_pp": _build_basic_unet,
+    "attention_unet": _build_attention_unet,
+    "segresnet": _build_segresnet,
+    "dynunet": _build_dynunet,
+    "flexible_unet": _build_flexible_unet,
+    "fcn32s": lambda cfg: FCN(cfg, 0),
+    "fcn16s": lambda cfg: FCN(cfg, 1),
+    "fcn8s": lambda cfg: FCN(cfg, 2),
+    "fc_densenet56": lambda cfg: FCDenseNet(cfg, _DENSE_LAYERS[cfg.arch], cfg.growth_rate or 12),
+    "fc_densenet67": lambda cfg: FCDenseNet(cfg, _DENSE_LAYERS[cfg.arch], cfg.growth_rate or 16),
+    "fc_densenet103": lambda cfg: FCDenseNet(cfg, _DENSE_LAYERS[cfg.arch], cfg.growth_rate or 16),
+    "segnet": SegNet,
+}
+
+
+# ------------------------------------------------------------------ receptive field
+
+#: Normalisations over the whole tile (or sample); see :func:`receptive_field`.
+_GLOBAL_NORMS = (nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A float64 eval copy whose gradient support is the network's dependency structure.
+
+    ``ReLU`` becomes ``LeakyReLU`` (a unit that happens to be off does not hide a path),
+    index-free max-pooling becomes average pooling over the same window (max-pooling
+    depends on every pixel of its window, not only the current argmax), and whole-tile
+    normalisations become identities (their tile-wide dependence is reported by
+    :func:`tile_independent`; what is measured is the convolutional context).
+    """
+    net = copy.deepcopy(model).double().eval()
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            new: nn.Module | None = None
+            if isinstance(child, nn.ReLU | nn.ReLU6):
+                new = nn.LeakyReLU(0.1)
+            elif isinstance(child, nn.MaxPool2d) and not child.return_indices:
+                new = nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                   ceil_mode=child.ceil_mode)
+            elif isinstance(child, _GLOBAL_NORMS):
+                new = nn.Identity()
+            if new is not None:
+                setattr(parent, name, new)
+            else:
+                swap(child)
+
+    swap(net)
+    return net
+
+
+def receptive_field(
+    model: nn.Module,
+    *,
+    in_channels: int,
+    size: int = 256,
+    block: int = 1,
+    max_size: int = 4096,
+    trials: int = 1,
+    seed: int = 0,
+) -> int:
+    """Measure the context radius (halo) a network needs, numerically.
+
+    Sums the outputs of a ``block x block`` group of pixels, back-propagates in float64
+    to a random input and finds the extent of the input pixels with a non-zero
+    gradient (``abs > 0``); the radius is the largest distance from the block to the edge
+    of that extent. Inputs of ``halo`` pixels beyond a tile on every side are then enough
+    for its outputs to equal whole-image inference. With ``block = size_multiple`` every
+    phase of the down-sampling grid is covered.
+
+    Each axis is measured on a strip (``size`` long, ``4 * block`` wide) rather than a
+    ``size x size`` square: square kernels always have a path that stays in the block's
+    columns, so the extent along the strip is the same, at a fraction of the cost. The
+    gradient is taken through a structural copy of the network (ReLU -> LeakyReLU,
+    index-free max-pool -> average pool, instance/group/layer norm -> identity) so
+    units that happen to be off cannot hide a dependence; max-unpooling (SegNet) depends
+    on the input through its indices, which the union over ``trials`` random inputs
+    covers. Where the dependence reaches the end of the strip, ``size`` doubles, up to
+    ``max_size``.
+
+    Parameters
+    ----------
+    model
+        The network (not modified: a copy is measured).
+    in_channels
+        Input channels of the network.
+    size
+        First strip length tried (rounded up to a multiple of ``2 * block``).
+    block
+        Side of the group of output pixels measured together; pass the network's
+        :func:`size_multiple` (the strips are ``4 * block`` wide, a size the network
+        must accept).
+    max_size, trials, seed
+        Longest strip tried, random inputs per length, and their seed (a private
+        generator: the global RNG is not touched).
+
+    Returns
+    -------
+    int
+        The halo in pixels.
+
+    Raises
+    ------
+    ConfigError
+        The dependence still reaches the end of a ``max_size`` strip (a global operation,
+        or a receptive field larger than ``max_size / 2``).
+
+    Examples
+    --------
+    >>> net = nn.Sequential(*[nn.Conv2d(1, 1, 3, padding=1) for _ in range(3)])
+    >>> receptive_field(net, in_channels=1, size=32)
+    3
+    """
+    net = _structural_copy(model)
+    gen = torch.Generator().manual_seed(seed)
+    size = max(size, 8 * block)
+    size += -size % (2 * block)
+    while True:
+        radius = 0
+        for axis in (0, 1):
+            extent = _support_extent(net, in_channels, size, block, axis, trials, gen)
+            if extent is None:
+                continue
+            lo, hi, c0 = extent
+            if lo == 0 or hi == size - 1:
+                break
+            radius = max(radius, c0 - lo, hi - (c0 + block - 1))
+        else:
+            return radius
+        if size * 2 > max_size:
+            raise ConfigError(
+                f"the output depends on input pixels {size // 2} px away or more: the network "
+                "has a global operation or a receptive field that large; pass a larger "
+                f"max_size (got {max_size}) or use a local network"
+            )
+        size *= 2
+
+
+def _support_extent(
+    net: nn.Module, in_channels: int, size: int, block: int, axis: int, trials: int,
+    gen: torch.Generator,
+) -> tuple[int, int, int] | None:
+    """First and last input index along ``axis`` that the central block depends on."""
+    width = 4 * block
+    shape = (size, width) if axis == 0 else (width, size)
+    c0 = (size - block) // 2 // block * block  # on the down-sampling grid
+    s0 = block
+    rows = slice(c0, c0 + block) if axis == 0 else slice(s0, s0 + block)
+    cols = slice(s0, s0 + block) if axis == 0 else slice(c0, c0 + block)
+    param = next(iter(net.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    support = torch.zeros(size, dtype=torch.bool)
+    for _ in range(trials):
+        x = torch.randn(1, in_channels, *shape, generator=gen, dtype=torch.float64)
+        x = x.to(device).requires_grad_(True)
+        net(x)[..., rows, cols].sum().backward()
+        assert x.grad is not None
+        nonzero = (x.grad[0].abs() > 0).any(dim=0)
+        support |= nonzero.any(dim=1 - axis).cpu()
+    hits = torch.nonzero(support).flatten()
+    if len(hits) == 0:
+        return None
+    return int(hits[0]), int(hits[-1]), c0
+
+
+def halo(cfg: ModelConfig | Mapping[str, Any], *, max_size: int = 4096) -> int:
+    """The receptive-field radius of the architecture a config describes.
+
+    The dependence structure does not depend on the widths, so this measures a slim
+    copy of the architecture (``features`` 2, ``growth_rate`` 1, one input and output
+    channel, BatchNorm: whole-tile norms are replaced by identities in the measurement
+    anyway), built with a private seed (the global RNG is untouched), over a
+    ``size_multiple`` block so the halo covers every phase of the down-sampling grid.
+    Results are cached per config (deep networks take a while: FC-DenseNet103 needs a
+    4096-pixel strip).
+
+    >>> halo(ModelConfig(arch="unet", in_channels=1, out_channels=2, depth=1,
+    ...                  num_res_units=0))
+    4
+    """
+    return _halo(_as_config(cfg), max_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _halo(cfg: ModelConfig, max_size: int) -> int:
+    slim = {**cfg.model_dump(), "in_channels": 1, "out_channels": 1, "features": 2,
+            "norm": "batch"}
+    if cfg.growth_rate is not None:
+        slim["growth_rate"] = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.model_validate(slim))
+    m = size_multiple(cfg)
+    return receptive_field(model, in_channels=1, block=m, size=max(256, 8 * m),
+                           max_size=max_size, trials=3 if cfg.arch == "segnet" else 1)
