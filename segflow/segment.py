@@ -213,6 +213,11 @@ def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
         size_multiple=int(meta.size_multiple),
         batch_size=req.batch_size,
     )
+    if req.tile % int(meta.size_multiple):
+        raise ConfigError(
+            f"--tile {req.tile} is not a multiple of {meta.size_multiple}, the input size the "
+            f"model's down-sampling needs: use --tile {req.tile - req.tile % meta.size_multiple or meta.size_multiple}"
+        )
     return inp, region, model, meta
 
 
@@ -287,10 +292,7 @@ def segment_region(
     """Run one segment_region job (see the module docstring)."""
     t0 = time.perf_counter()
     inp, region, model, meta = check_request(req)
-    classes = tuple(
-        ClassDef.model_validate(c if isinstance(c, dict) else dict(c))
-        for c in (m.model_dump() if hasattr(m, "model_dump") else m for m in meta.classes)
-    )
+    classes: tuple[ClassDef, ...] = tuple(meta.classes)
     options = InferenceOptions(
         tile=req.tile,
         halo=int(meta.halo),
@@ -307,11 +309,22 @@ def segment_region(
     mean, std = list(meta.normalization.mean), list(meta.normalization.std)
     if inp.store is not None:
         out_store = SceneStore.open(inp.store.path, mode="r+")
-        view_region = region
+        pred_region, view_region = region, region
     else:
+        # Tiles start at the prediction store's origin; putting that origin on the model's
+        # down-sampling grid of the *image* makes a region's pixels equal to the same pixels
+        # of a whole-image run (a network with pooling is only shift-equivariant by that step).
+        m = int(meta.size_multiple)
+        pred_region = Window.from_bounds(
+            region.row_off - region.row_off % m,
+            region.col_off - region.col_off % m,
+            region.row_stop,
+            region.col_stop,
+        )
+        view_region = region.relative_to(pred_region)
         out_store = open_prediction_store(
             req.work_store,
-            region,
+            pred_region,
             chunk=min(512, req.tile) if req.tile % 512 else 512,
             georef=inp.georef,
             slide=inp.slide,
@@ -322,7 +335,6 @@ def segment_region(
                 kind=inp.source.info.kind if inp.source else "store",
             ),
         )
-        view_region = Window(0, 0, region.height, region.width)
     report: InferenceReport = predict_region(
         inp.reader, model, region, out_store, options=options, mean=mean, std=std, progress=progress
     )
