@@ -397,3 +397,18 @@ def test_cli_runs_flow_and_existing_store_untouched(samples: Path, tmp_path: Pat
     bad = _cli(str(d / "sample_geotiff.tif"), "--out", str(out), "--chunk", "0")
     assert bad.returncode == 2
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_arrays_added_after_ingest_are_visible(samples: Path, tmp_path: Path) -> None:
+    """A later stage's array (e.g. prepare's weights) is seen by segflow and by xarray."""
+    out = tmp_path / "l.zarr"
+    ingest(IngestSpec(source=str(samples / "landsat" / "RGB.byte.tif"), out=str(out), chunk=256))
+    store = SceneStore.open(out, mode="r+")
+    store.create_array("weights", dtype="float32", fill_value=0)
+    store.write_window("weights", store.grid.window(0, 0), np.ones((256, 256), "float32"))
+    store.progress("weights").mark(BlockIndex(0, 0))
+    store.record_array("weights", w0=10)
+    again = SceneStore.open(out)
+    assert again.has("weights") and again.progress("weights").done() == {BlockIndex(0, 0)}
+    ds = _open_xr(out)
+    assert float(ds["weights"][:256, :256].sum()) == 256 * 256

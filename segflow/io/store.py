@@ -217,7 +217,9 @@ class SceneStore:
                 else ": run flows/ingest.py first"
             )
             raise StoreError(f"no scene store at {str(p)!r}{hint}")
-        group = zarr.open_group(str(p), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        # consolidated metadata is for readers like xarray; segflow reads the real metadata,
+        # so arrays added after the last consolidation are always seen
+        group = zarr.open_group(str(p), mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
         if "segflow" not in group.attrs:
             raise StoreError(f"{str(p)!r} is a Zarr group but not a segflow scene store")
         return cls(p, group)
@@ -233,6 +235,7 @@ class SceneStore:
         meta = self.meta
         meta.update(values)
         self.group.attrs["segflow"] = meta
+        self.consolidate()  # an attribute write drops the consolidated listing: renew it for xarray
 
     @property
     def height(self) -> int:
