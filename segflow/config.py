@@ -33,6 +33,7 @@ __all__ = [
     "IngestConfig",
     "PipelineConfig",
     "PrepareConfig",
+    "SegmentConfig",
     "TrainRegion",
     "format_validation_error",
     "load_config",
@@ -131,6 +132,31 @@ class PrepareConfig(_Model):
     train_region: TrainRegion | None = None
 
 
+class SegmentConfig(_Model):
+    """segment_region inside a pipeline: which image and region, how, and which outputs.
+
+    ``image`` defaults to the ingest source and the model to the pipeline's trained
+    checkpoint; outputs go to the pipeline's ``work_dir``.
+    """
+
+    image: str | None = None
+    model: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    bbox_crs: str | None = None
+    window: tuple[int, int, int, int] | None = None
+    tile: Annotated[int, Field(gt=0)] = 512
+    mode: Literal["crop", "gaussian"] = "crop"
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    tta_flips: bool = False
+    polygons: bool = True
+    parquet: bool = True
+    probabilities: bool = False
+    quicklook: bool = True
+    ome_tiff: bool = False
+    qupath: bool = False
+
+
 class PipelineConfig(_Model):
     """A whole pipeline: one data set or use case."""
 
@@ -138,11 +164,12 @@ class PipelineConfig(_Model):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     classes: tuple[ClassDef, ...] = DEFAULT_CLASSES
     ignore_index: Annotated[int, Field(ge=0, le=65535)] = 255
+    work_dir: str = "outputs/{name}"
     ingest: IngestConfig
     prepare: PrepareConfig = PrepareConfig()
+    # validated by load_config with segflow.train.config.TrainConfig (which imports torch)
     train: dict[str, Any] | None = None
-    segment: dict[str, Any] | None = None
-    export: dict[str, Any] | None = None
+    segment: SegmentConfig = SegmentConfig()
 
     @model_validator(mode="after")
     def _classes_unique(self) -> PipelineConfig:
@@ -153,11 +180,16 @@ class PipelineConfig(_Model):
             raise ValueError(f"ignore_index {self.ignore_index} is also a class id")
         return self
 
+    @property
+    def work_path(self) -> Path:
+        """The pipeline's output directory (``work_dir`` with ``{name}`` filled in)."""
+        return Path(self.work_dir.format(name=self.name))
 
-def format_validation_error(err: ValidationError, *, source: str) -> str:
+
+def format_validation_error(err: ValidationError, *, source: str, prefix: str = "") -> str:
     """Turn a pydantic error into one line: where, what, the value, what to do."""
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = prefix + ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{where}': remove it or check its spelling"
     if first["type"] == "missing":
@@ -187,6 +219,14 @@ def load_config(path: str | Path) -> PipelineConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return PipelineConfig.model_validate(raw)
+        cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source=str(p))) from err
+    if cfg.train is not None:  # validated here, not in the model: TrainConfig needs torch
+        from segflow.train.config import TrainConfig
+
+        try:
+            TrainConfig.model_validate(cfg.train)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, source=str(p), prefix="train.")) from err
+    return cfg
