@@ -1,0 +1,216 @@
+"""Prefect flow: build the training stores a pipeline lists (ingest + prepare), then train.
+
+    python flows/train.py --config pipelines/NAME.yaml [--out DIR] [--resume]
+        [--steps N] [--time-limit SECONDS] [--device cpu|cuda:0] [--prepare-only]
+        [--no-prefect] [--no-progress]
+
+Two coarse tasks: ``prepare-data`` (every store of ``train.stores`` that is missing and has a
+``source`` is ingested with the pipeline's ``ingest`` section as a template and prepared with
+its ``prepare`` section; current stores are skipped) and ``train`` (the library's
+:func:`segflow.train.loop.train`). The default output directory is ``outputs/NAME/train``.
+
+DDP (many GPUs or CPU processes): build the stores once, then launch every rank without
+Prefect (the flow does this by itself when ``WORLD_SIZE`` is set):
+
+    python flows/train.py --config pipelines/NAME.yaml --prepare-only
+    torchrun --nproc_per_node=2 flows/train.py --config pipelines/NAME.yaml --no-prefect
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
+from _common import run_cli
+
+from segflow.config import PipelineConfig, load_config
+from segflow.errors import ConfigError
+from segflow.train.config import TrainConfig, make_train_config
+
+
+def train_config(cfg: PipelineConfig, args: argparse.Namespace) -> TrainConfig:
+    """The pipeline's ``train`` section (with its classes), overridden by the command line."""
+    if not cfg.train:
+        raise ConfigError(f"{args.config}: no 'train' section: add one (see "
+                          "pipelines/isbi2012_membranes.yaml)")
+    raw = dict(cfg.train)
+    raw.setdefault("classes", [c.model_dump() for c in cfg.classes])
+    if args.steps is not None:
+        raw["steps"], raw["epochs"] = args.steps, None
+    if args.time_limit is not None:
+        raw["time_limit_s"] = args.time_limit
+    return make_train_config(raw, source=f"{args.config}: train")
+
+
+def _unconsolidate(path: Path) -> None:
+    """Drop consolidated metadata so prepare can add arrays.
+
+    Workaround: ingest consolidates the store's metadata, and ``SceneStore.progress`` then
+    fails to find arrays created afterwards (they are missing from the consolidated listing).
+    """
+    meta = path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    if doc.pop("consolidated_metadata", None) is not None:
+        tmp = meta.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, meta)
+
+
+def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[dict[str, Any]]:
+    """Ingest and prepare every listed store that has a source (skipping current ones)."""
+    from segflow.ingest import IngestSpec, ingest
+    from segflow.io.store import SceneStore
+    from segflow.prepare import is_current, prepare_store
+
+    refs = {r.store: r for r in (*tcfg.stores.train, *tcfg.stores.val)}
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(refs), desc="prepare data", unit="store", file=sys.stderr)
+    done = []
+    for path, ref in refs.items():
+        p = Path(path)
+        action = "current"
+        if ref.source is not None:
+            if not (p / "zarr.json").is_file():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                icfg = cfg.ingest.model_copy(update={"source": ref.source, "labels": ref.labels})
+                ingest(IngestSpec.from_config(icfg, out=str(p), classes=cfg.classes,
+                                              ignore_index=cfg.ignore_index))
+                action = "ingested"
+            if not is_current(SceneStore.open(p), cfg.prepare):
+                _unconsolidate(p)
+                prepare_store(p, cfg.prepare)
+                SceneStore.open(p, mode="r+").consolidate()
+                action = "prepared" if action == "current" else "ingested+prepared"
+        done.append({"store": path, "action": action})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return done
+
+
+def run_training(tcfg: TrainConfig, out: Path, *, resume: bool, device: str | None,
+                 show: bool) -> dict[str, Any]:
+    """Call the library trainer with a tqdm progress bar; a JSON-ready summary."""
+    from segflow.train.loop import train
+
+    bar = None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if show and rank0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.total_steps, desc="train", unit="step", file=sys.stderr)
+
+    def progress(step: int, total: int, info: Any) -> None:
+        if bar is None:
+            return
+        bar.n = step
+        post = {"loss": f"{info['loss']:.4f}"}
+        if "pixel_error" in info:
+            post["val_pixel_error"] = f"{info['pixel_error']:.4f}"
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    res = train(tcfg, out_dir=out, resume=resume, device=device, progress=progress)
+    if bar is not None:
+        bar.close()
+    return {
+        "out_dir": str(res.out_dir), "steps": res.steps, "total_steps": res.total_steps,
+        "stopped_early": res.stopped_early, "best_step": res.best_step,
+        "best_metric": res.best_metric, "wall_s": round(res.wall_s, 1),
+        "best_checkpoint": str(res.best_checkpoint) if res.best_checkpoint else None,
+        "last_checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None,
+        "final": {k: v for k, v in res.final_metrics.items() if not isinstance(v, list)},
+    }
+
+
+def _markdown(r: dict[str, Any], metric: str) -> str:
+    rows = "".join(f"| {k} | {v:.5g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n"
+                   for k, v in r["final"].items())
+    return (f"### segflow train\n\n{r['steps']} of {r['total_steps']} steps in {r['wall_s']} s"
+            f"{' (stopped early)' if r['stopped_early'] else ''}; best {metric} "
+            f"{r['best_metric']} at step {r['best_step']}; checkpoints `{r['best_checkpoint']}`, "
+            f"`{r['last_checkpoint']}`\n\n| final metric | value |\n|---|---|\n{rows}")
+
+
+def make_flow() -> Any:
+    from prefect import flow, task
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.cache_policies import NO_CACHE
+
+    @task(name="prepare-data", cache_policy=NO_CACHE)
+    def prepare_task(pipeline: dict[str, Any], train: dict[str, Any], show: bool
+                     ) -> list[dict[str, Any]]:
+        return ensure_stores(PipelineConfig.model_validate(pipeline),
+                             make_train_config(train), show)
+
+    @task(name="train", cache_policy=NO_CACHE)
+    def train_task(train: dict[str, Any], out: str, resume: bool, device: str | None,
+                   show: bool) -> dict[str, Any]:
+        return run_training(make_train_config(train), Path(out), resume=resume, device=device,
+                            show=show)
+
+    @flow(name="train", log_prints=False)
+    def train_flow(pipeline: dict[str, Any], train: dict[str, Any], out: str, resume: bool,
+                   device: str | None, prepare_only: bool, show: bool) -> dict[str, Any]:
+        """Build the stores a pipeline lists, then train on them (configs validated already)."""
+        prepared = prepare_task(pipeline, train, show)
+        if prepare_only:
+            return {"prepared": prepared}
+        result = train_task(train, out, resume, device, show)
+        create_markdown_artifact(
+            key="train-summary",
+            markdown=_markdown(result, make_train_config(train).select_metric),
+            description=f"training of pipeline {pipeline['name']}",
+        )
+        return result
+
+    return train_flow
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python flows/train.py",
+                                description="Build the training stores of a pipeline and train.")
+    p.add_argument("--config", required=True, help="pipeline YAML with a 'train' section")
+    p.add_argument("--out", help="output directory (default outputs/NAME/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--prepare-only", action="store_true", help="only ingest/prepare the stores")
+    p.add_argument("--no-prefect", action="store_true",
+                   help="run without Prefect (implied under torchrun, where WORLD_SIZE is set)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    cfg = load_config(args.config)
+    tcfg = train_config(cfg, args)  # fail in a second, before Prefect starts
+    out = Path(args.out or f"outputs/{cfg.name}/train")
+    show = not args.no_progress and sys.stderr.isatty()
+    if args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            ensure_stores(cfg, tcfg, show)
+        if args.prepare_only:
+            return
+        result = run_training(tcfg, out, resume=args.resume, device=args.device, show=show)
+    else:
+        result = make_flow()(cfg.model_dump(mode="json"), tcfg.model_dump(mode="json"), str(out),
+                             args.resume, args.device, args.prepare_only, show)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,140 @@
+"""The training loop: a tiny end-to-end run, checkpoints, metrics files, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from segflow.errors import ConfigError
+from segflow.train.checkpoint import load_checkpoint
+from segflow.train.config import ScheduleConfig, make_train_config
+from segflow.train.loop import lr_factor, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_data import isbi_crop, make_store
+
+
+@pytest.fixture(scope="module")
+def isbi_stores(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> list[Path]:
+    d = tmp_path_factory.mktemp("isbi")
+    return [make_store(d / f"{i}.zarr", *isbi_crop(samples, i, 64), chunk=32) for i in range(3)]
+
+
+def tiny_config(paths: list[Path], **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "stores": {"train": [str(paths[0]), str(paths[1])], "val": [str(paths[2])]},
+        "model": {"arch": "unet", "in_channels": 1, "out_channels": 2, "features": 4,
+                  "depth": 2, "num_res_units": 0},
+        "loss": {"name": "pixel_weighted_ce"},
+        "patch": 32, "batch_size": 2, "steps": 6, "steps_per_epoch": 4,
+        "val_interval": 3, "checkpoint_interval": 2, "seed": 7, "deterministic": True,
+        "augment": {"flips": True, "rot90": True, "elastic": {"p": 0.5, "sigma": 3},
+                    "intensity": {"p": 0.5}},
+        "schedule": {"name": "cosine", "warmup_steps": 1},
+        "optimizer": {"name": "adamw", "lr": 0.01},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_lr_schedules() -> None:
+    for name in ("constant", "cosine", "poly", "step", "onecycle"):
+        s = ScheduleConfig(name=name, warmup_steps=2, step_size=3)
+        f = [lr_factor(s, i, 10) for i in range(10)]
+        assert all(0 <= v <= 1 for v in f), name
+    assert lr_factor(ScheduleConfig(name="step", step_size=3, gamma=0.5), 7, 10) == 0.25
+
+
+def test_tiny_train_end_to_end(isbi_stores: list[Path], tmp_path: Path) -> None:
+    seen: list[int] = []
+    res = train(make_train_config(tiny_config(isbi_stores)), out_dir=tmp_path / "run",
+                progress=lambda s, t, info: seen.append(s))
+    assert res.steps == 6 and seen == list(range(1, 7))
+    out = tmp_path / "run"
+    for name in ("metrics.csv", "metrics.json", "curve.png", "best", "last", "state"):
+        assert (out / name).exists(), name
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in doc["history"]] == [3, 6]
+    assert 0 <= doc["history"][-1]["pixel_error"] <= 1 and len(doc["train_loss"]) == 6
+    model, meta = load_checkpoint(out / "last")
+    assert meta.tile == 32 and meta.halo > 0 and meta.bands == ("b0",)
+    assert [c.name for c in meta.classes] == ["membrane", "cell"]
+    assert meta.training["data_hash"] and meta.metrics["step"] == 6
+    assert len(meta.normalization.mean) == 1
+    x = torch.zeros(1, 1, 32, 32)
+    assert model.eval()(x).shape == (1, 2, 32, 32)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny_config(isbi_stores), out_dir=out)
+
+
+def test_split_and_class_balanced(isbi_stores: list[Path], tmp_path: Path) -> None:
+    cfg = tiny_config(isbi_stores, steps=2, val_interval=2,
+                      stores={"train": [str(p) for p in isbi_stores],
+                              "split": {"block": 32, "val_every": 4, "margin": 4}},
+                      sampling={"mode": "class_balanced", "class_probs": {0: 0.7, 1: 0.3}},
+                      loss={"name": "dice_ce"}, early_stopping={"patience": 1})
+    res = train(cfg, out_dir=tmp_path / "split")
+    assert res.final_metrics["pixels"] == 3 * 32 * 32  # one held-out 32-px block per store
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "state" / "state.safetensors"))
+
+
+def test_resume_after_kill_is_exact(isbi_stores: list[Path], tmp_path: Path) -> None:
+    cfg = tiny_config(isbi_stores)
+    full = tmp_path / "full"
+    train(cfg, out_dir=full)
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, json, sys
+        from segflow.train.loop import train
+        cfg = json.loads({json.dumps(json.dumps(cfg))})
+        def kill(step):
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(cfg, out_dir={str(killed)!r}, on_state_saved=kill)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    assert proc.returncode == -9, proc.stderr
+    assert json.loads((killed / "state" / "state.json").read_text())["loop"]["step"] == 4
+    res = train(cfg, out_dir=killed, resume=True)
+    assert res.resumed_from == 4 and res.steps == 6
+    a, b = _state(full), _state(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith(("model.", "optim.")):
+            assert torch.equal(a[k], b[k]), k
+    ja = json.loads((full / "metrics.json").read_text())
+    jb = json.loads((killed / "metrics.json").read_text())
+    assert ja["train_loss"] == jb["train_loss"]
+    la, _ = load_checkpoint(full / "last")
+    lb, _ = load_checkpoint(killed / "last")
+    for (ka, va), (_, vb) in zip(la.state_dict().items(), lb.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), ka
+    assert np.isclose(ja["history"][-1]["pixel_error"], jb["history"][-1]["pixel_error"])
+
+
+def test_flow_cli_reports_one_line_errors(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("schema_version: 1\nname: x\ningest: {source: a.png}\n"
+                   "train: {stores: {train: [nowhere.zarr]}, steps: 1, patch: 64,\n"
+                   "  model: {arch: unet, in_channels: 1, out_channels: 2, depth: 2}}\n")
+    proc = subprocess.run([sys.executable, str(root / "flows" / "train.py"), "--config", str(cfg),
+                           "--no-prefect", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no scene store at")
