@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) flows/demo.py
+	$(PY) flows/pipeline.py pipelines/spacenet_atlanta_buildings.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -7,7 +7,7 @@
         [--qupath OUT.geojson] [--tta] [--batch-size 8] [--device cpu|cuda] [--level 0]
 
 With no arguments it segments the bundled SpaceNet Atlanta chip with the demo model
-(outputs/demo/model, made by `make demo`). A killed run resumes: run the same command again.
+(outputs/spacenet_atlanta_buildings/train/best, made by `make demo`). A killed run resumes: run the same command again.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from segflow.errors import ConfigError
 from segflow.segment import SegmentRequest, check_request, segment_region
 
 DEMO_IMAGE = ROOT / "data/samples/spacenet_atlanta/sample_geotiff.tif"
-DEMO_MODEL = ROOT / "outputs/demo/model"
-DEMO_OUT = ROOT / "outputs/demo"
+DEMO_MODEL = ROOT / "outputs/spacenet_atlanta_buildings/train/best"
+DEMO_OUT = ROOT / "outputs/spacenet_atlanta_buildings"
 
 
 @task(name="segment-region", cache_policy=NO_CACHE)
