@@ -17,6 +17,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # a loaded machine can take longer than Prefect's default 20 s to start its temporary API server
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# segflow reads every source block once, in aligned windows: GDAL's block cache (5 % of RAM by
+# default) only adds memory, so the command lines bound it
+os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
