@@ -48,20 +48,6 @@ def train_config(cfg: PipelineConfig, args: argparse.Namespace) -> TrainConfig:
     return make_train_config(raw, source=f"{args.config}: train")
 
 
-def _unconsolidate(path: Path) -> None:
-    """Drop consolidated metadata so prepare can add arrays.
-
-    Workaround: ingest consolidates the store's metadata, and ``SceneStore.progress`` then
-    fails to find arrays created afterwards (they are missing from the consolidated listing).
-    """
-    meta = path / "zarr.json"
-    doc = json.loads(meta.read_text())
-    if doc.pop("consolidated_metadata", None) is not None:
-        tmp = meta.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp, meta)
-
-
 def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[dict[str, Any]]:
     """Ingest and prepare every listed store that has a source (skipping current ones)."""
     from segflow.ingest import IngestSpec, ingest
@@ -86,9 +72,7 @@ def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[di
                                               ignore_index=cfg.ignore_index))
                 action = "ingested"
             if not is_current(SceneStore.open(p), cfg.prepare):
-                _unconsolidate(p)
                 prepare_store(p, cfg.prepare)
-                SceneStore.open(p, mode="r+").consolidate()
                 action = "prepared" if action == "current" else "ingested+prepared"
         done.append({"store": path, "action": action})
         if bar is not None:
