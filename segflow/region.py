@@ -75,7 +75,7 @@ def window_from_bbox(
                 crs, image_crs, minx, miny, maxx, maxy, densify_pts=21
             )
     inv = ~Affine.from_gdal(*georef.geotransform)
-    corners = [inv * (x, y) for x in (minx, maxx) for y in (miny, maxy)]
+    corners = [inv @ (x, y) for x in (minx, maxx) for y in (miny, maxy)]
     cols = [c for c, _ in corners]
     rows = [r for _, r in corners]
     c0, c1 = math.floor(min(cols) + 1e-9), math.ceil(max(cols) - 1e-9)

@@ -280,7 +280,7 @@ def _class_pixels(labels: Any, classes: Sequence[ClassDef], read: int = 2048) ->
     for r in range(0, h, read):
         for c in range(0, w, read):
             block = np.asarray(labels[r : r + read, c : c + read])
-            counts[: block.max() + 1] += np.bincount(block.ravel())
+            counts[: int(block.max()) + 1] += np.bincount(block.ravel())
     return {c.name: int(counts[c.id]) for c in classes}
 
 
@@ -395,7 +395,7 @@ def _export(
             out_gpkg=req.polygons,
             out_parquet=req.parquet,
             out_geojson_pixels=req.qupath_geojson,
-            origin=(float(region.col_off), float(region.row_off)),
+            origin=(float(region.row_off), float(region.col_off)),  # (row, col), like everything
             downsample=slide.downsample if slide else None,
         )
         done["polygon_count"] = int(getattr(res, "polygons", 0) or 0)

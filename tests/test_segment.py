@@ -284,3 +284,55 @@ def test_resume_after_kill_9(samples: Path, tmp_path: Path) -> None:
     assert ref.inference["skipped_units"] == 0
     with rasterio.open(tmp_path / "k.tif") as a, rasterio.open(tmp_path / "ref.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_slide_outputs_ome_tiff_and_qupath(samples: Path, tmp_path: Path) -> None:
+    """An SVS region: pyramidal OME-TIFF with the slide's pixel size, QuPath GeoJSON in slide pixels."""
+    import json
+
+    import tifffile
+
+    cfg = ModelConfig(
+        arch="unet", in_channels=3, out_channels=2, features=4, depth=1, num_res_units=0
+    )
+    torch.manual_seed(1)
+    meta = build_meta(
+        cfg,
+        bands=("red", "green", "blue"),
+        mean=[200.0] * 3,
+        std=[30.0] * 3,
+        tile=256,
+        classes=CLASSES,
+    )
+    save_checkpoint(tmp_path / "ck", build_model(cfg).eval(), meta)
+    svs = samples / "cmu1_small_region" / "CMU-1-Small-Region.svs"
+    region = (1000, 1200, 700, 600)  # COL ROW WIDTH HEIGHT in level-0 pixels
+    report = segment_region(
+        SegmentRequest(
+            image=str(svs),
+            model=str(tmp_path / "ck"),
+            out=str(tmp_path / "m.tif"),
+            window=region,
+            tile=256,
+            ome_tiff=str(tmp_path / "m.ome.tif"),
+            qupath_geojson=str(tmp_path / "m.geojson"),
+        )
+    )
+    assert report.georef is None
+    with tifffile.TiffFile(tmp_path / "m.ome.tif") as tif:
+        assert tif.is_ome and len(tif.series[0].levels) >= 2
+        level0 = tif.series[0].levels[0].asarray()
+        ome = tif.ome_metadata
+    with rasterio.open(tmp_path / "m.tif") as cog:
+        np.testing.assert_array_equal(level0.squeeze(), cog.read(1))
+    assert 'PhysicalSizeX="0.499' in ome
+    features = json.loads((tmp_path / "m.geojson").read_text())["features"]
+    assert features, "the random model predicts some class-1 pixels"
+    xs = [
+        x
+        for f in features
+        for ring in f["geometry"]["coordinates"]
+        for x, _ in (ring if f["geometry"]["type"] == "Polygon" else ring[0])
+    ]
+    # slide level-0 pixel coordinates: inside the requested window, not region-relative
+    assert min(xs) >= region[0] and max(xs) <= region[0] + region[2]
