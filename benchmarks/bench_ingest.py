@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -44,11 +45,53 @@ with dask.config.set(scheduler="threads"):
 """
 
 
+def kill_and_resume(big: Path, work: Path, after: float) -> dict[str, object]:
+    """kill -9 a flow run after ``after`` s, run the same command again, compare with ours.zarr."""
+    import os
+    import signal
+    import time
+
+    import numpy as np
+
+    from segflow.io.store import SceneStore, staging_path
+
+    out = work / "resume.zarr"
+    cmd = python(str(ROOT / "flows/ingest.py"), str(big), "--out", str(out))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    time.sleep(after)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(SceneStore.open(staging_path(out)).progress("ingest").done())
+    m = measure(cmd)
+    skipped = int(re.search(r"(\d+) skipped", m.output).group(1))  # type: ignore[union-attr]
+    a, b = SceneStore.open(out), SceneStore.open(work / "ours.zarr")
+    equal = True
+    for name in ("image", "valid"):
+        x, y = a.array(name), b.array(name)
+        for r in range(0, a.height, 4096):
+            equal &= bool(np.array_equal(x[..., r : r + 4096, :], y[..., r : r + 4096, :]))
+    return {
+        "killed_after_s": after,
+        "units_done_at_kill": done,
+        "units_skipped_on_resume": skipped,
+        "resume_s": round(m.seconds, 1),
+        "equal_to_uninterrupted": equal,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", type=int, default=32768)
     ap.add_argument("--workdir", default=str(ROOT / "bench-data"))
     ap.add_argument("--skip-flow", action="store_true")
+    ap.add_argument(
+        "--kill-after",
+        type=float,
+        default=0.0,
+        help="also SIGKILL a flow run after this many seconds, resume it, and compare",
+    )
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
@@ -79,7 +122,8 @@ def main() -> None:
         ),
     ]:
         for out in work.glob("*.zarr*"):
-            shutil.rmtree(out)
+            if out.name != "ours.zarr":
+                shutil.rmtree(out)
         m = measure(cmd)
         if m.returncode != 0:
             raise SystemExit(f"{name} failed:\n{m.output[-3000:]}")
@@ -89,6 +133,7 @@ def main() -> None:
             flush=True,
         )
     ours, rx = runs["segflow"], runs["rioxarray"]
+    resume = kill_and_resume(big, work, args.kill_after) if args.kill_after else None
     summary = {
         "gigapixels": round(gpx, 3),
         "segflow_s": round(ours.seconds, 1),
@@ -101,6 +146,8 @@ def main() -> None:
     if "segflow flow" in runs:
         summary["flow_s"] = round(runs["segflow flow"].seconds, 1)
         summary["flow_peak_gib"] = round(runs["segflow flow"].peak_gib, 2)
+    if resume:
+        summary["resume"] = resume
     print(json.dumps(summary, indent=2))
 
 
