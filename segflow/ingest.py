@@ -426,8 +426,7 @@ def ingest(
     try:
         for fut in as_completed(futures):
             units = fut.result()
-            for index in units:
-                marks.mark(index)
+            marks.mark_many(units)
             if progress:
                 progress(len(units))
     except SegflowError:

@@ -483,6 +483,20 @@ class Progress:
         """Record unit ``index`` finished (call after its data is written)."""
         self._arr[index.row, index.col] = 1
 
+    def mark_many(self, indices: Iterable[BlockIndex]) -> None:
+        """Record several units finished; a full rectangle of units is one (concurrent) write."""
+        units = sorted(set(indices))
+        if not units:
+            return
+        rows = [u.row for u in units]
+        cols = [u.col for u in units]
+        r0, r1, c0, c1 = min(rows), max(rows) + 1, min(cols), max(cols) + 1
+        if (r1 - r0) * (c1 - c0) == len(units):
+            self._arr[r0:r1, c0:c1] = 1
+        else:
+            for u in units:
+                self.mark(u)
+
     def reset(self) -> None:
         """Forget all progress (before an array is rebuilt from scratch)."""
         self._arr[...] = 0
