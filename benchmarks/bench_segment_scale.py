@@ -3,7 +3,7 @@
     python benchmarks/bench_segment_scale.py [--size 32768] [--workdir bench-data]
 
 Uses the mosaic GeoTIFF of benchmarks/make_big_geotiff.py and a small U-Net checkpoint
-(features 4, depth 1, random weights: speed and memory do not depend on the weights).
+(default features 8, depth 2, random weights: speed and memory do not depend on the weights).
 Runs the whole flow (`flows/segment_region.py`) in a subprocess, sampling the peak RSS of its
 process tree, and reports:
   * inference wall time vs the model's own forward time over the same tiles (the engine
@@ -33,7 +33,8 @@ from segflow.config import ClassDef
 from segflow.train.checkpoint import build_meta, save_checkpoint
 from segflow.train.models import ModelConfig, build_model
 torch.manual_seed(0)
-cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=4, depth=1, num_res_units=0)
+cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=int(sys.argv[2]),
+                  depth=int(sys.argv[3]), num_res_units=0)
 meta = build_meta(cfg, bands=("pan",), mean=[400.0], std=[300.0], tile=512,
                   classes=(ClassDef(id=0, name="background"), ClassDef(id=1, name="building")))
 save_checkpoint(sys.argv[1], build_model(cfg).eval(), meta, overwrite=True)
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(ROOT / "bench-data"))
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--features", type=int, default=8, help="U-Net width (default 8)")
+    ap.add_argument("--depth", type=int, default=2, help="U-Net depth (default 2)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
@@ -60,7 +63,10 @@ def main() -> None:
         )
     ckpt = work / "small_unet"
     halo = subprocess.run(
-        python("-c", MAKE_CKPT, str(ckpt)), check=True, capture_output=True, text=True
+        python("-c", MAKE_CKPT, str(ckpt), str(args.features), str(args.depth)),
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     out = work / "seg.tif"
     for p in (out, work / "seg.predictions.zarr", work / "seg.predictions.zarr.partial"):
@@ -92,6 +98,7 @@ def main() -> None:
     summary = {
         "gigapixels": round(args.size**2 / 1e9, 3),
         "halo": int(halo),
+        "model": f"unet features {args.features} depth {args.depth}",
         "tile": args.tile,
         "flow_wall_s": round(m.seconds, 1),
         "segment_region_s": total,
