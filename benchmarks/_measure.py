@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -60,3 +61,12 @@ def measure(
 
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+def ensure_mosaic(work: Path, size: int) -> Path:
+    """The ``size`` x ``size`` mosaic GeoTIFF of make_big_geotiff.py in ``work`` (built once)."""
+    big = work / f"mosaic_{size}.tif"
+    if not big.exists():
+        script = Path(__file__).resolve().parent / "make_big_geotiff.py"
+        subprocess.run(python(str(script), str(big), "--size", str(size)), check=True)
+    return big

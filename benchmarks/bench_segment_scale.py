@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import measure, python
+from _measure import ensure_mosaic, measure, python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
-    big = work / f"mosaic_{args.size}.tif"
-    if not big.exists():
-        subprocess.run(
-            python(
-                str(ROOT / "benchmarks/make_big_geotiff.py"), str(big), "--size", str(args.size)
-            ),
-            check=True,
-        )
+    big = ensure_mosaic(work, args.size)
     ckpt = work / "small_unet"
     halo = subprocess.run(
         python("-c", MAKE_CKPT, str(ckpt), str(args.features), str(args.depth)),

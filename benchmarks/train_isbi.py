@@ -51,27 +51,43 @@ def main() -> None:
     t0 = time.perf_counter()
     ensure_stores(cfg, tcfg, show=False)
     t_prep = time.perf_counter() - t0
+
     def progress(step: int, total: int, info: Mapping[str, Any]) -> None:
         if step % 25 == 0 or "pixel_error" in info:
             extra = f" val pixel_error {info['pixel_error']:.4f}" if "pixel_error" in info else ""
-            print(f"[{time.perf_counter() - t0:7.1f} s] step {step}/{total} loss "
-                  f"{info['loss']:.4f} lr {info['lr']:.2e}{extra}", file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - t0:7.1f} s] step {step}/{total} loss "
+                f"{info['loss']:.4f} lr {info['lr']:.2e}{extra}",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    res = train(tcfg, out_dir=args.out, device=args.device, resume=args.resume,
-                progress=progress)
+    res = train(tcfg, out_dir=args.out, device=args.device, resume=args.resume, progress=progress)
     doc = json.loads((Path(args.out) / "metrics.json").read_text())
-    best = min((r for r in doc["history"] if r.get("pixel_error") is not None),
-               key=lambda r: r["pixel_error"])
-    print(json.dumps({
-        "device": args.device, "threads": args.threads, "budget_min": args.minutes,
-        "prepare_s": round(t_prep, 1), "train_wall_s": round(res.wall_s, 1),
-        "steps": res.steps, "schedule_steps": res.total_steps,
-        "steps_per_s": round(res.steps / max(doc["history"][-1]["elapsed_s"], 1e-9), 3),
-        "final_pixel_error": res.final_metrics.get("pixel_error"),
-        "final_mean_iou": res.final_metrics.get("mean_iou"),
-        "best_pixel_error": best["pixel_error"], "best_step": best["step"],
-        "out": args.out,
-    }, indent=1))
+    best = min(
+        (r for r in doc["history"] if r.get("pixel_error") is not None),
+        key=lambda r: r["pixel_error"],
+    )
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "threads": args.threads,
+                "budget_min": args.minutes,
+                "prepare_s": round(t_prep, 1),
+                "train_wall_s": round(res.wall_s, 1),
+                "steps": res.steps,
+                "schedule_steps": res.total_steps,
+                "steps_per_s": round(res.steps / max(doc["history"][-1]["elapsed_s"], 1e-9), 3),
+                "final_pixel_error": res.final_metrics.get("pixel_error"),
+                "final_mean_iou": res.final_metrics.get("mean_iou"),
+                "best_pixel_error": best["pixel_error"],
+                "best_step": best["step"],
+                "out": args.out,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":
