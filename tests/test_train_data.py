@@ -12,6 +12,7 @@ from segflow.errors import ConfigError, LabelError, StoreError
 from segflow.geometry import Window
 from segflow.io.store import SceneStore
 from segflow.stats import Fingerprint
+from segflow.tiling import mirror_indices
 from segflow.train.augment import (
     adjust_intensity,
     augment_patch,
@@ -34,7 +35,6 @@ from segflow.train.data import (
     check_store,
     eligible_mask,
     read_window,
-    reflect_index,
     scan_scenes,
 )
 from segflow.weights import weight_map
@@ -54,8 +54,15 @@ def make_store(
 ) -> Path:
     """A complete scene store from in-memory arrays (image (C, H, W) uint8)."""
     c, h, w = image.shape
-    s = SceneStore.create(path, bands=[f"b{i}" for i in range(c)], height=h, width=w,
-                          dtype=image.dtype, chunk=chunk, classes=classes)
+    s = SceneStore.create(
+        path,
+        bands=[f"b{i}" for i in range(c)],
+        height=h,
+        width=w,
+        dtype=image.dtype,
+        chunk=chunk,
+        classes=classes,
+    )
     s.array("image")[...] = image
     s.array("valid")[...] = np.ones((h, w), bool) if valid is None else valid
     s.create_array("labels", dtype=labels.dtype, fill_value=0)
@@ -69,10 +76,17 @@ def make_store(
         s.array("weights")[...] = wm
         s.record_array("weights")
     x = image.reshape(c, -1).astype(np.float64)
-    fp = Fingerprint(bands=tuple(f"b{i}" for i in range(c)), dtype=str(image.dtype),
-                     mean=tuple(x.mean(1)), std=tuple(x.std(1)), min=tuple(x.min(1)),
-                     max=tuple(x.max(1)), p0_5=tuple(x.min(1)), p99_5=tuple(x.max(1)),
-                     train_pixels=h * w)
+    fp = Fingerprint(
+        bands=tuple(f"b{i}" for i in range(c)),
+        dtype=str(image.dtype),
+        mean=tuple(x.mean(1)),
+        std=tuple(x.std(1)),
+        min=tuple(x.min(1)),
+        max=tuple(x.max(1)),
+        p0_5=tuple(x.min(1)),
+        p99_5=tuple(x.max(1)),
+        train_pixels=h * w,
+    )
     s.update_meta(fingerprint=fp.to_dict())
     return path
 
@@ -94,21 +108,23 @@ def store(tmp_path: Path, rng: np.random.Generator) -> Path:
 
 
 # ----------------------------------------------------------------------------- reading
-def test_reflect_index_matches_numpy() -> None:
+def test_mirror_indices_match_numpy() -> None:
     for n in (1, 2, 5):
         a = np.arange(n)
         padded = np.pad(a, 13, mode="reflect") if n > 1 else np.zeros(n + 26, int)
-        assert reflect_index(np.arange(-13, n + 13), n).tolist() == padded.tolist()
+        assert mirror_indices(np.arange(-13, n + 13), n).tolist() == padded.tolist()
 
 
-@pytest.mark.parametrize("win", [Window(-7, -9, 30, 30), Window(40, 60, 30, 25),
-                                 Window(3, 4, 10, 10), Window(-20, 30, 60, 12)])
+@pytest.mark.parametrize(
+    "win",
+    [Window(-7, -9, 30, 30), Window(40, 60, 30, 25), Window(3, 4, 10, 10), Window(-20, 30, 60, 12)],
+)
 def test_read_window_equals_numpy_reflect(store: Path, win: Window) -> None:
     s = SceneStore.open(store)
     full = np.asarray(s.array("image")[...])
     pad = 40
     ref = np.pad(full, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
-    want = ref[:, win.row_off + pad:win.row_stop + pad, win.col_off + pad:win.col_stop + pad]
+    want = ref[:, win.row_off + pad : win.row_stop + pad, win.col_off + pad : win.col_stop + pad]
     got = read_window(s.array("image"), win, height=s.height, width=s.width)
     np.testing.assert_array_equal(got, want)
 
@@ -129,8 +145,9 @@ def test_patches_equal_store_pixels(store: Path) -> None:
         _si, r, c = sampler.centre(0, g)
         item = ds[g]
         sl = (slice(r - 12 + p, r + 12 + p), slice(c - 12 + p, c + 12 + p))
-        want_img = (rimg[(slice(None), *sl)] - np.array([10, 20], np.float32)[:, None, None]) / \
-            np.array([2, 4], np.float32)[:, None, None]
+        want_img = (
+            rimg[(slice(None), *sl)] - np.array([10, 20], np.float32)[:, None, None]
+        ) / np.array([2, 4], np.float32)[:, None, None]
         np.testing.assert_allclose(item["image"].numpy(), want_img, rtol=1e-6)
         np.testing.assert_array_equal(item["labels"].numpy(), rlab[sl].astype(np.int64))
         np.testing.assert_array_equal(item["mask"].numpy(), rlab[sl] != 255)
@@ -147,8 +164,13 @@ def test_sampling_is_deterministic(store: Path) -> None:
     cb = [b.centre(e, k) for e in reversed(range(2)) for k in reversed(range(10))][::-1]
     assert ca == cb
     assert ca != [c.centre(e, k) for e in range(2) for k in range(10)]
-    ds = PatchDataset(a, patch=16, epoch_len=5, normalization=Normalization.identity(2),
-                      augment=AugmentConfig(elastic=ElasticConfig(p=1.0)))
+    ds = PatchDataset(
+        a,
+        patch=16,
+        epoch_len=5,
+        normalization=Normalization.identity(2),
+        augment=AugmentConfig(elastic=ElasticConfig(p=1.0)),
+    )
     np.testing.assert_array_equal(ds[7]["image"].numpy(), ds[7]["image"].numpy())
 
 
@@ -182,14 +204,15 @@ def test_split_keeps_margin_from_val_blocks(tmp_path: Path, rng: np.random.Gener
     for k in range(9):
         if k % 3 == 2:
             r, c = divmod(k, 3)
-            held[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = True
+            held[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] = True
     for k in range(300):
         _, r, c = sampler.centre(0, k)
-        assert not held[max(0, r - 8):r + 9, max(0, c - 8):c + 9].any()
+        assert not held[max(0, r - 8) : r + 9, max(0, c - 8) : c + 9].any()
     from segflow.config import TrainRegion
 
-    m = eligible_mask(TrainRegion(block=32, holdout_every=3), Window(0, 0, 96, 96),
-                      image_shape=(96, 96), margin=8)
+    m = eligible_mask(
+        TrainRegion(block=32, holdout_every=3), Window(0, 0, 96, 96), image_shape=(96, 96), margin=8
+    )
     assert not (m & held).any() and m.any()
 
 
@@ -224,8 +247,9 @@ def test_labels_follow_image_under_augmentation(rng: np.random.Generator) -> Non
     img = lab[None].astype(np.float32)
     cfg = AugmentConfig(flips=True, rot90=True, elastic=ElasticConfig(p=1.0, order=1))
     for seed in range(5):
-        i2, l2, w2 = augment_patch(np.random.default_rng(seed), img, lab, lab.astype(np.float32),
-                                   cfg)
+        i2, l2, w2 = augment_patch(
+            np.random.default_rng(seed), img, lab, lab.astype(np.float32), cfg
+        )
         assert set(np.unique(l2)) <= set(np.unique(lab))
         assert w2 is not None
         np.testing.assert_array_equal(w2, l2.astype(np.float32))
@@ -275,9 +299,12 @@ def test_bad_inputs(tmp_path: Path, rng: np.random.Generator) -> None:
 
 
 def test_config_errors() -> None:
-    base = {"stores": {"train": ["a.zarr"]},
-            "model": {"arch": "unet", "in_channels": 1, "out_channels": 2, "depth": 2},
-            "steps": 5, "patch": 64}
+    base = {
+        "stores": {"train": ["a.zarr"]},
+        "model": {"arch": "unet", "in_channels": 1, "out_channels": 2, "depth": 2},
+        "steps": 5,
+        "patch": 64,
+    }
     assert make_train_config(base).total_steps == 5
     with pytest.raises(ConfigError, match="unknown key 'lr'"):
         make_train_config({**base, "lr": 1})
@@ -285,7 +312,14 @@ def test_config_errors() -> None:
         make_train_config({**base, "patch": 66})
     with pytest.raises(ConfigError, match="exactly one of steps or epochs"):
         make_train_config({**base, "epochs": 2})
-    cfg = make_train_config({**base, "stores": {"train": [
-        {"store": "s/{i}.zarr", "source": "i/{i}.png", "ids": [3, 6]}], "val": ["v.zarr"]}})
+    cfg = make_train_config(
+        {
+            **base,
+            "stores": {
+                "train": [{"store": "s/{i}.zarr", "source": "i/{i}.png", "ids": [3, 6]}],
+                "val": ["v.zarr"],
+            },
+        }
+    )
     assert [r.store for r in cfg.stores.train] == ["s/3.zarr", "s/4.zarr", "s/5.zarr"]
     assert cfg.stores.train[1].source == "i/4.png" and cfg.stores.val[0].store == "v.zarr"

@@ -2,9 +2,9 @@
 
 Nothing here reads a whole scene. The pieces, from pure to I/O:
 
-- :func:`reflect_index` / :func:`read_window`: any window of a store array, mirrored
-  (numpy ``reflect``: ``d c b | a b c d``) where it leaves the scene, read as the
-  bounding box of the pixels it needs (a few chunks).
+- :func:`read_window`: any window of a store array, mirrored (numpy ``reflect``:
+  ``d c b | a b c d``, the plan :func:`segflow.tiling.mirror_plan` inference uses) where it
+  leaves the scene, read as the bounding box of the pixels it needs (a few chunks).
 - :class:`SceneInfo` / :func:`scan_scenes`: what the sampler needs to know about each train
   store: size, chunk, the training region (whole scene, or the train part of a blocked
   split, eroded by a margin) and, per chunk, the number of eligible patch centres of each
@@ -22,8 +22,8 @@ Nothing here reads a whole scene. The pieces, from pure to I/O:
 
 Examples
 --------
->>> reflect_index(np.arange(-3, 6), 4).tolist()
-[3, 2, 1, 0, 1, 2, 3, 2, 1]
+>>> read_window(np.arange(4)[None], Window(0, -3, 1, 9), height=1, width=4).tolist()
+[[3, 2, 1, 0, 1, 2, 3, 2, 1]]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from segflow.errors import ConfigError, LabelError, StoreError
 from segflow.geometry import Window
 from segflow.io.store import SceneStore
 from segflow.stats import train_mask_for_window
+from segflow.tiling import mirror_plan
 from segflow.train.augment import augment_patch
 from segflow.train.config import AugmentConfig, SamplingConfig, SplitConfig
 
@@ -55,7 +56,6 @@ __all__ = [
     "check_store",
     "eligible_mask",
     "read_window",
-    "reflect_index",
     "scan_scenes",
     "split_region",
 ]
@@ -64,33 +64,15 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- reading
-def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
-    """Map indices onto ``[0, n)`` by mirroring without repeating the edge (numpy ``reflect``)."""
-    idx = np.asarray(idx, np.int64)
-    if n == 1:
-        return np.zeros_like(idx)
-    period = 2 * (n - 1)
-    i = np.abs(idx) % period
-    return np.where(i >= n, period - i, i)
-
-
 def read_window(arr: Any, window: Window, *, height: int, width: int) -> np.ndarray:
     """Read ``window`` of a (…, y, x) array, mirrored (``reflect``) outside ``height x width``.
 
     Reads only the bounding box of the source pixels the window needs. Equals
     ``np.pad(a, pad, mode="reflect")[..., window]`` for any window.
     """
-    rows = reflect_index(np.arange(window.row_off, window.row_stop), height)
-    cols = reflect_index(np.arange(window.col_off, window.col_stop), width)
-    r0, r1 = int(rows.min()), int(rows.max()) + 1
-    c0, c1 = int(cols.min()), int(cols.max()) + 1
-    block = np.asarray(arr[(..., slice(r0, r1), slice(c0, c1))])
-    inside = window.row_off >= 0 and window.col_off >= 0 and window.row_stop <= height and (
-        window.col_stop <= width
-    )
-    if inside:
-        return block
-    return block[..., (rows - r0)[:, None], (cols - c0)[None, :]]
+    # the same mirror plan as inference (segflow.tiling): one convention in both
+    plan = mirror_plan(window, height, width)
+    return plan.take(np.asarray(arr[(..., *plan.source.slices)]))
 
 
 # --------------------------------------------------------------------------- regions
@@ -136,8 +118,9 @@ class SceneInfo:
 
     def chunk_window(self, i: int, j: int) -> Window:
         r0, c0 = i * self.chunk, j * self.chunk
-        return Window.from_bounds(r0, c0, min(r0 + self.chunk, self.height),
-                                  min(c0 + self.chunk, self.width))
+        return Window.from_bounds(
+            r0, c0, min(r0 + self.chunk, self.height), min(c0 + self.chunk, self.width)
+        )
 
 
 def check_store(
@@ -152,8 +135,9 @@ def check_store(
     p = str(store.path)
     for name in ("image", "labels"):
         if not store.has(name):
-            raise StoreError(f"store {p!r} has no complete {name!r} array: run flows/ingest.py "
-                             "with labels")
+            raise StoreError(
+                f"store {p!r} has no complete {name!r} array: run flows/ingest.py with labels"
+            )
     bands = int(store.array("image").shape[0])
     if bands != in_channels:
         raise ConfigError(
@@ -247,8 +231,12 @@ class PatchSampler:
     def __post_init__(self) -> None:
         w_chunks = np.concatenate([s.eligible.ravel() for s in self.scenes]).astype(np.float64)
         object.__setattr__(self, "_chunk_p", w_chunks / w_chunks.sum())
-        table = [(si, i, j) for si, s in enumerate(self.scenes)
-                 for i in range(s.eligible.shape[0]) for j in range(s.eligible.shape[1])]
+        table = [
+            (si, i, j)
+            for si, s in enumerate(self.scenes)
+            for i in range(s.eligible.shape[0])
+            for j in range(s.eligible.shape[1])
+        ]
         object.__setattr__(self, "_table", table)
         per_class = np.concatenate(
             [s.counts.reshape(-1, s.counts.shape[-1]) for s in self.scenes]
@@ -258,7 +246,8 @@ class PatchSampler:
         totals = per_class.sum(axis=0)
         if self.sampling.mode == "class_balanced":
             want = (
-                np.ones(n) if self.sampling.class_probs is None
+                np.ones(n)
+                if self.sampling.class_probs is None
                 else np.array([self.sampling.class_probs.get(c, 0.0) for c in range(n)])
             )
             extra = sorted(set(self.sampling.class_probs or {}) - set(range(n)))
@@ -283,8 +272,9 @@ class PatchSampler:
         """The generator of patch ``k`` of ``epoch`` (also used for its augmentation)."""
         return np.random.default_rng(np.random.SeedSequence([self.seed, epoch, k]))
 
-    def centre(self, epoch: int, k: int, rng: np.random.Generator | None = None
-               ) -> tuple[int, int, int]:
+    def centre(
+        self, epoch: int, k: int, rng: np.random.Generator | None = None
+    ) -> tuple[int, int, int]:
         """``(scene index, row, col)`` of patch ``k`` of ``epoch``."""
         rng = rng if rng is not None else self.rng(epoch, k)
         cls: int | None = None
@@ -298,8 +288,9 @@ class PatchSampler:
         scene = self.scenes[si]
         win = scene.chunk_window(i, j)
         store = _open(scene.path)
-        mask = eligible_mask(scene.region, win, image_shape=(scene.height, scene.width),
-                             margin=scene.margin)
+        mask = eligible_mask(
+            scene.region, win, image_shape=(scene.height, scene.width), margin=scene.margin
+        )
         if store.has("valid"):
             mask &= np.asarray(store.array("valid")[win.slices], bool)
         if cls is not None:
@@ -448,8 +439,9 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     rank see exactly the patches of the uninterrupted single-process run.
     """
 
-    def __init__(self, *, start: int, stop: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, *, start: int, stop: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size % world_size:
             raise ConfigError(
                 f"batch_size {batch_size} is not divisible by the {world_size} DDP ranks: "
