@@ -311,6 +311,16 @@ def _store_key(path: Path) -> str | None:
         return None
 
 
+def _check_out_dir(path: str) -> Path:
+    """``path`` as a Path, once its parent directory is known to exist."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise StoreError(
+            f"output directory does not exist: {str(out.parent)!r}: create it or choose another --out"
+        )
+    return out
+
+
 def check_inputs(spec: IngestSpec) -> SourceInfo:
     """Validate a spec, its source and its labels without writing anything at ``spec.out``.
 
@@ -320,11 +330,7 @@ def check_inputs(spec: IngestSpec) -> SourceInfo:
     import tempfile
 
     spec.validated()
-    out = Path(spec.out)
-    if not out.parent.is_dir():
-        raise StoreError(
-            f"output directory does not exist: {str(out.parent)!r}: create it or choose another --out"
-        )
+    _check_out_dir(spec.out)
     with open_source(spec.source, level=spec.level) as source:
         info = source.info
     _input_hashes(spec)
@@ -361,11 +367,7 @@ def ingest(
     """
     t0 = time.perf_counter()
     spec.validated()
-    out = Path(spec.out)
-    if not out.parent.is_dir():
-        raise StoreError(
-            f"output directory does not exist: {str(out.parent)!r}: create it or choose another --out"
-        )
+    out = _check_out_dir(spec.out)
     source = open_source(spec.source, level=spec.level)
     info = source.info
     source_hash = source_sha256(spec.source)

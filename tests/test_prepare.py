@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_scene
 from PIL import Image
 from scipy import ndimage
 
 from segflow.config import ClassDef, PrepareConfig, TrainRegion
 from segflow.errors import ConfigError, RegionError, StoreError
-from segflow.geometry import BlockIndex, Window
+from segflow.geometry import BlockIndex
 from segflow.io.store import GeoRef, SceneStore
 from segflow.prepare import (
     is_current,
@@ -42,29 +43,18 @@ def make_store(
     georef: GeoRef | None = None,
 ) -> SceneStore:
     """A complete store written directly (as ingest would), every array recorded."""
-    bands, h, w = image.shape
-    store = SceneStore.create(
+    store = write_scene(
         path,
-        bands=[f"b{i}" for i in range(bands)],
-        height=h,
-        width=w,
-        dtype=image.dtype,
+        image,
+        labels=labels,
+        instances=instances,
+        valid=valid,
         chunk=chunk,
         shard=shard,
-        classes=CLASSES,
         georef=georef,
+        classes=CLASSES,
     )
-    whole = Window(0, 0, h, w)
-    arrays = {"image": image, "valid": np.ones((h, w), bool) if valid is None else valid}
-    if labels is not None:
-        store.create_array("labels", dtype=labels.dtype, fill_value=0)
-        arrays["labels"] = labels
-    if instances is not None:
-        store.create_array("instances", dtype="uint32", fill_value=0)
-        arrays["instances"] = instances.astype(np.uint32)
-    for name, data in arrays.items():
-        store.write_window(name, whole, data)
-        store.record_array(name, source="test")
+    assert isinstance(store, SceneStore)
     return store
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_scene
 
 from segflow.config import ClassDef
 from segflow.errors import ConfigError, LabelError, StoreError
@@ -54,21 +55,8 @@ def make_store(
 ) -> Path:
     """A complete scene store from in-memory arrays (image (C, H, W) uint8)."""
     c, h, w = image.shape
-    s = SceneStore.create(
-        path,
-        bands=[f"b{i}" for i in range(c)],
-        height=h,
-        width=w,
-        dtype=image.dtype,
-        chunk=chunk,
-        classes=classes,
-    )
-    s.array("image")[...] = image
-    s.array("valid")[...] = np.ones((h, w), bool) if valid is None else valid
-    s.create_array("labels", dtype=labels.dtype, fill_value=0)
-    s.array("labels")[...] = labels
-    for name in ("image", "valid", "labels"):
-        s.record_array(name)
+    s = write_scene(path, image, labels=labels, valid=valid, chunk=chunk, classes=classes)
+    assert isinstance(s, SceneStore)
     if weights:
         inst = (labels == 1).astype(np.uint32)  # one "object" id is enough for a test map
         wm = weight_map(inst, labels, valid, ignore_index=s.ignore_index)
