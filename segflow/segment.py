@@ -130,11 +130,8 @@ class SourceReader:
     def bands(self) -> int:
         return len(self.source.info.bands)
 
-    def read(self, window: Window) -> np.ndarray:
-        return self.source.read(window)
-
-    def read_valid(self, window: Window) -> np.ndarray:
-        return self.source.read_valid(window)
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.read_with_valid(window)
 
 
 @dataclass(frozen=True)

@@ -434,6 +434,29 @@ def test_invalid_pixels_get_nodata_and_empty_units_skip_the_model(
     np.testing.assert_array_equal(labels[valid], ref.argmax(0)[valid])
 
 
+def test_gaussian_skips_windows_without_valid_pixels_and_keeps_the_rest(
+    image: np.ndarray, tmp_path: Path
+) -> None:
+    """Windows whose core is all nodata are not run; every valid pixel is unchanged."""
+    valid = np.ones(image.shape[1:], bool)
+    valid[:, :72] = False  # a nodata band: whole windows over it carry no valid pixel
+    o = opts(tile=32, halo=4, mode="gaussian", overlap=0.5)
+    full = Window(0, 0, *image.shape[1:])
+    model = Counting(conv_net())
+    store = scene(tmp_path, image, chunk=32, valid=valid)
+    rep = predict_region(StoreReader(store), model, full, store, options=o, mean=MEAN, std=STD)
+    dense = scene(tmp_path, image, chunk=32, name="dense.zarr")
+    all_tiles = predict_region(
+        StoreReader(dense), Counting(conv_net()), full, dense, options=o, mean=MEAN, std=STD
+    )
+    assert 0 < rep.tiles < all_tiles.tiles and rep.empty_units > 0
+    got = store.array("prediction/probabilities")[...]
+    ref = dense.array("prediction/probabilities")[...]
+    np.testing.assert_array_equal(got[:, valid], ref[:, valid])
+    assert (got[:, ~valid] == 0).all()
+    assert (store.array("prediction/labels")[...][~valid] == 255).all()
+
+
 def test_label_dtype_and_binary_model(image: np.ndarray, tmp_path: Path) -> None:
     model = conv_net(classes=1)
     rep = predict_region(

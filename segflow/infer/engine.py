@@ -14,9 +14,9 @@ How the work is organised
 * The **input** is cut into model windows by a :class:`~segflow.tiling.TileLayout` (``crop``
   or ``gaussian``, see :mod:`segflow.tiling`). Inside the image a window sees real pixels, also
   outside the requested region; only past the image edges is it mirrored (numpy ``reflect``).
-* **Merging**: each tile's softmax output, times its blending weight (1 for ``crop``, the
-  Gaussian importance map for ``gaussian``), is added to a float32 accumulator of every unit
-  its core overlaps, with the weights added to a weight sum. A unit is finished (divided,
+* **Merging**: in ``gaussian`` mode each tile's softmax output, times the Gaussian importance
+  map, is added to a float32 accumulator of every unit its core overlaps, with the weights
+  added to a weight sum; in ``crop`` mode the output is copied in (one tile per pixel). A unit is finished (divided,
   quantized, written, marked) as soon as its last contributing tile has arrived; the count is
   known in advance from the layout. In ``crop`` mode every pixel has exactly one contribution
   of weight 1, so the result is the tile's own output, bit for bit.
@@ -27,9 +27,11 @@ How the work is organised
   to the other strip's units is dropped there and recomputed later); that is the price of never
   holding a row of the whole image: about ``(window - stride) / strip_width`` extra tiles
   (3 % for window 512, overlap 0.5, strip 8192; none when the region fits in one strip).
-  ``crop`` tiles aligned with the units never straddle. Before a strip starts, the ``valid``
-  mask of each of its units is read: units with no valid pixel are written as nodata at once
-  and tiles that only feed them are not run.
+  ``crop`` tiles aligned with the units never straddle.
+* **Valid pixels**: each tile's pixels and ``valid`` mask come from one read (a source whose
+  mask is its nodata value decodes the window once); a tile with no valid pixel in its core
+  is not run, and the units gather their footprint from the tiles' cores, so nothing is read
+  twice. A unit that only such tiles cover is written as nodata.
 * **Streaming**: a thread pool reads and normalizes windows ahead (``prefetch`` batches
   beyond the one being assembled), the calling thread batches tiles through the model under
   ``torch.inference_mode()``, and one writer thread finishes units (divide, argmax, quantize,
@@ -86,6 +88,7 @@ from segflow.geometry import BlockGrid, BlockIndex, Window
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord, staging_path
 from segflow.tiling import (
     Step,
+    Tile,
     TileLayout,
     crop_layout,
     gaussian_layout,
@@ -120,8 +123,9 @@ _RUN_KEY = "prediction_run"  # parameters of the prediction being written
 class WindowReader(Protocol):
     """What the engine needs from an image: its size and window reads inside it.
 
-    ``read`` returns ``(bands, height, width)`` pixels of a window that lies inside the image;
-    ``read_valid`` the ``(height, width)`` boolean footprint. Both are called from several
+    ``read_with_valid`` returns the ``(bands, height, width)`` pixels of a window that lies
+    inside the image and its ``(height, width)`` boolean footprint, read together so a source
+    whose mask comes from its nodata value decodes the window once. It is called from several
     threads at once.
     """
 
@@ -134,9 +138,7 @@ class WindowReader(Protocol):
     @property
     def bands(self) -> int: ...
 
-    def read(self, window: Window) -> np.ndarray: ...
-
-    def read_valid(self, window: Window) -> np.ndarray: ...
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class ArrayReader:
@@ -162,13 +164,11 @@ class ArrayReader:
     def bands(self) -> int:
         return int(self.image.shape[0])
 
-    def read(self, window: Window) -> np.ndarray:
-        return self.image[(slice(None), *window.slices)]
-
-    def read_valid(self, window: Window) -> np.ndarray:
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        pixels = self.image[(slice(None), *window.slices)]
         if self.valid is None:
-            return np.ones(window.shape, dtype=bool)
-        return self.valid[window.slices]
+            return pixels, np.ones(window.shape, dtype=bool)
+        return pixels, self.valid[window.slices]
 
 
 class StoreReader:
@@ -193,11 +193,9 @@ class StoreReader:
     def bands(self) -> int:
         return int(self._image.shape[0])
 
-    def read(self, window: Window) -> np.ndarray:
-        return np.asarray(self._image[(slice(None), *window.slices)])
-
-    def read_valid(self, window: Window) -> np.ndarray:
-        return np.asarray(self._valid[window.slices], dtype=bool)
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        pixels = np.asarray(self._image[(slice(None), *window.slices)])
+        return pixels, np.asarray(self._valid[window.slices], dtype=bool)
 
 
 # ----------------------------------------------------------------------------- options
@@ -512,27 +510,47 @@ class _Forward:
 
 
 class _Normalizer:
-    """Reads one model window (mirrored past the image) as normalized float32."""
+    """Reads one tile: its model window (mirrored past the image) and its core's valid mask.
 
-    def __init__(self, reader: WindowReader, mean: Sequence[float], std: Sequence[float]) -> None:
+    Returns ``(x, core_valid)``: ``x`` the window as normalized float32, or ``None`` when
+    ``skip_empty`` and no pixel of the core is valid (the tile then needs no model run);
+    ``core_valid`` the boolean footprint of ``tile.core``, which always lies inside the image.
+    Pixels and mask come from one read, so the writer never reads the image again.
+    """
+
+    def __init__(
+        self,
+        reader: WindowReader,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        skip_empty: bool = True,
+    ) -> None:
         self.reader = reader
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
         self.inv_std = (1.0 / np.asarray(std, dtype=np.float32)).reshape(-1, 1, 1)
+        self.skip_empty = skip_empty
 
-    def __call__(self, window: Window) -> np.ndarray:
-        plan = mirror_plan(window, self.reader.height, self.reader.width)
-        block = np.asarray(self.reader.read(plan.source))
-        x = plan.take(block).astype(np.float32)
+    def __call__(self, tile: Tile) -> tuple[np.ndarray | None, np.ndarray]:
+        plan = mirror_plan(tile.window, self.reader.height, self.reader.width)
+        block, valid = self.reader.read_with_valid(plan.source)
+        core_valid = np.asarray(valid, dtype=bool)[tile.core.relative_to(plan.source).slices]
+        if self.skip_empty and not core_valid.any():
+            return None, core_valid
+        x = plan.take(np.asarray(block)).astype(np.float32)
         x -= self.mean
         x *= self.inv_std
-        return x
+        return x, core_valid
 
 
 def _probe_classes(
     layout: TileLayout, window: Window, normalize: _Normalizer, forward: _Forward
 ) -> int:
     """The model's class count, from one forward of the first tile of ``window`` (not timed)."""
-    probe = normalize(next(iter(layout.touching(window))).window)
+    tile = next(iter(layout.touching(window)))
+    plan = mirror_plan(tile.window, normalize.reader.height, normalize.reader.width)
+    block, _ = normalize.reader.read_with_valid(plan.source)
+    probe = (plan.take(np.asarray(block)).astype(np.float32) - normalize.mean) * normalize.inv_std
     seconds = forward.seconds
     num_classes = int(forward(probe[None]).shape[1])
     forward.seconds = seconds
@@ -570,21 +588,73 @@ def _peak_rss() -> int | None:
 
 
 # ----------------------------------------------------------------------------- writer
+class _Merged:
+    """One write unit being merged from the tiles whose core overlaps it.
+
+    ``crop`` layouts give every pixel exactly one tile of weight 1, so a tile's output is
+    copied in (no sum, no division: the result is the tile's own output bit for bit); other
+    layouts sum ``probabilities * weights`` and the weights. ``valid`` gathers the tiles' core
+    masks, so the unit's footprint is never read again. A unit that received no model output
+    (every tile over it had no valid pixel) is ``empty``.
+    """
+
+    __slots__ = ("acc", "crop", "shape", "valid", "wsum")
+
+    def __init__(self, shape: tuple[int, int], *, crop: bool) -> None:
+        self.shape = shape
+        self.crop = crop
+        self.acc: np.ndarray | None = None
+        self.wsum: np.ndarray | None = None
+        self.valid = np.zeros(shape, dtype=bool)
+
+    @property
+    def empty(self) -> bool:
+        return self.acc is None
+
+    def add(
+        self,
+        dst: Window,
+        probs: np.ndarray | None,
+        valid: np.ndarray,
+        weights: np.ndarray | None,
+    ) -> None:
+        """Add one tile's ``probs`` (or ``None``: not run) and ``valid`` over ``dst``."""
+        self.valid[dst.slices] |= valid
+        if probs is None:
+            return
+        if self.acc is None:
+            self.acc = np.zeros((probs.shape[0], *self.shape), np.float32)
+            self.wsum = None if self.crop else np.zeros(self.shape, np.float32)
+        region = (slice(None), *dst.slices)
+        if self.wsum is None:
+            self.acc[region] = probs
+        elif weights is None:
+            self.acc[region] += probs
+            self.wsum[dst.slices] += 1.0
+        else:
+            self.acc[region] += probs * weights
+            self.wsum[dst.slices] += weights
+
+    def probabilities(self, num_classes: int) -> np.ndarray:
+        """The merged ``(classes, y, x)`` probabilities (zeros where no tile ran)."""
+        if self.acc is None:
+            return np.zeros((num_classes, *self.shape), np.float32)
+        if self.wsum is None:
+            return self.acc
+        return self.acc / np.maximum(self.wsum, np.finfo(np.float32).tiny)
+
+
 class _UnitWriter:
     """Finishes units (divide, argmax, quantize, write, mark) on one background thread."""
 
     def __init__(
         self,
         store: SceneStore,
-        reader: WindowReader,
-        origin: tuple[int, int],
         options: InferenceOptions,
         marker: Any,
         write_valid: bool,
     ) -> None:
         self.store = store
-        self.reader = reader
-        self.origin = origin
         self.options = options
         self.marker = marker
         self.write_valid = write_valid
@@ -592,24 +662,14 @@ class _UnitWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segflow-write")
         self.pending: deque[tuple[BlockIndex, Future[int]]] = deque()
 
-    def _image_window(self, unit: BlockIndex) -> Window:
-        return self.store.grid.window(unit.row, unit.col).translate(*self.origin)
+    def finish(self, unit: BlockIndex, merged: _Merged, num_classes: int) -> None:
+        self.pending.append((unit, self.pool.submit(self._finish, unit, merged, num_classes)))
 
-    def finish(
-        self, unit: BlockIndex, acc: np.ndarray | None, wsum: np.ndarray | None, num_classes: int
-    ) -> None:
-        self.pending.append((unit, self.pool.submit(self._finish, unit, acc, wsum, num_classes)))
-
-    def _finish(
-        self, unit: BlockIndex, acc: np.ndarray | None, wsum: np.ndarray | None, num_classes: int
-    ) -> int:
+    def _finish(self, unit: BlockIndex, merged: _Merged, num_classes: int) -> int:
         out_window = self.store.grid.window(unit.row, unit.col)
-        valid = np.asarray(self.reader.read_valid(self._image_window(unit)), dtype=bool)
+        valid = merged.valid
         opts = self.options
-        if acc is None or wsum is None:  # no valid pixel: no model run
-            probs = np.zeros((num_classes, *out_window.shape), np.float32)
-        else:
-            probs = acc / np.maximum(wsum, np.finfo(np.float32).tiny)
+        probs = merged.probabilities(num_classes)
         if opts.output in ("labels", "both"):
             labels = np.argmax(probs, axis=0).astype(self.label_dtype)
             labels[~valid] = opts.label_nodata
@@ -645,12 +705,9 @@ class _ArraySink:
         self.grid = grid
         self.done: list[int] = []
 
-    def finish(
-        self, unit: BlockIndex, acc: np.ndarray | None, wsum: np.ndarray | None, num_classes: int
-    ) -> None:
+    def finish(self, unit: BlockIndex, merged: _Merged, num_classes: int) -> None:
         w = self.grid.window(unit.row, unit.col)
-        if acc is not None and wsum is not None:
-            self.out[(slice(None), *w.slices)] = acc / wsum
+        self.out[(slice(None), *w.slices)] = merged.probabilities(num_classes)
         self.done.append(w.size)
 
     def collect(self, block: bool = False, keep: int = 0) -> list[int]:
@@ -798,7 +855,7 @@ def predict_region(
     model.to(device)
     forward = _Forward(model, device, amp_dtype, options.tta_flips)
     normalize = _Normalizer(reader, mean, std)
-    writer = _UnitWriter(store, reader, origin, options, marker, standalone)
+    writer = _UnitWriter(store, options, marker, standalone)
     counts = {"tiles": 0, "pixels": 0, "units": 0, "empty": 0}
     total = len(units)
     finished = skipped
@@ -825,7 +882,6 @@ def predict_region(
                 grid,
                 origin,
                 pending,
-                reader,
                 options,
                 forward,
                 normalize,
@@ -903,7 +959,7 @@ def predict_array(
     model.eval()
     model.to(device)
     forward = _Forward(model, device, amp_dtype, options.tta_flips)
-    normalize = _Normalizer(reader, mean, std)
+    normalize = _Normalizer(reader, mean, std, skip_empty=False)
     grid = BlockGrid(region.height, region.width, options.tile)
     num_classes = _probe_classes(layout, region, normalize, forward)
     out = np.zeros((num_classes, region.height, region.width), np.float32)
@@ -912,14 +968,12 @@ def predict_array(
         grid,
         origin,
         [idx for idx, _ in grid],
-        reader,
         options,
         forward,
         normalize,
         _ArraySink(out, grid),
         num_classes,
         lambda sizes: None,
-        skip_empty=False,
     )
     return out
 
@@ -929,18 +983,17 @@ def _stream(
     grid: BlockGrid,
     origin: tuple[int, int],
     pending: list[BlockIndex],
-    reader: WindowReader,
     options: InferenceOptions,
     forward: _Forward,
     normalize: _Normalizer,
     writer: _UnitWriter | _ArraySink,
     num_classes: int,
     report_done: Callable[[list[int]], None],
-    skip_empty: bool = True,
 ) -> tuple[int, int]:
     """Run every tile the pending units need; returns (tiles computed, empty units).
 
-    With ``skip_empty`` a unit without any valid pixel is finished at once (no model run).
+    A tile whose core has no valid pixel is not run (when ``normalize`` skips empty tiles); a
+    unit that only such tiles cover is finished as nodata.
     """
     unit_size = grid.block
     per_strip = max(1, options.strip_width // unit_size)
@@ -948,57 +1001,46 @@ def _stream(
     for u in pending:
         by_col.setdefault(u.col, []).append(u)
     remaining: dict[BlockIndex, int] = {}
-    acc: dict[BlockIndex, tuple[np.ndarray, np.ndarray]] = {}
+    open_units: dict[BlockIndex, _Merged] = {}
+    crop = layout.mode == "crop"
     empty = 0
 
     def unit_window(u: BlockIndex) -> Window:
         return grid.window(u.row, u.col).translate(*origin)
 
     def steps() -> Any:
-        nonlocal empty
         for cols in strips(by_col, per_strip):
-            todo = []
-            for c in cols:
-                for u in by_col[c]:
-                    if not skip_empty or reader.read_valid(unit_window(u)).any():
-                        todo.append(u)
-                        remaining[u] = layout.count_touching(unit_window(u))
-                    else:
-                        empty += 1
-                        writer.finish(u, None, None, num_classes)
+            todo = [u for c in cols for u in by_col[c]]
+            for u in todo:
+                remaining[u] = layout.count_touching(unit_window(u))
             yield from schedule(layout, grid, todo, origin=origin)
 
-    def add(step: Step, probs: np.ndarray) -> None:
+    def add(step: Step, probs: np.ndarray | None, core_valid: np.ndarray) -> None:
+        nonlocal empty
         tile = step.tile
         for u in step.units:
             uw = unit_window(u)
             part = tile.core.intersection(uw)
-            src = part.relative_to(tile.window)
-            dst = part.relative_to(uw)
-            if u not in acc:
-                acc[u] = (
-                    np.zeros((num_classes, *uw.shape), np.float32),
-                    np.zeros(uw.shape, np.float32),
-                )
-            a, w = acc[u]
-            p = probs[(slice(None), *src.slices)]
-            weights = layout.weights(tile, part)
-            if weights is None:
-                a[(slice(None), *dst.slices)] += p
-                w[dst.slices] += 1.0
-            else:
-                a[(slice(None), *dst.slices)] += p * weights
-                w[dst.slices] += weights
+            merged = open_units.get(u)
+            if merged is None:
+                merged = open_units[u] = _Merged(uw.shape, crop=crop)
+            merged.add(
+                part.relative_to(uw),
+                None if probs is None else probs[(slice(None), *part.relative_to(tile.window).slices)],
+                core_valid[part.relative_to(tile.core).slices],
+                None if probs is None else layout.weights(tile, part),
+            )
             remaining[u] -= 1
             if remaining[u] == 0:
                 del remaining[u]
-                a, w = acc.pop(u)
-                writer.finish(u, a, w, num_classes)
+                merged = open_units.pop(u)
+                empty += merged.empty
+                writer.finish(u, merged, num_classes)
 
     tiles = 0
     max_inflight = options.batch_size * (options.prefetch + 1)
     source = iter(steps())
-    inflight: deque[tuple[Step, Future[np.ndarray]]] = deque()
+    inflight: deque[tuple[Step, Future[tuple[np.ndarray | None, np.ndarray]]]] = deque()
     with ThreadPoolExecutor(
         max_workers=options.read_workers, thread_name_prefix="segflow-read"
     ) as pool:
@@ -1009,27 +1051,31 @@ def _stream(
                     step = next(source, None)
                     if step is None:
                         return
-                    inflight.append((step, pool.submit(normalize, step.tile.window)))
+                    inflight.append((step, pool.submit(normalize, step.tile)))
 
             fill()
             while inflight:
-                batch: list[Step] = []
+                batch: list[tuple[Step, np.ndarray]] = []
                 arrays: list[np.ndarray] = []
                 while inflight and len(batch) < options.batch_size:
                     step, fut = inflight.popleft()
-                    batch.append(step)
-                    arrays.append(fut.result())
+                    x, core_valid = fut.result()
+                    if x is None:  # no valid pixel in the tile's core: nothing to compute
+                        add(step, None, core_valid)
+                    else:
+                        batch.append((step, core_valid))
+                        arrays.append(x)
                     fill()
-                probs = forward(np.stack(arrays))
-                tiles += len(batch)
-                for step, p in zip(batch, probs, strict=True):
-                    add(step, p)
+                if batch:
+                    probs = forward(np.stack(arrays))
+                    tiles += len(batch)
+                    for (step, core_valid), p in zip(batch, probs, strict=True):
+                        add(step, p, core_valid)
                 # keep a few finished units queued for the writer, no more (bounded memory)
                 report_done(writer.collect(block=True, keep=4))
         finally:
             for _, fut in inflight:
                 fut.cancel()
-    # empty units finished by the steps() generator after the last tile
     report_done(writer.collect(block=True))
     if remaining:  # pragma: no cover - a scheduling bug, never user input
         raise RuntimeError(f"units left unfinished: {sorted(remaining)[:5]}")
