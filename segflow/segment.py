@@ -373,12 +373,15 @@ def _export(
     )
 
     done: dict[str, Any] = {
-        "cog": write_cog(labels, req.out, georef=georef, classes=classes, nodata=255)
+        # the exports run after inference, alone: let GDAL compress on every core
+        "cog": write_cog(
+            labels, req.out, georef=georef, classes=classes, nodata=255, threads="ALL_CPUS"
+        )
     }
     if req.probabilities:
         probs = _RegionView(store.array(PROBABILITIES), view_region)
         done["probabilities"] = write_probability_cog(
-            probs, req.probabilities, georef=georef, classes=classes
+            probs, req.probabilities, georef=georef, classes=classes, threads="ALL_CPUS"
         )
     if req.polygons or req.parquet or req.qupath_geojson:
         slide = inp.slide

@@ -176,6 +176,23 @@ def test_cog_validates_arguments(chip: dict, tmp_path: Path) -> None:
         write_cog(lab, tmp_path / "a.tif", georef=None, classes=CLASSES, block=100)
     with pytest.raises(ConfigError, match="2-D"):
         write_cog(lab[None], tmp_path / "a.tif", georef=None, classes=CLASSES)
+    with pytest.raises(ConfigError, match=r"DEFLATE level must be in 1\.\.12, got 0"):
+        write_cog(lab, tmp_path / "a.tif", georef=None, classes=CLASSES, level=0)
+    assert not (tmp_path / "a.tif").exists()
+
+
+def test_cog_compression_level_changes_size_not_pixels(chip: dict, tmp_path: Path) -> None:
+    import rasterio
+
+    lab = chip["labels"]
+    paths = {
+        level: write_cog(lab, tmp_path / f"l{level}.tif", georef=None, classes=CLASSES, level=level)
+        for level in (1, 9)
+    }
+    for path in paths.values():
+        with rasterio.open(path) as ds:
+            np.testing.assert_array_equal(ds.read(1), lab)
+    assert paths[9].stat().st_size < paths[1].stat().st_size
 
 
 def test_cog_failure_leaves_no_file(

@@ -84,6 +84,19 @@ def _compress(compress: str) -> str:
     return value
 
 
+_LEVELS = {"DEFLATE": 12, "ZSTD": 22}  # GDAL's highest level per codec (libdeflate, zstd)
+
+
+def _level_options(compress: str, level: int | None) -> dict[str, str]:
+    """GDAL's ``LEVEL`` creation option, checked against the codec (LZW has no levels)."""
+    if level is None or compress == "LZW":
+        return {}
+    top = _LEVELS[compress]
+    if not 1 <= level <= top:
+        raise ConfigError(f"{compress} level must be in 1..{top}, got {level}: use e.g. 1 (fast)")
+    return {"LEVEL": str(level)}
+
+
 def _georef_profile(georef: GeoRef | None) -> dict[str, Any]:
     if georef is None:
         return {}
@@ -115,6 +128,7 @@ def _stream_to_cog(
     read_size: int,
     resampling: str,
     compress: str,
+    level: int | None,
     predictor: int,
     cache_mb: int,
     threads: int | str,
@@ -130,6 +144,7 @@ def _stream_to_cog(
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window as RioWindow
 
+    level_options = _level_options(compress, level)  # checked before anything is written
     count = shape[0] if len(shape) == 3 else 1
     height, width = shape[-2], shape[-1]
     read_size = round_up(max(read_size, block), block)
@@ -188,6 +203,7 @@ def _stream_to_cog(
             driver="COG",
             BLOCKSIZE=block,
             COMPRESS=compress,
+            **level_options,
             PREDICTOR="YES" if predictor > 1 else "NO",
             BIGTIFF="IF_SAFER",
             OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
@@ -207,6 +223,7 @@ def write_cog(
     block: int = 512,
     overview_resampling: LabelResampling = "mode",
     compress: Compression = "deflate",
+    level: int | None = 1,
     read_size: int = 2048,
     cache_mb: int = 64,
     threads: int | str = 1,
@@ -233,6 +250,10 @@ def write_cog(
         ``"mode"`` (default) or ``"nearest"``: overview pixels are always class ids.
     compress
         ``"deflate"`` (most compatible), ``"zstd"`` or ``"lzw"``; no predictor.
+    level
+        Compression level (DEFLATE 1-12, ZSTD 1-22; ignored for LZW; ``None``: GDAL's
+        default, 6 for DEFLATE). Class masks compress so well that level 1 is only about 20 %
+        larger than 6 and four times faster to write, so 1 is the default.
     read_size
         Side of the windows read from ``labels`` (rounded up to a multiple of ``block``).
     cache_mb
@@ -286,6 +307,7 @@ def write_cog(
         read_size=read_size,
         resampling=overview_resampling,
         compress=_compress(compress),
+        level=level,
         predictor=1,
         cache_mb=cache_mb,
         threads=threads,
@@ -307,6 +329,7 @@ def write_probability_cog(
     block: int = 512,
     overview_resampling: ProbResampling = "average",
     compress: Compression = "deflate",
+    level: int | None = None,
     read_size: int = 1024,
     cache_mb: int = 64,
     threads: int | str = 1,
@@ -317,6 +340,8 @@ def write_probability_cog(
     float16 is widened to float32 (GeoTIFF has no half floats). Band ``i`` is described by the
     name of the ``i``-th class of the table sorted by id. Overviews average by default
     (fine for scores). Memory: one ``(class, read_size, read_size)`` window at a time.
+    ``level`` is the compression level (``None``: GDAL's default); the other options are
+    those of :func:`write_cog`.
 
     Examples
     --------
@@ -357,6 +382,7 @@ def write_probability_cog(
         read_size=read_size,
         resampling=overview_resampling,
         compress=_compress(compress),
+        level=level,
         predictor=3 if dtype.kind == "f" else 2,
         cache_mb=cache_mb,
         threads=threads,
