@@ -49,7 +49,22 @@ class _Model(BaseModel):
 
 
 class ClassDef(_Model):
-    """One entry of the class table."""
+    """One entry of the class table.
+
+    Attributes
+    ----------
+    id
+        The class's value in the stores' ``labels`` arrays and its model output channel
+        (training needs ids ``< train.model.out_channels``); unique, and never
+        ``ignore_index``. Id 0 is background: prepare derives objects from the other
+        classes, vector labels leave uncovered pixels 0, polygons skip it.
+    name
+        Human-readable name: the value a text ``ingest.class_field`` holds, and the class
+        name written to outputs (COG categories, polygon ``class_name``, QuPath, reports).
+    color
+        ``#rrggbb`` colour of the class in the prediction COG's colour table, the
+        quick-look overlay and QuPath annotations.
+    """
 
     id: Annotated[int, Field(ge=0, le=65534)]
     name: Annotated[str, Field(min_length=1)]
@@ -74,7 +89,49 @@ DEFAULT_CLASSES: tuple[ClassDef, ...] = (
 
 
 class IngestConfig(_Model):
-    """How a source image (and its labels) become a scene store."""
+    """How a source image (and its labels) become a scene store.
+
+    Attributes
+    ----------
+    source
+        Image file to ingest (anything GDAL opens, PNG/JPEG/TIFF, whole-slide images;
+        nodata, alpha or non-tissue pixels become invalid); ``flows/pipeline.py`` ingests
+        it into ``{work_dir}/scene.zarr``, and it is ``segment.image``'s default. ``flows/train.py`` uses this section as the template
+        for ``train.stores`` entries and replaces this path with theirs.
+    labels
+        Class labels: a vector file (``.geojson``, ``.gpkg``, ``.shp``, ``.parquet``,
+        ``.fgb``..., rasterized by pixel centre, later features winning, uncovered pixels
+        class 0) or a raster of class values on the image's grid (or georeferenced and
+        reprojected, nearest). Vector features also give one instance each. Null: no labels.
+    instances
+        Raster of object ids (0 = none) on the image's grid, for prepare's border weights.
+        Null: vector ``labels`` give instances, else prepare derives them from raster
+        labels as 4-connected components of the non-0, labelled classes.
+    class_field
+        Vector labels only: the feature attribute holding each feature's class (integer
+        ids, or class names for a text field). Null: every feature is ``class_value``.
+    class_value
+        Vector labels without ``class_field``: the class id burnt for every feature (must
+        be in ``classes``).
+    class_map
+        Raster labels only: raw value -> class id (or ``ignore_index``), e.g. ``{0: 0,
+        255: 1}``; any other value is an error. Null: raw values must already be class
+        ids or ``ignore_index``. The raster's nodata reads as ``ignore_index`` unless mapped.
+    chunk
+        Side (pixels) of the square Zarr chunks of every store array (all bands together
+        for ``image``); the unit of training-patch reads and sampling. Smaller chunks mean
+        less over-reading per patch but more files.
+    shard
+        Side (pixels, a multiple of ``chunk``) of Zarr shards that pack chunks into one
+        file, e.g. for object storage; shards then become the write units of ingest,
+        prepare and progress. Null: no sharding.
+    level
+        Pyramid level of the source to ingest (0 = full resolution): the store holds that
+        level's pixel grid, so every pixel size and region downstream is at this level.
+    compression_level
+        Zstandard level (Blosc, bitshuffle) of every store array: higher is smaller and
+        slower to write; reading speed barely changes.
+    """
 
     source: str
     labels: str | None = None
@@ -95,11 +152,25 @@ class IngestConfig(_Model):
 
 
 class TrainRegion(_Model):
-    """The part of a scene used for training statistics, in level-0 pixels.
+    """The part of a scene used for training statistics, in the store's pixels.
 
     Either a pixel window (``bbox`` = row_start, col_start, row_stop, col_stop) or a
-    spatial block split (every ``every``-th block of ``block`` pixels, counting row-major,
-    is held out for validation).
+    spatial block split (every ``holdout_every``-th block of ``block`` x ``block`` pixels,
+    counting row-major, is held out for validation). Pixels are those of the scene store,
+    i.e. of the ingested ``ingest.level``.
+
+    Attributes
+    ----------
+    bbox
+        ``[row_start, col_start, row_stop, col_stop]`` (stops exclusive) of the only
+        pixels counted; must overlap the store. Give either this or ``block``.
+    block
+        Side (pixels) of the square blocks of a held-out split, numbered row-major from 0;
+        needs ``holdout_every``.
+    holdout_every
+        Block ``k`` is held out when ``k % holdout_every == holdout_every - 1``. Use the
+        ``block`` / ``val_every`` of ``train.stores.split`` so statistics skip the
+        validation blocks (nothing checks that they agree).
     """
 
     bbox: tuple[int, int, int, int] | None = None
@@ -122,7 +193,38 @@ class TrainRegion(_Model):
 
 
 class PrepareConfig(_Model):
-    """Training targets: U-Net border weights, class weights, the fingerprint."""
+    """Training targets: U-Net border weights, class weights, the fingerprint.
+
+    The store's ``weights`` array is ``w_c + w0 * exp(-(d1 + d2)**2 / (2 * sigma**2))``
+    (border term on background pixels between objects, 0 on unlabelled and invalid pixels);
+    only ``train.loss.name: pixel_weighted_ce`` reads it. The fingerprint (per-band
+    statistics) feeds ``train.normalization: zscore``.
+
+    Attributes
+    ----------
+    w0
+        Height of the U-Net border term, in weight units added to the class weight of
+        background pixels squeezed between two objects; 0 turns the border term off.
+    sigma
+        Width (pixels) of the border term's decay with ``d1 + d2``, the distances to the
+        nearest and second-nearest object; larger spreads the weight over wider gaps.
+    eps
+        Cut-off: the border term is set to 0 where it would be below ``eps``, which bounds
+        the halo ``ceil(sigma * sqrt(2 ln(w0 / eps)))`` (22 px for the defaults); smaller
+        is closer to the exact formula and slower.
+    class_weights
+        Per-class weight ``w_c`` in the weight map, from label counts over the valid,
+        labelled pixels of ``train_region``: ``none`` (1), ``inverse`` (1 / frequency,
+        mean 1 over present classes), ``median`` (median frequency / frequency) or
+        ``explicit``. Not ``none`` needs ``labels`` in the store.
+    explicit_class_weights
+        ``{class id: weight >= 0}`` for ``class_weights: explicit`` (required then, ignored
+        otherwise); every class present must be listed, others get 1; weight 0 removes a
+        class's pixels from the loss.
+    train_region
+        The pixels class counts and the fingerprint are computed over (the weight map
+        covers the whole store); null: every valid pixel.
+    """
 
     w0: Annotated[float, Field(ge=0)] = 10.0
     sigma: Annotated[float, Field(gt=0)] = 5.0
@@ -136,7 +238,60 @@ class SegmentConfig(_Model):
     """segment_region inside a pipeline: which image and region, how, and which outputs.
 
     ``image`` defaults to the ingest source and the model to the pipeline's trained
-    checkpoint; outputs go to the pipeline's ``work_dir``.
+    checkpoint; outputs go to the pipeline's ``work_dir``: ``prediction.tif`` (a class-id
+    Cloud-Optimized GeoTIFF) always, the others as switched on below. Only
+    ``flows/pipeline.py`` reads this section (``flows/segment_region.py`` takes options).
+
+    Attributes
+    ----------
+    image
+        Image to segment: a source file (read at level 0) or a scene store directory
+        (predictions are then also written into it). Null: ``ingest.source``.
+    model
+        Checkpoint directory (as training writes, e.g. ``outputs/x/train/best``). Null:
+        ``{work_dir}/train/best``, which needs a ``train`` section.
+    bbox
+        Region ``[minx, miny, maxx, maxy]``: map units of ``bbox_crs`` for georeferenced
+        images, microns from the top-left corner for slides, pixels (x = column) otherwise;
+        every pixel it touches is included. Null (with ``window`` null): the whole image.
+    bbox_crs
+        CRS of ``bbox`` (``EPSG:4326``, a PROJ string or WKT) for georeferenced images,
+        default the image's; ``um`` or ``px`` for slides and plain images.
+    window
+        Region as a pixel window ``[col, row, width, height]`` (note: not the
+        ``train_region.bbox`` order), clipped to the image; exclusive with ``bbox``.
+    tile
+        Output tile side (pixels): each model input is ``tile + 2 * halo`` (the
+        checkpoint's halo) rounded up to the model's size multiple. A multiple of that size
+        multiple, and at least ``2 * halo`` for ``crop``; larger is faster, needs more memory.
+    mode
+        ``crop``: each output pixel from exactly one tile core with real context (equals
+        whole-image inference for ``norm`` ``batch``/``none`` models); ``gaussian``:
+        overlapping windows blended by a Gaussian importance map (for instance/group norm).
+    overlap
+        ``gaussian`` only (ignored by ``crop``): overlap fraction of neighbouring windows,
+        stride ``int(window * (1 - overlap))``; more overlap smooths seams, costs tiles.
+    batch_size
+        Tiles per forward pass; raise it to fill a GPU, lower it when memory runs out.
+    tta_flips
+        Average the softmax over identity, left-right, up-down and both flips (four times
+        the inference work).
+    polygons
+        Write ``prediction.gpkg``: polygons of every class but 0 with ``class_id``,
+        ``class_name`` and ``area``, in the image's CRS (pixels without one).
+    parquet
+        Write the same polygons as GeoParquet, ``prediction.parquet``.
+    probabilities
+        Also write ``probabilities.tif``, a per-class probability COG (uint8,
+        ``round(p * 255)``).
+    quicklook
+        Write ``quicklook.png``, the mask over the image, at most 1024 pixels a side.
+    ome_tiff
+        Write ``prediction.ome.tif``, a pyramidal OME-TIFF label image with the slide's
+        pixel size (for slide viewers).
+    qupath
+        Write ``prediction.qupath.geojson``: polygons in level-0 slide pixels with QuPath
+        classification names and colours.
     """
 
     image: str | None = None
@@ -158,7 +313,36 @@ class SegmentConfig(_Model):
 
 
 class PipelineConfig(_Model):
-    """A whole pipeline: one data set or use case."""
+    """A whole pipeline: one data set or use case.
+
+    Attributes
+    ----------
+    schema_version
+        Version of this configuration schema; only 1 exists.
+    name
+        The pipeline's name: fills ``{name}`` in ``work_dir`` and titles the flows'
+        summaries; ``flows/train.py`` writes to ``outputs/{name}/train`` by default.
+    classes
+        The class table: label values are checked against it at ingest, it is stored in
+        every scene store, and ``train.classes`` defaults to it in ``flows/train.py``.
+    ignore_index
+        Label value of unlabelled pixels in the stores (not a class id); no loss, class
+        count or metric uses them. Values above 255 (or a class id above 255) make the
+        labels uint16.
+    work_dir
+        Output directory of ``flows/pipeline.py`` (``{name}`` is replaced; relative to
+        the working directory): scene store, fingerprint, ``train/``, predictions and the
+        stage records.
+    ingest
+        The source image and its labels.
+    prepare
+        Border weights, class weights and the training region of the statistics.
+    train
+        The training run; null: the pipeline does not train, and ``segment.model`` must
+        name a checkpoint.
+    segment
+        Inference over the image and the outputs written.
+    """
 
     schema_version: Literal[1] = 1  # == SCHEMA_VERSION
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]

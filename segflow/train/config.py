@@ -7,8 +7,8 @@ Every model forbids unknown keys and is frozen. :class:`TrainConfig` is the whol
 Data
 ----
 ``stores.train`` / ``stores.val`` list scene stores. An entry is a store path, or a mapping
-``{store, source, labels}`` that also says where the store comes from (a flow ingests and
-prepares missing stores from it), or such a mapping with ``ids: [start, stop]`` and ``{i}``
+``{store, source, labels}`` that also says where the store comes from (``flows/train.py``
+ingests and prepares missing stores from it), or such a mapping with ``ids: [start, stop]`` and ``{i}``
 in its strings, which expands to one entry per ``i`` in ``range(start, stop)``::
 
     train:
@@ -72,7 +72,23 @@ class _Model(BaseModel):
 
 
 class StoreRef(_Model):
-    """One scene store, and optionally where it is built from (source image + labels)."""
+    """One scene store, and optionally where it is built from (source image + labels).
+
+    Attributes
+    ----------
+    store
+        Path of the scene store (a Zarr directory). Training needs its ``image``,
+        ``labels``, a fingerprint (``normalization: zscore``) and ``weights``
+        (``pixel_weighted_ce``); a validation store needs ``image`` and ``labels``.
+    source
+        Image to build the store from: ``flows/train.py`` ingests it when the store is
+        missing, with the pipeline's ``ingest`` section (this path replacing
+        ``ingest.source``), and prepares it with ``prepare`` unless current
+        (``flows/pipeline.py`` builds none). Null: the store must exist, prepared.
+    labels
+        Label file for ``source``; it replaces ``ingest.labels`` (null builds a store
+        without labels, which cannot train).
+    """
 
     store: Annotated[str, Field(min_length=1)]
     source: str | None = None
@@ -105,7 +121,22 @@ def _expand(entries: Any) -> Any:
 
 
 class SplitConfig(_Model):
-    """A spatially blocked train/validation split of each train store."""
+    """A spatially blocked train/validation split of each train store.
+
+    Attributes
+    ----------
+    block
+        Side (pixels) of the square blocks each train store is cut into, numbered
+        row-major from 0; larger blocks make validation less correlated with training.
+    val_every
+        Block ``k`` is validation when ``k % val_every == val_every - 1`` (one block in
+        ``val_every``). Give ``prepare.train_region`` the same ``block`` and
+        ``holdout_every`` so normalization and class weights leave these blocks out.
+    margin
+        Minimum distance (pixels, Chebyshev) between training patch centres and validation
+        pixels, minus one. Null: ``patch // 2``, so no patch covers validation pixels; add
+        about ``3 * augment.elastic.sigma`` to keep the elastic context clear as well.
+    """
 
     block: Annotated[int, Field(gt=0)]
     val_every: Annotated[int, Field(ge=2)]
@@ -113,7 +144,20 @@ class SplitConfig(_Model):
 
 
 class StoresConfig(_Model):
-    """Which stores train and validate."""
+    """Which stores train and validate (entry forms: see **Data** above).
+
+    Attributes
+    ----------
+    train
+        Stores patches are sampled from (at least one); a string, a ``StoreRef`` mapping, or
+        an ``ids: [start, stop]`` template expanded over ``{i}``.
+    val
+        Stores validated whole (every labelled, valid pixel), never sampled; same entry
+        forms. Exclusive with ``split``; with neither there is no validation, so no
+        ``best`` checkpoint and no early stopping.
+    split
+        Hold out blocks of every train store for validation instead of ``val`` stores.
+    """
 
     train: tuple[StoreRef, ...]
     val: tuple[StoreRef, ...] = ()
@@ -139,7 +183,27 @@ class StoresConfig(_Model):
 
 
 class OptimizerConfig(_Model):
-    """The optimizer: ``adam``, ``adamw`` or ``sgd`` (with momentum)."""
+    """The optimizer: ``adam``, ``adamw`` or ``sgd`` (with momentum).
+
+    Attributes
+    ----------
+    name
+        ``adam``, ``adamw`` (Adam with decoupled weight decay) or ``sgd`` (with momentum,
+        as in the U-Net paper).
+    lr
+        Base learning rate; every step uses ``lr`` times the schedule's factor (its peak
+        value for ``cosine``, ``poly``, ``step`` and ``onecycle``).
+    weight_decay
+        Weight decay: an L2 term added to the gradient (``adam``, ``sgd``) or a decoupled
+        shrink of the weights (``adamw``, where 1e-2 is a usual value); 0 turns it off.
+    momentum
+        ``sgd`` only: momentum factor (the U-Net paper uses 0.99); ignored by Adam.
+    nesterov
+        ``sgd`` only: Nesterov momentum.
+    betas
+        ``adam`` / ``adamw`` only: decay rates of the first and second moment averages,
+        each in ``[0, 1)``.
+    """
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: Annotated[float, Field(gt=0)] = 1e-3
@@ -161,6 +225,31 @@ class ScheduleConfig(_Model):
     position is the larger of ``step / steps`` and ``elapsed / time_limit_s``, so the rate
     is annealed when the time runs out (learning rates then depend on the wall clock: such
     a run is not bit-reproducible, and a resumed one follows its own clock).
+
+    Attributes
+    ----------
+    name
+        The shape of the learning-rate factor over the run (see above); ``constant`` keeps
+        ``optimizer.lr`` after the warm-up.
+    warmup_steps
+        Steps of linear ramp-up (factor ``(step + 1) / (warmup_steps + 1)``) before the
+        schedule, which then spans the remaining steps; ignored by ``onecycle``.
+    min_lr_ratio
+        Final factor of ``cosine`` and ``onecycle`` and lower bound of ``poly``, as a
+        fraction of ``optimizer.lr``; not used by ``step`` and ``constant``.
+    power
+        ``poly`` only: exponent of ``(1 - t)``; 1 is a linear decay.
+    step_size
+        ``step`` only: steps (after the warm-up) between multiplications by ``gamma``.
+    gamma
+        ``step`` only: factor applied every ``step_size`` steps.
+    pct_start
+        ``onecycle`` only: fraction of the run spent ramping up to ``optimizer.lr``.
+    div_factor
+        ``onecycle`` only: the run starts at ``optimizer.lr / div_factor``.
+    horizon
+        ``steps``: the schedule spans ``steps``; ``time``: it also advances with the wall
+        clock to reach its end at ``time_limit_s`` (required then; not bit-reproducible).
     """
 
     name: Literal["constant", "cosine", "poly", "step", "onecycle"] = "cosine"
@@ -180,6 +269,17 @@ class SamplingConfig(_Model):
     ``random``: uniformly over the training pixels of all train stores. ``class_balanced``:
     first a class with ``class_probs`` (default: equal over the classes present), then a
     pixel of that class.
+
+    Attributes
+    ----------
+    mode
+        ``random``: centres uniform over the eligible pixels (valid, in the training part,
+        labelled or not); ``class_balanced``: a class first, then a labelled pixel of it,
+        for rare classes. Patch ``k`` of epoch ``e`` depends only on ``(seed, e, k)``.
+    class_probs
+        ``class_balanced`` only: ``{class id: relative probability}``, renormalised over
+        the classes present in the training pixels (unlisted classes: 0). Null: equal
+        over the classes present.
     """
 
     mode: Literal["random", "class_balanced"] = "random"
@@ -196,7 +296,22 @@ class SamplingConfig(_Model):
 
 class ElasticConfig(_Model):
     """U-Net elastic deformation: random displacements on a coarse ``grid`` x ``grid``
-    lattice (standard deviation ``sigma`` pixels), interpolated bicubically to every pixel."""
+    lattice (standard deviation ``sigma`` pixels), interpolated bicubically to every pixel.
+
+    Attributes
+    ----------
+    p
+        Probability that a patch is deformed.
+    grid
+        Nodes per side of the displacement lattice, which spans the patch plus its
+        context; more nodes give finer, more local distortions.
+    sigma
+        Standard deviation (pixels) of each node's displacement; each patch is also read
+        with ``ceil(3 * sigma)`` pixels of context, cropped after warping. 0: no change.
+    order
+        Interpolation of the image: 3 (bicubic spline) or 1 (bilinear, faster); labels and
+        weights always take the nearest pixel.
+    """
 
     p: Annotated[float, Field(ge=0, le=1)] = 0.5
     grid: Annotated[int, Field(ge=2)] = 3
@@ -206,7 +321,24 @@ class ElasticConfig(_Model):
 
 class IntensityConfig(_Model):
     """Intensity changes on the normalized image: gamma (on the patch's min-max range),
-    brightness (added, in std units) and contrast (scaled about the patch mean)."""
+    brightness (added, in std units) and contrast (scaled about the patch mean).
+
+    Applied per band in this order: gamma, contrast, brightness; one draw per patch.
+
+    Attributes
+    ----------
+    p
+        Probability that a patch gets the three changes.
+    gamma
+        ``[low, high]`` range (both > 0) of the exponent, drawn log-uniformly and applied
+        to each band rescaled to ``[0, 1]`` over the patch; above 1 darkens mid-tones.
+    brightness
+        Offset drawn uniformly from ``[-brightness, brightness]`` and added to every band,
+        in normalized units (standard deviations under ``zscore``).
+    contrast
+        ``[low, high]`` range of the factor, drawn uniformly, scaling each band about its
+        patch mean.
+    """
 
     p: Annotated[float, Field(ge=0, le=1)] = 0.5
     gamma: tuple[float, float] = (0.7, 1.5)
@@ -215,7 +347,22 @@ class IntensityConfig(_Model):
 
 
 class AugmentConfig(_Model):
-    """Patch augmentation (see :mod:`segflow.train.augment`)."""
+    """Patch augmentation (see :mod:`segflow.train.augment`).
+
+    Applied in a fixed order (elastic, flip/rotation, intensity), every draw from the
+    patch's own generator, so the patches do not depend on ``num_workers`` or DDP ranks.
+
+    Attributes
+    ----------
+    flips
+        Mirror left-right with probability 0.5 (with ``rot90``: all 8 orientations).
+    rot90
+        Rotate by 0, 1, 2 or 3 quarter turns, equally likely.
+    elastic
+        U-Net elastic deformation; null: off.
+    intensity
+        Random gamma, contrast and brightness; null: off.
+    """
 
     flips: bool = True
     rot90: bool = True
@@ -224,7 +371,23 @@ class AugmentConfig(_Model):
 
 
 class EarlyStoppingConfig(_Model):
-    """Stop after ``patience`` validations without improvement of ``metric`` by ``min_delta``."""
+    """Stop after ``patience`` validations without improvement of ``metric`` by ``min_delta``.
+
+    Attributes
+    ----------
+    metric
+        Validation metric to watch: ``pixel_error``, ``pixel_accuracy``, ``mean_iou``,
+        ``mean_dice``, ``mean_class_accuracy`` or ``frequency_weighted_iou``. Another name
+        (it is not checked), or no validation data, never stops.
+    mode
+        ``min`` for errors, ``max`` for accuracies, IoU and Dice.
+    patience
+        Validations in a row (one every ``val_interval`` steps) without improvement before
+        training stops (with a state and ``last`` checkpoint written).
+    min_delta
+        A validation improves only if it beats the best earlier value by more than this
+        (in the metric's units).
+    """
 
     metric: str = "pixel_error"
     mode: Literal["min", "max"] = "min"
@@ -237,13 +400,91 @@ class TrainConfig(_Model):
 
     ``steps`` or ``epochs`` (times ``steps_per_epoch``) set the run length; an epoch is
     only the unit of the data seeding (patch ``k`` of epoch ``e`` is a pure function of
-    ``(seed, e, k)``). ``batch_size`` is the *global* batch: under DDP every rank takes
-    ``batch_size / world_size`` of it. ``amp``: ``auto`` = bf16 on CUDA where supported
-    (else fp16 with a gradient scaler), nothing on CPU. ``val_interval`` and
-    ``checkpoint_interval`` are in steps; validation and a resumable state are also written
-    after the last step. ``classes`` is the class table every store must have (None: the
-    first train store's). ``select_metric`` picks the "best" checkpoint (and early stopping
-    uses its own metric).
+    ``(seed, e, k)``). A run writes ``best/`` and ``last/`` checkpoints, ``state/`` (to
+    resume), ``metrics.csv``/``metrics.json`` and ``curve.png``. A resumed run must keep the
+    config, except ``val_interval``, ``checkpoint_interval``, ``num_workers``,
+    ``time_limit_s`` and ``early_stopping``.
+
+    Attributes
+    ----------
+    stores
+        The scene stores to train and validate on.
+    model
+        The network; ``in_channels`` must equal the stores' bands and ``out_channels``
+        exceed every class id (normally: the number of classes).
+    classes
+        The class table every train and validation store must have (same ids); saved in
+        the checkpoints, whose names and colours the predictions use. Left out:
+        ``flows/train.py`` fills in the pipeline's top-level ``classes``; elsewhere
+        (``flows/pipeline.py``, the library) the first train store's table is used.
+    loss
+        The loss; only ``pixel_weighted_ce`` reads prepare's weight map (border and class
+        weights).
+    optimizer
+        The optimizer and its base learning rate.
+    schedule
+        The learning-rate factor over the run.
+    patch
+        Side (pixels) of the square training patches, centred on sampled pixels and
+        mirrored past the scene edges; a multiple of the model's size multiple (``2 **
+        depth``). Sets the default split margin (``patch // 2``).
+    batch_size
+        Patches per optimizer step over all processes: under DDP each of ``W`` ranks takes
+        ``batch_size / W`` (must divide evenly).
+    steps
+        Run length in optimizer steps; give exactly one of ``steps`` and ``epochs``
+        (``flows/train.py --steps`` overrides both).
+    epochs
+        Run length in epochs of ``steps_per_epoch`` steps.
+    steps_per_epoch
+        Steps per epoch: the unit of ``epochs``, of the patch seeding and of the
+        ``epoch`` column of the metrics; not a pass over the data.
+    sampling
+        How patch centres are drawn.
+    augment
+        Random changes of each patch.
+    normalization
+        ``zscore``: ``(x - mean) / std`` per band, pooled from the train stores'
+        fingerprints (prepare, over ``prepare.train_region``), saved in the checkpoint and
+        applied again at inference; ``none``: raw values as float32.
+    seed
+        Seeds patch centres and augmentation (per patch, from ``(seed, epoch, k)``), the
+        model's initial weights and dropout (``seed + 1 + rank``).
+    grad_clip
+        Largest L2 norm of all gradients together, clipped before each step (after
+        unscaling under fp16); null: no clipping.
+    amp
+        Mixed precision on CUDA (always float32 on the CPU): ``auto`` = bf16 where
+        supported, else fp16 with a gradient scaler; ``none`` = float32.
+    early_stopping
+        Stop when the validation metric stops improving; null: run every step.
+    select_metric
+        Validation metric whose best value saves the ``best/`` checkpoint (names as in
+        ``early_stopping.metric``, not checked). An unknown name, or no validation data,
+        saves no ``best/`` (the pipeline's segment stage needs it), only ``last/``.
+    select_mode
+        Whether lower (``min``) or higher (``max``) ``select_metric`` is better: ``max``
+        for ``mean_iou`` and the other scores (nothing checks it matches the metric).
+    val_interval
+        Steps between validations (one also follows the last step), each over the whole
+        validation region; also the window of the ``train_loss`` mean logged with it.
+    val_tile
+        Side (pixels) of the tiles validation predicts, each with the model's halo of
+        context; a multiple of the model's size multiple. Larger is faster, uses more memory.
+    checkpoint_interval
+        Steps between writes of the resumable ``state/`` (also written at the end or on
+        stopping); ``best/`` and ``last/`` are separate.
+    num_workers
+        DataLoader worker processes (spawned) reading and augmenting patches; 0 reads them
+        in the training process. The patches are the same for any value.
+    deterministic
+        Use only deterministic torch kernels (``torch.use_deterministic_algorithms``; on
+        CUDA also a fixed cuBLAS workspace and no cuDNN benchmarking): slower, but a
+        resumed CPU run then ends with the uninterrupted run's weights bit for bit.
+    time_limit_s
+        Stop after this many seconds of the training loop (summed over resumes,
+        validations included, set-up not), after the step in progress, with a validation,
+        ``state/`` and ``last/``; required by ``schedule.horizon: time``. Null: no limit.
     """
 
     stores: StoresConfig
