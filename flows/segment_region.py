@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import ROOT, run_cli, tqdm_progress
@@ -50,8 +51,60 @@ def segment_task(req: SegmentRequest) -> dict[str, Any]:
 
 
 @flow(name="segment_region", log_prints=False)
-def segment_region_flow(req: SegmentRequest) -> dict[str, Any]:
-    """Segment ``req.image`` over the requested region and export the outputs."""
+def segment_region_flow(
+    image: str,
+    model: str,
+    out: str,
+    bbox: tuple[float, float, float, float] | None = None,
+    bbox_crs: str | None = None,
+    window: tuple[int, int, int, int] | None = None,
+    level: int = 0,
+    tile: int = 512,
+    mode: Literal["crop", "gaussian"] = "crop",
+    overlap: float = 0.5,
+    batch_size: int = 8,
+    tta_flips: bool = False,
+    device: str | None = None,
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto",
+    polygons: str | None = None,
+    parquet: str | None = None,
+    probabilities: str | None = None,
+    quicklook: str | None = None,
+    ome_tiff: str | None = None,
+    qupath_geojson: str | None = None,
+    work: str | None = None,
+    min_area: float = 0.0,
+) -> dict[str, Any]:
+    """Segment ``image`` over the requested region with ``model``; write ``out`` and the rest.
+
+    One flat parameter per option of :class:`segflow.segment.SegmentRequest` (same names and
+    meaning as the command line's), so a deployment run can override any one of them.
+    """
+    req = SegmentRequest(
+        image=image,
+        model=model,
+        out=out,
+        bbox=tuple(bbox) if bbox is not None else None,  # type: ignore[arg-type]
+        bbox_crs=bbox_crs,
+        window=tuple(window) if window is not None else None,  # type: ignore[arg-type]
+        level=level,
+        tile=tile,
+        mode=mode,
+        overlap=overlap,
+        batch_size=batch_size,
+        tta_flips=tta_flips,
+        device=device,
+        amp=amp,
+        polygons=polygons,
+        parquet=parquet,
+        probabilities=probabilities,
+        quicklook=quicklook,
+        ome_tiff=ome_tiff,
+        qupath_geojson=qupath_geojson,
+        work=work,
+        min_area=min_area,
+    )
+    check_request(req)
     report = segment_task(req)
     create_markdown_artifact(
         key="segment-region-summary",
@@ -159,7 +212,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
 def main(argv: list[str] | None = None) -> None:
     req = request_from_args(parser().parse_args(argv))
     check_request(req)  # fail in a second, before Prefect starts
-    r = segment_region_flow(req)
+    r = segment_region_flow(**asdict(req))
     print(
         f"{req.out}: {r['region']['width']} x {r['region']['height']} px in {r['seconds']:.1f} s "
         f"(inference {r['inference']['seconds']:.1f} s, model forward {r['inference']['seconds_in_model']:.1f} s)"
