@@ -4,97 +4,184 @@
 
 Outputs go to the config's ``work_dir`` (default ``outputs/NAME``): the scene store, the
 fingerprint, the checkpoint and training curve (``train/``), the COG, polygons and quick-look.
-A stage whose inputs, parameters and code are unchanged is skipped (each stage records what
-it was made from), so re-running finishes in seconds; a changed parameter re-runs that stage
-and the ones after it.
+
+Each stage has a key (:mod:`segflow.stages`): a SHA-256 over the upstream stages' keys, its
+parameters, the content of its input files and the code it runs. A stage whose key equals the
+one recorded in ``<work>/stages/<stage>.json`` when it last finished, and whose recorded
+outputs all exist, is skipped; so a re-run finishes in seconds, a changed segment option
+re-runs only segment_region, a changed prepare option re-runs prepare, train and
+segment_region. A stage killed part-way resumes its own partial work when re-run with the same
+key (ingest units, prepare units, the training state, inference units) and starts clean
+with another key.
+
+Prefect sees the same key: every task's ``cache_key_fn`` is the stage key and its result is
+persisted (JSON) under ``<work>/.prefect-results``, so the UI shows a current stage as
+Cached. The stage records stay the source of truth: Prefect's cache knows nothing of deleted
+outputs (it would return the old result and never re-make a deleted COG) nor of a stage
+started clean under another key, so the flow refreshes the cache whenever the records say
+a stage must run, and a stage whose cached result is missing checks its record itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from segflow.cluster import dask_client
 from segflow.config import PipelineConfig, load_config
 from segflow.errors import ConfigError
+from segflow.stages import (
+    StagePlan,
+    StageRun,
+    begin_stage,
+    finish_stage,
+    model_path,
+    plan_ingest,
+    plan_prepare,
+    plan_segment,
+    plan_train,
+)
+
+RESULTS_DIR = ".prefect-results"
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest_stage(cfg: PipelineConfig, store: str, dask_address: str | None) -> dict[str, Any]:
+def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    run: StageRun = parameters["run"]
+    return run.cache_key
+
+
+def _skipped(run: StageRun) -> dict[str, Any]:
+    """What a current stage reports: its last run's result, not run now."""
+    return {**(run.previous.result if run.previous else {}), "ran": False, "plan": run.plan.value}
+
+
+_STAGE = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
+
+
+@task(name="ingest", **_STAGE)  # type: ignore[call-overload]
+def ingest_stage(
+    run: StageRun, cfg: PipelineConfig, store: str, dask_address: str | None
+) -> dict[str, Any]:
     from segflow.ingest import IngestSpec, ingest
+    from segflow.io.store import remove_tree, staging_path
 
+    if run.plan is StagePlan.SKIP:
+        return _skipped(run)
+    t0 = time.perf_counter()
+    begin_stage(run)
+    if run.plan is StagePlan.FRESH:  # other inputs, options or code: never mix two stores
+        remove_tree(Path(store))
+        remove_tree(staging_path(store))
     spec = IngestSpec.from_config(
         cfg.ingest, out=store, classes=cfg.classes, ignore_index=cfg.ignore_index
     )
     with dask_client(dask_address) as client:
         r = ingest(spec, executor=client.get_executor())
-    return {"ran": not r.already_complete, "seconds": round(r.seconds, 1), "units": r.units_written}
+    result = {
+        "ran": not r.already_complete,
+        "plan": run.plan.value,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "units": r.units_written,
+    }
+    finish_stage(run, [store], result)
+    return result
 
 
-@task(name="prepare", cache_policy=NO_CACHE)
-def prepare_stage(cfg: PipelineConfig, store: str, dask_address: str | None) -> dict[str, Any]:
+@task(name="prepare", **_STAGE)  # type: ignore[call-overload]
+def prepare_stage(
+    run: StageRun, cfg: PipelineConfig, store: str, dask_address: str | None
+) -> dict[str, Any]:
     from segflow.io.store import SceneStore
-    from segflow.prepare import is_current, prepare_store
+    from segflow.prepare import default_fingerprint_path, is_current, prepare_store
 
-    if is_current(SceneStore.open(store), cfg.prepare):
-        return {"ran": False}
+    if run.plan is StagePlan.SKIP:
+        return _skipped(run)
     t0 = time.perf_counter()
-    with dask_client(dask_address) as client:
-        prepare_store(store, cfg.prepare, client=client)
-    return {"ran": True, "seconds": round(time.perf_counter() - t0, 1)}
+    begin_stage(run)
+    # resuming: the store's own records say what is done; fresh: recompute everything
+    # (the key may have changed for the code alone, which the store's records do not see)
+    force = run.plan is StagePlan.FRESH
+    ran = force or not is_current(SceneStore.open(store), cfg.prepare)
+    if ran:
+        with dask_client(dask_address) as client:
+            res = prepare_store(store, cfg.prepare, client=client, force=force)
+        fingerprint = str(res.fingerprint_path)
+    else:
+        fingerprint = str(default_fingerprint_path(store))
+    result = {"ran": ran, "plan": run.plan.value, "seconds": round(time.perf_counter() - t0, 1)}
+    finish_stage(run, [fingerprint, str(Path(store) / "weights")], result)
+    return result
 
 
 def _trained(out: Path, tcfg: Any) -> bool:
-    """A finished run of this exact training config is in ``out``."""
-    ckpt = out / "best" / "checkpoint.json"
+    """A finished run of this exact training config is in ``out`` (its ``last`` checkpoint
+    is written once training ends; ``best`` also exists part-way)."""
+    import json
+
+    ckpt = out / "last" / "checkpoint.json"
     if not ckpt.is_file():
         return False
     doc = json.loads(ckpt.read_text())
     return bool(doc.get("training", {}).get("config") == tcfg.model_dump(mode="json"))
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_stage(
-    cfg: PipelineConfig, out: str, upstream_changed: bool, device: str | None
-) -> dict[str, Any]:
-    import shutil
-
+@task(name="train", **_STAGE)  # type: ignore[call-overload]
+def train_stage(run: StageRun, cfg: PipelineConfig, out: str, device: str | None) -> dict[str, Any]:
     from segflow.train.config import make_train_config
-    from segflow.train.loop import train
+    from segflow.train.loop import STATE_DIR, train
 
+    if run.plan is StagePlan.SKIP:
+        return _skipped(run)
+    t0 = time.perf_counter()
+    begin_stage(run)
     tcfg = make_train_config(cfg.train or {}, source="train")
-    if not upstream_changed and _trained(Path(out), tcfg):
-        return {"ran": False}
-    if Path(out).exists():
-        shutil.rmtree(out)  # inputs or config changed: a new run, not a resume of the old one
-    res = train(tcfg, out_dir=out, device=device)
-    return {
-        "ran": True,
-        "seconds": round(res.wall_s, 1),
-        "steps": res.steps,
-        "best_metric": res.best_metric,
-        "metric": tcfg.select_metric,
-    }
+    outp = Path(out)
+    if run.plan is StagePlan.FRESH and outp.exists():
+        shutil.rmtree(outp)  # inputs, config or code changed: a new run, not a resume
+    result: dict[str, Any]
+    if _trained(outp, tcfg):  # finished by a run killed before it was recorded
+        result = {"ran": False, "plan": run.plan.value}
+    else:
+        resume = (outp / STATE_DIR).is_dir() or (outp / f"{STATE_DIR}.old").is_dir()
+        res = train(tcfg, out_dir=outp, device=device, resume=resume)
+        result = {
+            "ran": True,
+            "plan": run.plan.value,
+            "steps": res.steps,
+            "best_metric": res.best_metric,
+            "metric": tcfg.select_metric,
+            "resumed_from": res.resumed_from,
+        }
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    outputs = [p for p in (outp / "best", outp / "last", outp / "metrics.json") if p.exists()]
+    finish_stage(run, outputs, result)
+    return result
 
 
-@task(name="segment_region", cache_policy=NO_CACHE)
-def segment_stage(cfg: PipelineConfig, model: str, device: str | None) -> dict[str, Any]:
+@task(name="segment_region", **_STAGE)  # type: ignore[call-overload]
+def segment_stage(
+    run: StageRun, cfg: PipelineConfig, model: str, device: str | None
+) -> dict[str, Any]:
+    from segflow.io.store import remove_tree, staging_path
     from segflow.segment import SegmentRequest, segment_region
 
+    if run.plan is StagePlan.SKIP:
+        return _skipped(run)
+    t0 = time.perf_counter()
     s, work = cfg.segment, cfg.work_path
     req = SegmentRequest(
         image=s.image or cfg.ingest.source,
-        model=s.model or model,
+        model=model,
         out=str(work / "prediction.tif"),
         bbox=s.bbox,
         bbox_crs=s.bbox_crs,
@@ -112,15 +199,43 @@ def segment_stage(cfg: PipelineConfig, model: str, device: str | None) -> dict[s
         ome_tiff=str(work / "prediction.ome.tif") if s.ome_tiff else None,
         qupath_geojson=str(work / "prediction.qupath.geojson") if s.qupath else None,
     )
+    begin_stage(run)
+    if run.plan is StagePlan.FRESH:
+        for old in run.previous.outputs if run.previous else ():
+            Path(old).unlink(missing_ok=True)  # e.g. polygons no longer asked for
+        before = run.started or {}
+        region = ("image", "bbox", "bbox_crs", "window")
+        same_region = all((before.get("params") or {}).get(k) == run.params.get(k) for k in region)
+        if before.get("code") != run.code or not same_region:
+            # the inference store resumes units made with the same model and inference
+            # options by itself (an export option alone re-infers nothing); made by other
+            # code or for another region, it is rebuilt
+            remove_tree(req.work_store)
+            remove_tree(staging_path(req.work_store))
     r = segment_region(req).to_dict()
-    return {
+    result = {
         "ran": True,
-        "seconds": round(r["seconds"], 1),
+        "plan": run.plan.value,
+        "seconds": round(time.perf_counter() - t0, 1),
         "outputs": r["outputs"],
         "class_pixels": r["class_pixels"],
         "tiles": r["inference"]["tiles"],
         "skipped_units": r["inference"]["skipped_units"],
     }
+    finish_stage(run, list(r["outputs"].values()), result)
+    return result
+
+
+def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[str, Any]:
+    """Run one stage task: Prefect's cache answers only when the stage records say current."""
+    configured: Callable[..., dict[str, Any]] = stage.with_options(
+        result_storage=Path(run.work).resolve() / RESULTS_DIR,
+        refresh_cache=run.plan is not StagePlan.SKIP,
+    )
+    result = dict(configured(run, *args))
+    if run.plan is StagePlan.SKIP:  # a cached result is the one of the run that made it
+        result.update(ran=False, plan=run.plan.value)
+    return result
 
 
 @flow(name="pipeline", log_prints=False)
@@ -133,33 +248,48 @@ def pipeline_flow(
     work.mkdir(parents=True, exist_ok=True)
     store = str(work / "scene.zarr")
     stages: dict[str, Any] = {}
-    stages["ingest"] = ingest_stage(cfg, store, dask_address)
-    stages["prepare"] = prepare_stage(cfg, store, dask_address)
-    model = str(work / "train")
+    ingest = plan_ingest(cfg)
+    stages["ingest"] = _call(ingest_stage, ingest, cfg, store, dask_address)
+    prepare = plan_prepare(cfg, ingest)
+    stages["prepare"] = _call(prepare_stage, prepare, cfg, store, dask_address)
+    train = None
     if cfg.train is not None:
-        changed = stages["ingest"]["ran"] or stages["prepare"]["ran"]
-        stages["train"] = train_stage(cfg, model, changed, device)
-    stages["segment_region"] = segment_stage(cfg, str(Path(model) / "best"), device)
+        train = plan_train(cfg, store, ingest, prepare)
+        stages["train"] = _call(train_stage, train, cfg, str(work / "train"), device)
+    segment = plan_segment(cfg, store, ingest, prepare, train)  # after training: keys the model
+    stages["segment_region"] = _call(segment_stage, segment, cfg, str(model_path(cfg)), device)
     create_markdown_artifact(
         key="pipeline-summary", markdown=summary(cfg, stages), description=f"pipeline {cfg.name}"
     )
     return stages
 
 
+def stage_status(name: str, st: dict[str, Any]) -> str:
+    """``ran in X s`` (with what training did) or ``skipped (current)``."""
+    if not st["ran"]:
+        return "skipped (current)"
+    status = f"ran in {st.get('seconds', '?')} s"
+    if st.get("plan") == StagePlan.RESUME.value:
+        status += " (resumed)"
+    if name == "train" and st.get("steps") is not None:
+        best = st.get("best_metric")
+        status += f", {st['steps']} steps"
+        if best is not None:
+            status += f", best {st['metric']} {best:.4f}"
+    return status
+
+
 def summary(cfg: PipelineConfig, stages: dict[str, Any]) -> str:
     lines = [f"### segflow pipeline `{cfg.name}`", "", "| stage | status |", "|---|---|"]
     for name, st in stages.items():
-        status = f"ran in {st.get('seconds', '?')} s" if st["ran"] else "skipped (current)"
-        if name == "train" and st["ran"]:
-            status += f", {st['steps']} steps, best {st['metric']} {st['best_metric']:.4f}"
-        lines.append(f"| {name} | {status} |")
+        lines.append(f"| {name} | {stage_status(name, st)} |")
     seg = stages["segment_region"]
-    outputs = dict(seg["outputs"])
+    outputs = dict(seg.get("outputs") or {})
     if "train" in stages:
         outputs["training curve"] = str(cfg.work_path / "train" / "curve.png")
         outputs["model"] = str(cfg.work_path / "train" / "best")
     lines += ["", *[f"- {k}: `{v}`" for k, v in outputs.items()]]
-    lines += [f"- {k}: {v} px" for k, v in seg["class_pixels"].items()]
+    lines += [f"- {k}: {v} px" for k, v in (seg.get("class_pixels") or {}).items()]
     return "\n".join(lines) + "\n"
 
 
