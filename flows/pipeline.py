@@ -181,6 +181,8 @@ def segment_stage(
     s, work = cfg.segment, cfg.work_path
     req = SegmentRequest(
         image=s.image or cfg.ingest.source,
+        # the model was trained at ingest.level: read the ingested source at that scale
+        level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
         model=model,
         out=str(work / "prediction.tif"),
         bbox=s.bbox,

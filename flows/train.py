@@ -7,7 +7,8 @@
 Two coarse tasks: ``prepare-data`` (every store of ``train.stores`` that is missing and has a
 ``source`` is ingested with the pipeline's ``ingest`` section as a template and prepared with
 its ``prepare`` section; current stores are skipped) and ``train`` (the library's
-:func:`segflow.train.loop.train`). The default output directory is ``outputs/NAME/train``.
+:func:`segflow.train.loop.train`). The default output directory is the config's
+``work_dir`` + ``/train`` (``outputs/NAME/train`` unless set), where the pipeline looks.
 
 DDP (many GPUs or CPU processes): build the stores once, then launch every rank without
 Prefect (the flow does this by itself when ``WORLD_SIZE`` is set):
@@ -165,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python flows/train.py",
                                 description="Build the training stores of a pipeline and train.")
     p.add_argument("--config", required=True, help="pipeline YAML with a 'train' section")
-    p.add_argument("--out", help="output directory (default outputs/NAME/train)")
+    p.add_argument("--out", help="output directory (default: the config's work_dir/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     cfg = load_config(args.config)
     tcfg = train_config(cfg, args)  # fail in a second, before Prefect starts
-    out = Path(args.out or f"outputs/{cfg.name}/train")
+    out = Path(args.out) if args.out else cfg.work_path / "train"
     show = not args.no_progress and sys.stderr.isatty()
     if args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -245,8 +245,12 @@ class SegmentConfig(_Model):
     Attributes
     ----------
     image
-        Image to segment: a source file (read at level 0) or a scene store directory
+        Image to segment: a source file (read at ``level``) or a scene store directory
         (predictions are then also written into it). Null: ``ingest.source``.
+    level
+        Pyramid level of ``image`` to read (slides, GeoTIFF overviews); must be the scale
+        the model was trained at. Null: ``ingest.level`` when ``image`` is null (the
+        ingested source), else 0.
     model
         Checkpoint directory (as training writes, e.g. ``outputs/x/train/best``). Null:
         ``{work_dir}/train/best``, which needs a ``train`` section.
@@ -295,6 +299,7 @@ class SegmentConfig(_Model):
     """
 
     image: str | None = None
+    level: Annotated[int, Field(ge=0)] | None = None
     model: str | None = None
     bbox: tuple[float, float, float, float] | None = None
     bbox_crs: str | None = None
@@ -380,7 +385,10 @@ def format_validation_error(err: ValidationError, *, source: str, prefix: str = 
         return f"{source}: missing required key '{where}': add it"
     value = first.get("input")
     more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
-    return f"{source}: '{where}' = {value!r} is invalid: {first['msg']}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a whole section failed a cross-field check: no dump of it
+        return f"{source}: '{where}' is invalid: {msg}{more}"
+    return f"{source}: '{where}' = {value!r} is invalid: {msg}{more}"
 
 
 def load_config(path: str | Path) -> PipelineConfig:

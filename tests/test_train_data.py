@@ -300,6 +300,24 @@ def test_config_errors() -> None:
         make_train_config({**base, "patch": 66})
     with pytest.raises(ConfigError, match="exactly one of steps or epochs"):
         make_train_config({**base, "epochs": 2})
+    with pytest.raises(ConfigError, match="select_metric"):
+        make_train_config({**base, "select_metric": "mean_iuo"})  # a typo: no best/ ever
+    with pytest.raises(
+        ConfigError,
+        match="select_mode 'min' would keep the worst mean_iou \\(higher is better\\): use 'max'",
+    ):
+        make_train_config({**base, "select_metric": "mean_iou"})  # select_mode min
+    assert make_train_config({**base, "select_metric": "mean_iou", "select_mode": "max"})
+    with pytest.raises(
+        ConfigError, match=r"early_stopping\.mode 'max' would keep the worst pixel_error"
+    ):
+        make_train_config({**base, "early_stopping": {"mode": "max"}})
+    with pytest.raises(ConfigError, match=r"gamma must be \[low, high\] with 0 < low"):
+        make_train_config({**base, "augment": {"intensity": {"gamma": [0, 1.5]}}})
+    with pytest.raises(ConfigError, match="contrast must be"):
+        make_train_config({**base, "augment": {"intensity": {"contrast": [1.2, 0.8]}}})
+    with pytest.raises(ConfigError, match=r"betas must each be in \[0, 1\)"):
+        make_train_config({**base, "optimizer": {"betas": [0.9, 1.0]}})
     cfg = make_train_config(
         {
             **base,

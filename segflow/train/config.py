@@ -51,6 +51,41 @@ from segflow.errors import ConfigError
 from segflow.train.losses import LossConfig
 from segflow.train.models import ModelConfig
 
+Metric = Literal[
+    "pixel_error",
+    "pixel_accuracy",
+    "mean_class_accuracy",
+    "mean_iou",
+    "frequency_weighted_iou",
+    "mean_dice",
+]
+# which way is better for each validation metric: a mismatched mode keeps the worst model
+METRIC_MODE: dict[str, Literal["min", "max"]] = {
+    "pixel_error": "min",
+    "pixel_accuracy": "max",
+    "mean_class_accuracy": "max",
+    "mean_iou": "max",
+    "frequency_weighted_iou": "max",
+    "mean_dice": "max",
+}
+
+
+def _check_mode(metric: str, mode: str, *, key: str) -> None:
+    want = METRIC_MODE[metric]
+    if mode != want:
+        better = "lower" if want == "min" else "higher"
+        raise ValueError(
+            f"{key} {mode!r} would keep the worst {metric} ({better} is better): use {want!r}"
+        )
+
+
+def _check_range(value: tuple[float, float], *, name: str, positive: bool) -> None:
+    lo, hi = value
+    if lo > hi or (positive and lo <= 0):
+        need = "0 < low <= high" if positive else "low <= high"
+        raise ValueError(f"{name} must be [low, high] with {need}, got {list(value)}")
+
+
 __all__ = [
     "AugmentConfig",
     "EarlyStoppingConfig",
@@ -212,6 +247,14 @@ class OptimizerConfig(_Model):
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
 
+    @model_validator(mode="after")
+    def _check_betas(self) -> OptimizerConfig:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(
+                f"betas must each be in [0, 1), got {list(self.betas)}: e.g. [0.9, 0.999]"
+            )
+        return self
+
 
 class ScheduleConfig(_Model):
     """The learning-rate schedule, a pure function of the step (see :func:`lr_factor`).
@@ -345,6 +388,12 @@ class IntensityConfig(_Model):
     brightness: Annotated[float, Field(ge=0)] = 0.1
     contrast: tuple[float, float] = (0.75, 1.25)
 
+    @model_validator(mode="after")
+    def _check_ranges(self) -> IntensityConfig:
+        _check_range(self.gamma, name="gamma", positive=True)
+        _check_range(self.contrast, name="contrast", positive=True)
+        return self
+
 
 class AugmentConfig(_Model):
     """Patch augmentation (see :mod:`segflow.train.augment`).
@@ -377,10 +426,10 @@ class EarlyStoppingConfig(_Model):
     ----------
     metric
         Validation metric to watch: ``pixel_error``, ``pixel_accuracy``, ``mean_iou``,
-        ``mean_dice``, ``mean_class_accuracy`` or ``frequency_weighted_iou``. Another name
-        (it is not checked), or no validation data, never stops.
+        ``mean_dice``, ``mean_class_accuracy`` or ``frequency_weighted_iou``. Without
+        validation data it never stops.
     mode
-        ``min`` for errors, ``max`` for accuracies, IoU and Dice.
+        ``min`` for ``pixel_error``, ``max`` for accuracies, IoU and Dice (checked).
     patience
         Validations in a row (one every ``val_interval`` steps) without improvement before
         training stops (with a state and ``last`` checkpoint written).
@@ -389,10 +438,15 @@ class EarlyStoppingConfig(_Model):
         (in the metric's units).
     """
 
-    metric: str = "pixel_error"
+    metric: Metric = "pixel_error"
     mode: Literal["min", "max"] = "min"
     patience: Annotated[int, Field(ge=1)] = 10
     min_delta: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> EarlyStoppingConfig:
+        _check_mode(self.metric, self.mode, key="early_stopping.mode")
+        return self
 
 
 class TrainConfig(_Model):
@@ -460,11 +514,11 @@ class TrainConfig(_Model):
         Stop when the validation metric stops improving; null: run every step.
     select_metric
         Validation metric whose best value saves the ``best/`` checkpoint (names as in
-        ``early_stopping.metric``, not checked). An unknown name, or no validation data,
-        saves no ``best/`` (the pipeline's segment stage needs it), only ``last/``.
+        ``early_stopping.metric``). Without validation data no ``best/`` is saved (the
+        pipeline's segment stage needs it), only ``last/``.
     select_mode
-        Whether lower (``min``) or higher (``max``) ``select_metric`` is better: ``max``
-        for ``mean_iou`` and the other scores (nothing checks it matches the metric).
+        Whether lower (``min``) or higher (``max``) ``select_metric`` is better: ``min``
+        for ``pixel_error``, ``max`` for ``mean_iou`` and the other scores (checked).
     val_interval
         Steps between validations (one also follows the last step), each over the whole
         validation region; also the window of the ``train_loss`` mean logged with it.
@@ -505,7 +559,7 @@ class TrainConfig(_Model):
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     early_stopping: EarlyStoppingConfig | None = None
-    select_metric: str = "pixel_error"
+    select_metric: Metric = "pixel_error"
     select_mode: Literal["min", "max"] = "min"
     val_interval: Annotated[int, Field(ge=1)] = 100
     val_tile: Annotated[int, Field(ge=16)] = 1024
@@ -529,12 +583,15 @@ class TrainConfig(_Model):
             )
         if self.val_tile % m:
             raise ValueError(f"val_tile {self.val_tile} must be a multiple of {m}")
+        _check_mode(self.select_metric, self.select_mode, key="select_mode")
         return self
 
     @property
     def total_steps(self) -> int:
         """Optimizer steps of the whole run."""
-        return self.steps if self.steps is not None else int(self.epochs or 0) * self.steps_per_epoch
+        return (
+            self.steps if self.steps is not None else int(self.epochs or 0) * self.steps_per_epoch
+        )
 
     @property
     def margin(self) -> int:
@@ -544,7 +601,9 @@ class TrainConfig(_Model):
         return self.patch // 2
 
 
-def make_train_config(data: TrainConfig | Mapping[str, Any], *, source: str = "train config") -> TrainConfig:
+def make_train_config(
+    data: TrainConfig | Mapping[str, Any], *, source: str = "train config"
+) -> TrainConfig:
     """Validate ``data`` into a :class:`TrainConfig`; bad values raise one-line ConfigError."""
     if isinstance(data, TrainConfig):
         return data
