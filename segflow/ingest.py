@@ -419,7 +419,7 @@ def ingest(
             source=source,
             labels=labels,
             instances=instances,
-            store_path=str(staging),
+            store_path=str(store.path),  # absolute: workers may run elsewhere
             ingest_key=run_key,
         )
         for t in tasks

@@ -163,7 +163,7 @@ class SceneStore:
 
         ``path`` must not hold a store yet (an existing directory without one is used).
         """
-        p = Path(path)
+        p = Path(path).absolute()  # Dask workers may run in another directory
         if (p / "zarr.json").exists() or p.is_file():
             raise StoreError(f"store already exists: {str(p)!r}: remove it or choose another --out")
         band_names = tuple(bands)
@@ -209,7 +209,7 @@ class SceneStore:
     @classmethod
     def open(cls, path: str | Path, *, mode: str = "r") -> SceneStore:
         """Open an existing store (``mode`` ``"r"`` or ``"r+"``)."""
-        p = Path(path)
+        p = Path(path).absolute()  # Dask workers may run in another directory
         if not (p / "zarr.json").is_file():
             hint = (
                 f" (an unfinished one is at {str(staging_path(p))!r}: re-run ingest to finish it)"
