@@ -9,7 +9,11 @@ Builds the 30 stores first if missing (ingest + prepare, not counted in the budg
 set to the budget. ``--steps`` (default: the YAML's) sets the length of the LR schedule: pick
 it so the schedule ends near the time limit (steps/s is printed in the result). The pixel
 error is ``1 - pixel accuracy`` of the argmax over every pixel of slices 24-29 (whole-slice
-inference with mirrored context), for the final and the best validated model. Prints JSON.
+inference with mirrored context), for the final and the best validated model. The saved
+checkpoints are then evaluated again through the inference engine users run
+(``segflow.infer.predict_array``, as ``segment_region``), without and with flip test-time
+augmentation (``--tta``: the mean softmax of the identity and three flips; inference only,
+training is unchanged). ``--eval-only CKPT`` evaluates an existing checkpoint. Prints JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "flows"))
@@ -35,6 +41,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--eval-only", metavar="CKPT", help="only evaluate this checkpoint")
     args = p.parse_args()
 
     import torch
@@ -48,6 +55,11 @@ def main() -> None:
     cfg = load_config(args.config)
     ns = argparse.Namespace(config=args.config, steps=args.steps, time_limit=args.minutes * 60)
     tcfg = train_config(cfg, ns)
+    val_stores = [r.store for r in tcfg.stores.val]
+    if args.eval_only:
+        ensure_stores(cfg, tcfg, show=False)
+        print(json.dumps(evaluate(args.eval_only, val_stores, args.device), indent=1))
+        return
     t0 = time.perf_counter()
     ensure_stores(cfg, tcfg, show=False)
     t_prep = time.perf_counter() - t0
@@ -83,11 +95,52 @@ def main() -> None:
                 "final_mean_iou": res.final_metrics.get("mean_iou"),
                 "best_pixel_error": best["pixel_error"],
                 "best_step": best["step"],
+                "engine_eval": {
+                    name: evaluate(str(Path(args.out) / name), val_stores, args.device)
+                    for name in ("best", "last")
+                },
                 "out": args.out,
             },
             indent=1,
         )
     )
+
+
+def evaluate(checkpoint: str, stores: list[str], device: str) -> dict[str, float]:
+    """Pixel error of ``checkpoint`` over whole ``stores``, without and with flip TTA."""
+    from segflow.geometry import Window
+    from segflow.infer import InferenceOptions, StoreReader, predict_array
+    from segflow.io.store import SceneStore
+    from segflow.train.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    out: dict[str, float] = {}
+    for tta in (False, True):
+        wrong = total = 0
+        for path in stores:
+            store = SceneStore.open(path)
+            opts = InferenceOptions(
+                tile=round(max(store.height, store.width) / meta.size_multiple + 0.5)
+                * meta.size_multiple,
+                halo=meta.halo,
+                size_multiple=meta.size_multiple,
+                device=device,
+                tta_flips=tta,
+            )
+            probs = predict_array(
+                StoreReader(store),
+                model,
+                Window(0, 0, store.height, store.width),
+                options=opts,
+                mean=meta.normalization.mean,
+                std=meta.normalization.std,
+            )
+            labels = np.asarray(store.array("labels")[...])
+            known = labels != (meta.ignore_index if meta.ignore_index is not None else -1)
+            wrong += int((probs.argmax(0) != labels)[known].sum())
+            total += int(known.sum())
+        out["pixel_error_tta" if tta else "pixel_error"] = wrong / total
+    return out
 
 
 if __name__ == "__main__":

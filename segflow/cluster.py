@@ -58,7 +58,7 @@ def dask_client(
             threads_per_worker=threads_per_worker or cores,
             processes=processes,
             memory_limit=memory_limit or "auto",
-            dashboard_address=None,
+            dashboard_address=":0",  # None still serves on 8787 and warns when it is taken
         ) as cluster,
         Client(cluster) as client,
     ):

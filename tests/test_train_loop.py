@@ -86,6 +86,23 @@ def test_split_and_class_balanced(isbi_stores: list[Path], tmp_path: Path) -> No
     assert res.final_metrics["pixels"] == 3 * 32 * 32  # one held-out 32-px block per store
 
 
+def test_cpu_bf16_channels_last_tracks_float32(isbi_stores: list[Path], tmp_path: Path) -> None:
+    """bf16 autocast + NHWC on the CPU: same run within bf16 rounding; fp16 is refused."""
+    ref = train(tiny_config(isbi_stores, steps=4, val_interval=4), out_dir=tmp_path / "f32")
+    fast = train(
+        tiny_config(isbi_stores, steps=4, val_interval=4, amp="bf16", channels_last=True),
+        out_dir=tmp_path / "bf16",
+    )
+    a = json.loads((tmp_path / "f32" / "metrics.json").read_text())["train_loss"]
+    b = json.loads((tmp_path / "bf16" / "metrics.json").read_text())["train_loss"]
+    assert np.isfinite(b).all() and np.allclose(a, b, rtol=0.05), (a, b)
+    assert ref.steps == fast.steps == 4
+    model, _ = load_checkpoint(tmp_path / "bf16" / "last")  # NHWC weights saved as plain ones
+    assert all(t.is_contiguous() for t in model.state_dict().values())
+    with pytest.raises(ConfigError, match="amp 'fp16' needs a CUDA device"):
+        train(tiny_config(isbi_stores, amp="fp16"), out_dir=tmp_path / "fp16", device="cpu")
+
+
 def _state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -508,8 +508,13 @@ class TrainConfig(_Model):
         Largest L2 norm of all gradients together, clipped before each step (after
         unscaling under fp16); null: no clipping.
     amp
-        Mixed precision on CUDA (always float32 on the CPU): ``auto`` = bf16 where
-        supported, else fp16 with a gradient scaler; ``none`` = float32.
+        Mixed precision: ``auto`` = on CUDA bf16 where supported, else fp16 with a gradient
+        scaler, and float32 on the CPU; ``bf16`` also on the CPU (about 1.6x faster steps
+        on CPUs with AVX512-BF16 or AMX, measured on this project's 2-core machines; slow on
+        others); ``fp16`` needs CUDA; ``none`` = float32.
+    channels_last
+        Keep the model's weights and activations in NHWC memory layout: faster convolutions
+        on CPUs (oneDNN) and on tensor cores; same results within rounding.
     early_stopping
         Stop when the validation metric stops improving; null: run every step.
     select_metric
@@ -558,6 +563,7 @@ class TrainConfig(_Model):
     seed: int = 0
     grad_clip: Annotated[float, Field(gt=0)] | None = 1.0
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
     early_stopping: EarlyStoppingConfig | None = None
     select_metric: Metric = "pixel_error"
     select_mode: Literal["min", "max"] = "min"

@@ -539,6 +539,10 @@ def _save_model(
 # --------------------------------------------------------------------------- the loop
 def _autocast_factory(device: torch.device, amp: str) -> tuple[Callable[[], Any], bool]:
     """(context manager factory, needs a GradScaler) for this device and amp choice."""
+    if device.type == "cpu" and amp == "bf16":
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), False
+    if device.type == "cpu" and amp == "fp16":
+        raise ConfigError("amp 'fp16' needs a CUDA device: use 'bf16' or 'none' on the CPU")
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext, False
     bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
@@ -619,6 +623,8 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(dev)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     if dist_info.active and dev.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
@@ -753,7 +759,7 @@ def train(
         f = lr_factor(cfg.schedule, sched_step, total)
         for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr0 * f
-        x = batch["image"].to(dev, non_blocking=True)
+        x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=layout)
         y = batch["labels"].to(dev, non_blocking=True)
         mask = batch["mask"].to(dev, non_blocking=True)
         w = batch["weights"].to(dev, non_blocking=True) if "weights" in batch else None
