@@ -624,7 +624,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(dev)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    model = model.to(memory_format=layout)  # type: ignore[call-overload]  # documented, not in the stubs
     if dist_info.active and dev.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
