@@ -132,9 +132,50 @@ def test_cog_overviews_are_mode_not_average(tmp_path: Path) -> None:
             ov = ds.read(1, out_shape=(512 // factor, 512 // factor))
             assert set(np.unique(ov).tolist()) <= {0, 8}
         level1 = ds.read(1, out_shape=(256, 256))
-    # GDAL's mode agrees with the numpy 2 x 2 mode where the majority is strict
-    ours = downsample_mode2(labels)
-    assert (level1 == 8).mean() == pytest.approx((ours == 8).mean(), abs=0.05)
+    np.testing.assert_array_equal(level1, downsample_mode2(labels))
+
+
+def _mode2_reference(a: np.ndarray, nodata: int | None) -> np.ndarray:
+    """Per block, plain Python: the most frequent non-nodata id, ties to the earliest pixel."""
+    h, w = a.shape
+    out = np.empty(((h + 1) // 2, (w + 1) // 2), a.dtype)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            px = [int(v) for v in a[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].ravel()]
+            votes = [v for v in px if v != nodata] or px
+            out[i, j] = max(votes, key=lambda v: (votes.count(v), -votes.index(v)))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (1, 5), (6, 1)])
+def test_downsample_mode2_equals_per_block_vote(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    a = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=shape, p=[0.3, 0.3, 0.2, 0.2])
+    for nodata in (None, 255):
+        np.testing.assert_array_equal(
+            downsample_mode2(a, nodata=nodata), _mode2_reference(a, nodata)
+        )
+
+
+def test_cog_overview_levels_are_mode_of_the_level_above(tmp_path: Path) -> None:
+    """Every overview (built while streaming) is the 2 x 2 mode of the level above, nodata
+    never winning over a class; sizes are GDAL's ceil(n / factor)."""
+    classes = [ClassDef(id=c, name=f"c{c}") for c in range(3)]
+    rng = np.random.default_rng(3)
+    labels = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(300, 428))
+    labels[:64, :64] = 255  # a nodata corner
+    out = write_cog(
+        labels, tmp_path / "m.tif", georef=None, classes=classes, block=32, read_size=64
+    )
+    with rasterio.open(out) as ds:
+        assert ds.overviews(1) == [2, 4, 8, 16]
+        above = labels
+        for factor in ds.overviews(1):
+            shape = (-(-300 // factor), -(-428 // factor))
+            level = ds.read(1, out_shape=shape)
+            above = downsample_mode2(above, nodata=255)
+            np.testing.assert_array_equal(level, above)
+    assert not list(tmp_path.glob(".*scratch*")), "scratch files left behind"
 
 
 @pytest.mark.skipif(shutil.which("gdalinfo") is None, reason="gdalinfo (gdal-bin) not installed")

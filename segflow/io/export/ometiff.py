@@ -28,6 +28,7 @@ from segflow.io.export._common import (
     check_integer_dtype,
     check_labels,
     check_nodata,
+    downsample_mode2,
     iter_windows,
     read_window,
     round_up,
@@ -39,40 +40,6 @@ __all__ = ["downsample_mode2", "write_ome_tiff_labels"]
 log = logging.getLogger(__name__)
 
 _DTYPES = ("uint8", "uint16", "uint32")
-
-
-def downsample_mode2(block: np.ndarray, method: Literal["mode", "nearest"] = "mode") -> np.ndarray:
-    """Halve a 2-D label block: the most frequent id of each 2 x 2 cell (or its top-left).
-
-    Odd sizes round up (the last row/column cell is smaller). Ties go to the top-left value.
-
-    Examples
-    --------
-    >>> downsample_mode2(np.array([[1, 2, 3], [2, 2, 3]]))
-    array([[2, 3]])
-    """
-    if method == "nearest":
-        return block[::2, ::2].copy()
-    h, w = block.shape
-    a = block[0::2, 0::2]
-    # neighbours, edge-replicated where the block has an odd size
-    b = block[0::2, 1::2] if w > 1 else a
-    c = block[1::2, 0::2] if h > 1 else a
-    if b.shape != a.shape:
-        b = np.concatenate([b, a[:, -1:]], axis=1)
-    if c.shape != a.shape:
-        c = np.concatenate([c, a[-1:, :]], axis=0)
-    d = block[1::2, 1::2] if h > 1 and w > 1 else a
-    if d.shape != a.shape:
-        d = (
-            np.pad(d, ((0, a.shape[0] - d.shape[0]), (0, a.shape[1] - d.shape[1])), mode="edge")
-            if d.size
-            else a
-        )
-    cand = np.stack([a, b, c, d])
-    counts = np.stack([(cand == cand[i]).sum(axis=0) for i in range(4)])
-    best = counts.argmax(axis=0)  # first maximum: top-left wins ties
-    return np.take_along_axis(cand, best[None], axis=0)[0]
 
 
 def _level_shapes(height: int, width: int, tile: int, levels: int | None) -> list[tuple[int, int]]:
@@ -196,7 +163,7 @@ def write_ome_tiff_labels(
                 block = read_window(prev, win)
                 if k == 1 and checker is not None:
                     checker(block, win)
-                small = downsample_mode2(block, method)
+                small = downsample_mode2(block, method, nodata=nodata)
                 arr[
                     win.row_off // 2 : win.row_off // 2 + small.shape[0],
                     win.col_off // 2 : win.col_off // 2 + small.shape[1],
