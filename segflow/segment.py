@@ -271,14 +271,18 @@ def _decimated_image(inp: _Input, region: Window, step: int) -> np.ndarray:
     return np.concatenate(rows, axis=1)[:, :out_h, :out_w]
 
 
-def _class_pixels(labels: Any, classes: Sequence[ClassDef], read: int = 2048) -> dict[str, int]:
-    counts = np.zeros(65536, dtype=np.int64)
-    h, w = labels.shape
-    for r in range(0, h, read):
-        for c in range(0, w, read):
-            block = np.asarray(labels[r : r + read, c : c + read])
-            counts[: int(block.max()) + 1] += np.bincount(block.ravel())
-    return {c.name: int(counts[c.id]) for c in classes}
+class _ClassCounter:
+    """Pixels per class id, from the windows the COG export streams (no second read)."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(65536, dtype=np.int64)
+
+    def __call__(self, block: np.ndarray, window: Window) -> None:
+        n = np.bincount(block.ravel())
+        self.counts[: n.size] += n
+
+    def by_name(self, classes: Sequence[ClassDef]) -> dict[str, int]:
+        return {c.name: int(self.counts[c.id]) for c in classes}
 
 
 def segment_region(
@@ -342,12 +346,13 @@ def segment_region(
         if inp.georef
         else None
     )
-    outputs = _export(req, inp, store, labels, view_region, region, georef, classes)
+    counter = _ClassCounter()
+    outputs = _export(req, inp, store, labels, view_region, region, georef, classes, counter)
     return SegmentReport(
         region=region,
         outputs={k: str(v) for k, v in outputs.items() if k != "polygon_count"},
         inference=asdict(report),
-        class_pixels=_class_pixels(labels, classes),
+        class_pixels=counter.by_name(classes),
         polygons=outputs.get("polygon_count"),
         seconds=time.perf_counter() - t0,
         georef=asdict(georef) if georef else None,
@@ -363,6 +368,7 @@ def _export(
     region: Window,
     georef: GeoRef | None,
     classes: tuple[ClassDef, ...],
+    counter: _ClassCounter,
 ) -> dict[str, Any]:
     from segflow.io.export import (
         quicklook_png,
@@ -375,7 +381,13 @@ def _export(
     done: dict[str, Any] = {
         # the exports run after inference, alone: let GDAL compress on every core
         "cog": write_cog(
-            labels, req.out, georef=georef, classes=classes, nodata=255, threads="ALL_CPUS"
+            labels,
+            req.out,
+            georef=georef,
+            classes=classes,
+            nodata=255,
+            threads="ALL_CPUS",
+            observe=counter,
         )
     }
     if req.probabilities:

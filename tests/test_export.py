@@ -135,6 +135,30 @@ def test_cog_overviews_are_mode_not_average(tmp_path: Path) -> None:
     np.testing.assert_array_equal(level1, downsample_mode2(labels))
 
 
+def test_cog_observe_sees_every_pixel_once(tmp_path: Path) -> None:
+    classes = [ClassDef(id=c, name=f"c{c}") for c in range(3)]
+    labels = np.random.default_rng(5).integers(0, 3, size=(300, 200), dtype=np.uint8)
+    seen = np.zeros(labels.shape, int)
+    counts = np.zeros(256, np.int64)
+
+    def observe(block: np.ndarray, win: Any) -> None:
+        seen[win.slices] += 1
+        counts[: int(block.max()) + 1] += np.bincount(block.ravel())
+        np.testing.assert_array_equal(block, labels[win.slices])
+
+    write_cog(
+        labels,
+        tmp_path / "o.tif",
+        georef=None,
+        classes=classes,
+        block=64,
+        read_size=128,
+        observe=observe,
+    )
+    assert (seen == 1).all()
+    np.testing.assert_array_equal(counts[:3], np.bincount(labels.ravel(), minlength=3))
+
+
 def _mode2_reference(a: np.ndarray, nodata: int | None) -> np.ndarray:
     """Per block, plain Python: the most frequent non-nodata id, ties to the earliest pixel."""
     h, w = a.shape

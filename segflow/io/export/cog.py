@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -310,6 +310,7 @@ def write_cog(
     cache_mb: int = 64,
     threads: int | str = 1,
     check_classes: bool = True,
+    observe: Callable[[np.ndarray, Window], None] | None = None,
 ) -> Path:
     """Write a 2-D class-id array as a Cloud-Optimized GeoTIFF with a colour table.
 
@@ -344,6 +345,9 @@ def write_cog(
         GDAL threads for compression and overviews (``"ALL_CPUS"`` allowed).
     check_classes
         Fail with :class:`~segflow.errors.LabelError` on values neither in the table nor nodata.
+    observe
+        Called with every window of ``labels`` (and its :class:`~segflow.geometry.Window`) as
+        it streams, e.g. to count class pixels without reading the mask a second time.
 
     Returns
     -------
@@ -374,6 +378,11 @@ def write_cog(
     if big:
         raise ConfigError(f"class ids up to {max(table.ids)} do not fit the labels' {dtype.name}")
     checker = IdChecker(table, dtype, nodata) if check_classes else None
+    hooks = [h for h in (checker, observe) if h is not None]
+
+    def check(data: np.ndarray, win: Window) -> None:
+        for hook in hooks:
+            hook(data, win)
 
     colormap: dict[int, tuple[int, int, int, int]] = {c.id: (*c.rgb, 255) for c in table.classes}
     if nodata is not None:
@@ -397,7 +406,7 @@ def write_cog(
         tags={**table.tags(), "SEGFLOW_KIND": "labels"},
         band_tags={1: table.tags()},
         descriptions=["class"],
-        check=checker,
+        check=check if hooks else None,
     )
 
 
