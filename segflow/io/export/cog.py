@@ -124,15 +124,19 @@ class _ModePyramid:
         self.factors = factors
         self.nodata = profile.get("nodata")
         self.paths = [staging.with_name(f"{staging.stem}.ov{f}.tif") for f in factors]
+        from rasterio.errors import NotGeoreferencedWarning
+
         base = {k: v for k, v in profile.items() if k not in ("crs", "transform")}
-        self.levels = [
-            rasterio.open(
-                path,
-                "w",
-                **{**base, "height": -(-base["height"] // f), "width": -(-base["width"] // f)},
-            )
-            for f, path in zip(factors, self.paths, strict=True)
-        ]
+        with warnings.catch_warnings():  # overview levels take the VRT's georeference
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            self.levels = [
+                rasterio.open(
+                    path,
+                    "w",
+                    **{**base, "height": -(-base["height"] // f), "width": -(-base["width"] // f)},
+                )
+                for f, path in zip(factors, self.paths, strict=True)
+            ]
 
     def add(self, data: np.ndarray, win: Window) -> None:
         from rasterio.windows import Window as RioWindow
