@@ -68,7 +68,12 @@ def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[di
         if ref.source is not None:
             if not (p / "zarr.json").is_file():
                 p.parent.mkdir(parents=True, exist_ok=True)
-                icfg = cfg.ingest.model_copy(update={"source": ref.source, "labels": ref.labels})
+                icfg = cfg.ingest.model_copy(update={
+                    "source": ref.source,
+                    "labels": ref.labels,
+                    # an instance raster belongs to the template's own image, no other
+                    "instances": cfg.ingest.instances if ref.source == cfg.ingest.source else None,
+                })
                 ingest(IngestSpec.from_config(icfg, out=str(p), classes=cfg.classes,
                                               ignore_index=cfg.ignore_index))
                 action = "ingested"

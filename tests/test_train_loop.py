@@ -155,3 +155,40 @@ def test_flow_cli_reports_one_line_errors(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no scene store at")
+
+
+def test_ensure_stores_uses_the_template_instances_only_for_its_own_image(
+    samples: Path, tmp_path: Path
+) -> None:
+    """The pipeline's ingest.instances raster must not be laid over other stores' images."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
+    from train import ensure_stores
+
+    from segflow.config import PipelineConfig
+    from segflow.io.store import SceneStore
+
+    isbi = samples / "isbi2012" / "train"
+    img = lambda i: str(isbi / "images" / f"{i}.png")  # noqa: E731
+    lab = lambda i: str(isbi / "labels" / f"{i}.png")  # noqa: E731
+    stores = [{"store": str(tmp_path / f"{i}.zarr"), "source": img(i), "labels": lab(i)}
+              for i in (0, 1)]
+    cfg = PipelineConfig.model_validate({
+        "schema_version": 1, "name": "t",
+        "classes": [{"id": 0, "name": "membrane"}, {"id": 1, "name": "cell"}],
+        "ingest": {"source": img(0), "labels": lab(0), "instances": lab(0),
+                   "class_map": {0: 0, 255: 1}, "chunk": 256},
+    })
+    tcfg = make_train_config({
+        "stores": {"train": stores}, "steps": 1, "patch": 64,
+        "model": {"arch": "unet", "in_channels": 1, "out_channels": 2, "depth": 2},
+    })
+    ensure_stores(cfg, tcfg, show=False)
+    inst = [np.asarray(SceneStore.open(tmp_path / f"{i}.zarr").array("instances")[...])
+            for i in (0, 1)]
+    assert set(np.unique(inst[0]).tolist()) == {0, 255}  # the given raster, as it is
+    # store 1 did not get image 0's raster: its objects are its own cells (prepare's
+    # connected components of the non-membrane class)
+    labels1 = np.asarray(SceneStore.open(tmp_path / "1.zarr").array("labels")[...])
+    assert len(np.unique(inst[1])) > 100
+    np.testing.assert_array_equal(inst[1] > 0, labels1 == 1)
+
