@@ -104,8 +104,7 @@ def segment_region_flow(
         work=work,
         min_area=min_area,
     )
-    check_request(req)
-    report = segment_task(req)
+    report = segment_task(req)  # segment_region checks the request before writing anything
     create_markdown_artifact(
         key="segment-region-summary",
         markdown=summary(report),

@@ -87,6 +87,7 @@ from segflow.errors import ConfigError, RegionError, StoreError
 from segflow.geometry import BlockGrid, BlockIndex, Window
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord, staging_path
 from segflow.tiling import (
+    MirrorPlan,
     Step,
     Tile,
     TileLayout,
@@ -537,20 +538,26 @@ class _Normalizer:
         core_valid = np.asarray(valid, dtype=bool)[tile.core.relative_to(plan.source).slices]
         if self.skip_empty and not core_valid.any():
             return None, core_valid
+        return self._scale(plan, block), core_valid
+
+    def window(self, tile: Tile) -> np.ndarray:
+        """The tile's normalized model window, whatever its valid pixels."""
+        plan = mirror_plan(tile.window, self.reader.height, self.reader.width)
+        block, _ = self.reader.read_with_valid(plan.source)
+        return self._scale(plan, block)
+
+    def _scale(self, plan: MirrorPlan, block: np.ndarray) -> np.ndarray:
         x = plan.take(np.asarray(block)).astype(np.float32)
         x -= self.mean
         x *= self.inv_std
-        return x, core_valid
+        return x
 
 
 def _probe_classes(
     layout: TileLayout, window: Window, normalize: _Normalizer, forward: _Forward
 ) -> int:
     """The model's class count, from one forward of the first tile of ``window`` (not timed)."""
-    tile = next(iter(layout.touching(window)))
-    plan = mirror_plan(tile.window, normalize.reader.height, normalize.reader.width)
-    block, _ = normalize.reader.read_with_valid(plan.source)
-    probe = (plan.take(np.asarray(block)).astype(np.float32) - normalize.mean) * normalize.inv_std
+    probe = normalize.window(next(iter(layout.touching(window))))
     seconds = forward.seconds
     num_classes = int(forward(probe[None]).shape[1])
     forward.seconds = seconds
@@ -591,18 +598,17 @@ def _peak_rss() -> int | None:
 class _Merged:
     """One write unit being merged from the tiles whose core overlaps it.
 
-    ``crop`` layouts give every pixel exactly one tile of weight 1, so a tile's output is
-    copied in (no sum, no division: the result is the tile's own output bit for bit); other
-    layouts sum ``probabilities * weights`` and the weights. ``valid`` gathers the tiles' core
-    masks, so the unit's footprint is never read again. A unit that received no model output
-    (every tile over it had no valid pixel) is ``empty``.
+    Tiles without blending weights (``crop`` layouts: every pixel from exactly one tile) are
+    copied in (no sum, no division: the result is the tile's own output bit for bit); weighted
+    tiles (``gaussian``) add ``probabilities * weights`` and the weights. ``valid`` gathers the
+    tiles' core masks, so the unit's footprint is never read again. A unit that received no
+    model output (every tile over it had no valid pixel) is ``empty``.
     """
 
-    __slots__ = ("acc", "crop", "shape", "valid", "wsum")
+    __slots__ = ("acc", "shape", "valid", "wsum")
 
-    def __init__(self, shape: tuple[int, int], *, crop: bool) -> None:
+    def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = shape
-        self.crop = crop
         self.acc: np.ndarray | None = None
         self.wsum: np.ndarray | None = None
         self.valid = np.zeros(shape, dtype=bool)
@@ -624,16 +630,14 @@ class _Merged:
             return
         if self.acc is None:
             self.acc = np.zeros((probs.shape[0], *self.shape), np.float32)
-            self.wsum = None if self.crop else np.zeros(self.shape, np.float32)
         region = (slice(None), *dst.slices)
-        if self.wsum is None:
+        if weights is None:  # crop: the only tile over these pixels, weight 1
             self.acc[region] = probs
-        elif weights is None:
-            self.acc[region] += probs
-            self.wsum[dst.slices] += 1.0
-        else:
-            self.acc[region] += probs * weights
-            self.wsum[dst.slices] += weights
+            return
+        if self.wsum is None:
+            self.wsum = np.zeros(self.shape, np.float32)
+        self.acc[region] += probs * weights
+        self.wsum[dst.slices] += weights
 
     def probabilities(self, num_classes: int) -> np.ndarray:
         """The merged ``(classes, y, x)`` probabilities (zeros where no tile ran)."""
@@ -1002,7 +1006,6 @@ def _stream(
         by_col.setdefault(u.col, []).append(u)
     remaining: dict[BlockIndex, int] = {}
     open_units: dict[BlockIndex, _Merged] = {}
-    crop = layout.mode == "crop"
     empty = 0
 
     def unit_window(u: BlockIndex) -> Window:
@@ -1023,10 +1026,12 @@ def _stream(
             part = tile.core.intersection(uw)
             merged = open_units.get(u)
             if merged is None:
-                merged = open_units[u] = _Merged(uw.shape, crop=crop)
+                merged = open_units[u] = _Merged(uw.shape)
             merged.add(
                 part.relative_to(uw),
-                None if probs is None else probs[(slice(None), *part.relative_to(tile.window).slices)],
+                None
+                if probs is None
+                else probs[(slice(None), *part.relative_to(tile.window).slices)],
                 core_valid[part.relative_to(tile.core).slices],
                 None if probs is None else layout.weights(tile, part),
             )

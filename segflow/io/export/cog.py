@@ -120,12 +120,12 @@ class _ModePyramid:
 
     def __init__(self, staging: Path, factors: list[int], profile: Mapping[str, Any]) -> None:
         import rasterio
-
-        self.factors = factors
-        self.nodata = profile.get("nodata")
-        self.paths = [staging.with_name(f"{staging.stem}.ov{f}.tif") for f in factors]
         from rasterio.errors import NotGeoreferencedWarning
 
+        self.factors = factors
+        nodata = profile.get("nodata")
+        self.nodata = None if nodata is None else int(nodata)
+        self.paths = [staging.with_name(f"{staging.stem}.ov{f}.tif") for f in factors]
         base = {k: v for k, v in profile.items() if k not in ("crs", "transform")}
         with warnings.catch_warnings():  # overview levels take the VRT's georeference
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -143,9 +143,7 @@ class _ModePyramid:
 
         level = data
         for f, dst in zip(self.factors, self.levels, strict=True):
-            level = downsample_mode2(
-                level, nodata=None if self.nodata is None else int(self.nodata)
-            )
+            level = downsample_mode2(level, nodata=self.nodata)
             h, w = level.shape
             dst.write(level[None], window=RioWindow(win.col_off // f, win.row_off // f, w, h))
 
