@@ -26,6 +26,11 @@ if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from segflow.errors import SegflowError  # noqa: E402
+from segflow.runtime import tune_malloc  # noqa: E402
+
+# every flow process (command line, Prefect worker, Dask worker importing a flow) keeps large
+# freed blocks for reuse: CPU forward passes 2.6x faster (segflow.runtime)
+tune_malloc()
 
 
 def run_cli(main: Callable[[], Any]) -> None:
