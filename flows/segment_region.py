@@ -151,7 +151,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("crop", "gaussian"), default="crop")
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap for --mode gaussian")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="flip test-time augmentation (the flips the model was trained with)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
     p.add_argument("--polygons", help="GeoPackage of predicted polygons")

@@ -278,8 +278,10 @@ class SegmentConfig(_Model):
     batch_size
         Tiles per forward pass; raise it to fill a GPU, lower it when memory runs out.
     tta_flips
-        Average the softmax over identity, left-right, up-down and both flips (four times
-        the inference work).
+        Average the softmax over flipped copies of each window: the flips the model was
+        trained with (identity, left-right, up-down and both after flips and quarter turns:
+        four times the inference work; identity and left-right after flips only); refused
+        for a model trained without flips.
     polygons
         Write ``prediction.gpkg``: polygons of every class but 0 with ``class_id``,
         ``class_name`` and ``area``, in the image's CRS (pixels without one).

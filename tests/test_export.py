@@ -171,7 +171,7 @@ def _mode2_reference(a: np.ndarray, nodata: int | None) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (1, 5), (6, 1)])
+@pytest.mark.parametrize("shape", [(8, 8), (7, 9), (1, 5), (6, 1), (64, 66)])
 def test_downsample_mode2_equals_per_block_vote(shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(sum(shape))
     a = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=shape, p=[0.3, 0.3, 0.2, 0.2])

@@ -267,20 +267,27 @@ def test_image_smaller_than_the_halo_is_mirrored_repeatedly(rng: np.random.Gener
     assert np.abs(got - ref).max() <= TOL
 
 
-def test_flip_tta_is_still_seamless(image: np.ndarray) -> None:
+@pytest.mark.parametrize(
+    ("tta_set", "flips"),
+    [("flips", ((), (2,), (1,), (1, 2))), ("horizontal", ((), (2,))), ("rot180", ((), (1, 2)))],
+)
+def test_flip_tta_is_still_seamless(
+    image: np.ndarray, tta_set: str, flips: tuple[tuple[int, ...], ...]
+) -> None:
+    """Each TTA set is the mean of whole-image predictions of its flipped copies (numpy)."""
     model = conv_net()
     img = image[:, :96, :80]
     refs = []
-    for dims in ((), (2,), (1,), (1, 2)):
+    for dims in flips:  # dims of (band, y, x): 2 is left-right, 1 up-down
         flipped = np.flip(img, dims) if dims else img
         p = reference(model, np.ascontiguousarray(flipped), halo=6)
         refs.append(np.flip(p, dims) if dims else p)
-    ref = sum(refs) / 4
+    ref = sum(refs) / len(flips)
     got = predict_array(
         ArrayReader(img),
         model,
         Window(0, 0, 96, 80),
-        options=opts(tile=32, halo=6, tta_flips=True),
+        options=opts(tile=32, halo=6, tta_flips=True, tta_set=tta_set),
         mean=MEAN,
         std=STD,
     )
@@ -745,3 +752,20 @@ def test_bad_inputs_fail_with_one_clear_line(image: np.ndarray, tmp_path: Path) 
         assert "\n" not in str(info.value)
     for name in "abcd":
         assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 7, 300])
+def test_labels_equal_the_argmax_of_the_probabilities(classes: int) -> None:
+    """Class ids from logits: numpy's argmax of the softmax (sigmoid for one channel),
+    ties to the lower id, uint8 up to 256 classes."""
+    from segflow.infer.engine import _labels, _probabilities
+
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.randn(2, classes, 9, 11, generator=g)
+    if classes > 1:
+        logits[0, 1] = logits[0, 0]  # exact ties
+    got = _labels(logits).numpy()
+    probs = _probabilities(logits).numpy()
+    want = probs.argmax(1) if classes > 1 else (logits[:, 0] > 0).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == (np.uint8 if classes <= 256 else np.int32)

@@ -19,7 +19,7 @@ from rasterio.features import rasterize
 
 from segflow.config import ClassDef
 from segflow.errors import CheckpointError, ConfigError, RegionError
-from segflow.segment import SegmentRequest, segment_region
+from segflow.segment import SegmentRequest, segment_region, tta_set_for
 from segflow.train.checkpoint import build_meta, save_checkpoint
 from segflow.train.models import ModelConfig, build_model
 
@@ -192,7 +192,29 @@ def test_bad_inputs(mask_scene: tuple[Path, Path], tmp_path: Path, samples: Path
         run(model=str(pickled))
     with pytest.raises(ConfigError, match="output directory does not exist"):
         run(out=str(tmp_path / "missing" / "o.tif"))
+    unflipped = build_meta(CFG, bands=("pan",), mean=[0.0], std=[1.0], tile=256, classes=CLASSES)
+    unflipped = unflipped.model_copy(
+        update={"training": {"config": {"augment": {"flips": False, "rot90": False}}}}
+    )
+    save_checkpoint(tmp_path / "unflipped", build_model(CFG).eval(), unflipped)
+    with pytest.raises(ConfigError, match="without flips or quarter turns"):
+        run(model=str(tmp_path / "unflipped"), tta_flips=True)
     assert not out.exists() and not list(tmp_path.glob("*.predictions.zarr*"))
+
+
+@pytest.mark.parametrize(
+    ("flips", "rot90", "expected"),
+    [(True, True, "flips"), (True, False, "horizontal"), (False, True, "rot180")],
+)
+def test_tta_uses_the_flips_the_model_was_trained_with(
+    flips: bool, rot90: bool, expected: str
+) -> None:
+    meta = build_meta(CFG, bands=("pan",), mean=[0.0], std=[1.0], tile=256, classes=CLASSES)
+    assert tta_set_for(meta) == "flips"  # no training record: all four
+    trained = meta.model_copy(
+        update={"training": {"config": {"augment": {"flips": flips, "rot90": rot90}}}}
+    )
+    assert tta_set_for(trained) == expected
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -199,9 +199,12 @@ def check_nodata(nodata: int | None, dtype: np.dtype[Any], table: ClassTable) ->
 class IdChecker:
     """Raise :class:`LabelError` on values that are neither a class id nor nodata.
 
-    A boolean lookup table for unsigned 8/16-bit labels (one gather per pixel), ``np.isin``
-    otherwise.
+    For a few allowed values, counts of each (one vectorized comparison per value, a few
+    times faster than a gather); else a boolean lookup table for unsigned 8/16-bit labels
+    (one gather per pixel), ``np.isin`` otherwise.
     """
+
+    FEW = 8  # up to this many allowed values are counted one by one
 
     def __init__(self, table: ClassTable, dtype: np.dtype[Any], nodata: int | None) -> None:
         self.table = table
@@ -214,6 +217,10 @@ class IdChecker:
             self.lut[self.allowed[self.allowed < size]] = True
 
     def __call__(self, block: np.ndarray, window: Window) -> None:
+        if len(self.allowed) <= self.FEW:
+            known = sum(np.count_nonzero(block == v) for v in self.allowed.tolist())
+            if known == block.size:
+                return
         ok = self.lut[block] if self.lut is not None else np.isin(block, self.allowed)
         if not ok.all():
             bad = np.unique(block[~ok])[:10]
@@ -269,16 +276,36 @@ def downsample_mode2(
     hh, ww = labels.shape[0] // 2, labels.shape[1] // 2
     # the four pixels of each block as contiguous planes (strided views are 3x slower)
     q = np.ascontiguousarray(labels.reshape(hh, 2, ww, 2).transpose(1, 3, 0, 2)).reshape(4, hh, ww)
-    best = q[0].copy()
-    # most blocks of a class mask are uniform: vote only where the four pixels differ
-    mixed = np.flatnonzero(~((q[0] == q[1]) & (q[0] == q[2]) & (q[0] == q[3])))
-    if mixed.size:
-        best.reshape(-1)[mixed] = _vote(q.reshape(4, -1)[:, mixed], nodata)
+    best = _vote_closed_form(q)  # element-wise over every block: no gathering of mixed ones
+    if nodata is not None:
+        # blocks holding nodata and a class id need the counting vote; nodata is rare
+        nd = q == nodata
+        fix = np.flatnonzero((nd[0] | nd[1] | nd[2] | nd[3]) & ~(nd[0] & nd[1] & nd[2] & nd[3]))
+        if fix.size:
+            best.reshape(-1)[fix] = _vote_counting(q.reshape(4, -1)[:, fix], nodata)
     return best
 
 
-def _vote(q: np.ndarray, nodata: int | None) -> np.ndarray:
-    """The most frequent of each column of ``q`` (4, n); nodata never wins; ties: first row."""
+def _vote_closed_form(q: np.ndarray) -> np.ndarray:
+    """The most frequent of the four ``q[i]``, element-wise (ties: the first); no nodata.
+
+    From the six pairwise comparisons, over every block (uniform ones too: cheaper than
+    finding and gathering the mixed ones). Of four pixels, the first one wins whenever it
+    has a partner (no other id can have more than two votes, and a 2-2 tie goes to the
+    first); otherwise the second wins if it has a partner, else the third if the last two
+    agree, else (all different) the first.
+    """
+    first_paired = (q[0] == q[1]) | (q[0] == q[2]) | (q[0] == q[3])
+    second_paired = (q[1] == q[2]) | (q[1] == q[3])
+    best = q[0].copy()
+    np.copyto(best, q[1], where=~first_paired & second_paired)
+    np.copyto(best, q[2], where=~first_paired & ~second_paired & (q[2] == q[3]))
+    return best
+
+
+def _vote_counting(q: np.ndarray, nodata: int) -> np.ndarray:
+    """The most frequent of each column of ``q`` (4, n), nodata never winning (unless all
+    four are nodata); ties: the first. By counting each pixel's votes."""
     eq = {(i, j): q[i] == q[j] for i in range(4) for j in range(i + 1, 4)}
     best = q[0].copy()
     best_n = np.full(q.shape[1], -1, np.int8)
@@ -287,8 +314,7 @@ def _vote(q: np.ndarray, nodata: int | None) -> np.ndarray:
         for o in range(4):
             if o != c:
                 n += eq[min(c, o), max(c, o)]
-        if nodata is not None:
-            n[q[c] == nodata] = 0
+        n[q[c] == nodata] = 0
         better = n > best_n  # strict: ties keep the earlier pixel
         np.copyto(best, q[c], where=better)
         np.copyto(best_n, n, where=better)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -176,6 +177,21 @@ class _ModePyramid:
         return vrt
 
 
+def _read_ahead(
+    pool: ThreadPoolExecutor, windows: Iterable[Window], load: Callable[[Window], np.ndarray]
+) -> Iterator[tuple[Window, np.ndarray]]:
+    """``(window, load(window))`` in order, the next window loading on ``pool`` meanwhile."""
+    it = iter(windows)
+    win = next(it, None)
+    fut = pool.submit(load, win) if win is not None else None
+    while fut is not None and win is not None:
+        data = fut.result()
+        nxt = next(it, None)
+        fut = pool.submit(load, nxt) if nxt is not None else None
+        yield win, data
+        win = nxt
+
+
 def _env(cache_mb: int, threads: int | str) -> Any:
     import rasterio
 
@@ -248,23 +264,35 @@ def _stream_to_cog(
     ):
         if georef is None:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with _ModePyramid(staging, factors, profile) if own_overviews else nullcontext() as pyramid:
+
+        def load(win: Window) -> np.ndarray:
+            data = read_window(src, win)
+            if check is not None:
+                check(data, win)
+            if data.dtype != dtype:
+                data = data.astype(dtype)
+            return data if data.ndim == 3 else data[None]
+
+        with (
+            _ModePyramid(staging, factors, profile) if own_overviews else nullcontext() as pyramid,
+            ThreadPoolExecutor(2, thread_name_prefix="segflow-cog") as pool,
+        ):
             with rasterio.open(staging, "w", **profile) as dst:
+                # three stages on three threads, each in window order: read (+ checks) one
+                # window ahead, write the staging tile here, vote the overviews behind it
+                voting: Future[None] | None = None
                 n = 0
-                for win in iter_windows(height, width, read_size):
-                    data = read_window(src, win)
-                    if check is not None:
-                        check(data, win)
-                    if data.dtype != dtype:
-                        data = data.astype(dtype)
-                    if data.ndim == 2:
-                        data = data[None]
+                for win, data in _read_ahead(pool, iter_windows(height, width, read_size), load):
                     dst.write(
                         data, window=RioWindow(win.col_off, win.row_off, win.width, win.height)
                     )
                     if pyramid is not None:
-                        pyramid.add(data[0], win)
+                        if voting is not None:
+                            voting.result()
+                        voting = pool.submit(pyramid.add, data[0], win)
                     n += 1
+                if voting is not None:
+                    voting.result()
                 log.debug("staged %d windows of %d px into %s", n, read_size, staging)
                 if colormap is not None:
                     dst.write_colormap(1, dict(colormap))
