@@ -109,8 +109,11 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "state" / "state.safetensors"))
 
 
-def test_resume_after_kill_is_exact(isbi_stores: list[Path], tmp_path: Path) -> None:
-    cfg = tiny_config(isbi_stores)
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_after_kill_is_exact(
+    isbi_stores: list[Path], tmp_path: Path, ema: float | None
+) -> None:
+    cfg = tiny_config(isbi_stores, ema=ema)
     full = tmp_path / "full"
     train(cfg, out_dir=full)
     killed = tmp_path / "killed"
@@ -132,8 +135,9 @@ def test_resume_after_kill_is_exact(isbi_stores: list[Path], tmp_path: Path) -> 
     a, b = _state(full), _state(killed)
     assert a.keys() == b.keys()
     for k in a:
-        if k.startswith(("model.", "optim.")):
+        if k.startswith(("model.", "optim.", "ema.")):
             assert torch.equal(a[k], b[k]), k
+    assert any(k.startswith("ema.") for k in a) == (ema is not None)
     ja = json.loads((full / "metrics.json").read_text())
     jb = json.loads((killed / "metrics.json").read_text())
     assert ja["train_loss"] == jb["train_loss"]
@@ -192,3 +196,33 @@ def test_ensure_stores_uses_the_template_instances_only_for_its_own_image(
     assert len(np.unique(inst[1])) > 100
     np.testing.assert_array_equal(inst[1] > 0, labels1 == 1)
 
+
+
+def test_ema_is_the_moving_average_of_the_weights(isbi_stores: list[Path], tmp_path: Path) -> None:
+    """ema_1 = w_1, ema_t = d * ema_(t-1) + (1 - d) * w_t (numpy, from each step's raw weights);
+    validation and ``last/`` use it."""
+    from safetensors.torch import load_file
+
+    d = 0.75
+    cfg = tiny_config(isbi_stores, ema=d, steps=3, checkpoint_interval=1, val_interval=3)
+    raw: list[dict[str, np.ndarray]] = []
+
+    def grab(step: int) -> None:
+        t = load_file(str(tmp_path / "run" / "state" / "state.safetensors"))
+        raw.append({k[len("model."):]: v.numpy() for k, v in t.items() if k.startswith("model.")})
+
+    res = train(cfg, out_dir=tmp_path / "run", on_state_saved=grab)
+    assert len(raw) == 3
+    floats = [k for k, v in raw[0].items() if v.dtype.kind == "f"]
+    expected = {k: raw[0][k].astype(np.float64) for k in floats}
+    for w in raw[1:]:
+        expected = {k: d * expected[k] + (1 - d) * w[k] for k in floats}
+    last, _ = load_checkpoint(tmp_path / "run" / "last")
+    got = {k: v.numpy() for k, v in last.state_dict().items()}
+    assert any(not np.allclose(raw[-1][k], expected[k], atol=1e-6) for k in floats)
+    for k in floats:  # parameters and BatchNorm running statistics alike
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert res.model is not None
+    for k, v in res.model.state_dict().items():
+        if k in expected:
+            np.testing.assert_allclose(v.numpy(), expected[k], rtol=1e-5, atol=1e-6)

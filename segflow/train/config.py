@@ -540,6 +540,12 @@ class TrainConfig(_Model):
         Use only deterministic torch kernels (``torch.use_deterministic_algorithms``; on
         CUDA also a fixed cuBLAS workspace and no cuDNN benchmarking): slower, but a
         resumed CPU run then ends with the uninterrupted run's weights bit for bit.
+    ema
+        Decay of an exponential moving average of the weights and BatchNorm statistics
+        (``ema = decay * ema + (1 - decay) * weights`` after every step, starting from the
+        first step's weights), which validation, ``best/`` and ``last/`` then use; e.g.
+        0.998 averages over about the last 500 steps, smoothing the step-to-step noise of
+        small-batch training. Null: the raw weights.
     time_limit_s
         Stop after this many seconds of the training loop (summed over resumes,
         validations included, set-up not), after the step in progress, with a validation,
@@ -572,6 +578,7 @@ class TrainConfig(_Model):
     checkpoint_interval: Annotated[int, Field(ge=1)] = 100
     num_workers: Annotated[int, Field(ge=0)] = 0
     deterministic: bool = False
+    ema: Annotated[float, Field(gt=0, lt=1)] | None = None
     time_limit_s: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")

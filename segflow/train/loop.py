@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from segflow.config import ClassDef
 from segflow.errors import CheckpointError, ConfigError, StoreError
@@ -392,11 +393,16 @@ def save_state(
     scaler: torch.amp.GradScaler | None,
     loop: _Loop,
     config_hash: str,
+    ema: AveragedModel | None = None,
 ) -> Path:
     """Write the resumable state to ``out_dir/state`` atomically (temp dir, then rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".state-", dir=out_dir))
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:  # the average's module and its step count (n_averaged)
+        tensors.update(
+            {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+        )
     otensors, odoc = _flatten_optimizer(optimizer.state_dict())
     tensors.update(otensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -628,6 +634,13 @@ def train(
     if dist_info.active and dev.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    # the weights validation and the checkpoints use: the raw ones, or their moving average
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        if cfg.ema is not None
+        else None
+    )
+    evaluated = ema.module if ema is not None else model
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a saved state sets them
     autocast, use_scaler = _autocast_factory(dev, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -649,6 +662,9 @@ def train(
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
                                if k.startswith("model.")})
         optimizer.load_state_dict(_unflatten_optimizer(tensors, doc["optimizer"]))
+        if ema is not None:
+            ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items()
+                                 if k.startswith("ema.")})
         if scaler is not None and doc.get("scaler"):
             scaler.load_state_dict(doc["scaler"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -699,7 +715,7 @@ def train(
                                "elapsed_s": round(time_base + time.perf_counter() - t_loop, 3)}
         sync_buffers()
         if data.val_regions:
-            cm = validate(model, data.val_regions, **val_kw)  # type: ignore[arg-type]
+            cm = validate(evaluated, data.val_regions, **val_kw)  # type: ignore[arg-type]
             row.update(summary(cm))
         loop.history.append(row)
         last_metrics = row
@@ -713,8 +729,8 @@ def train(
             if better:
                 loop.best_metric, loop.best_step = float(value), loop.step
                 if dist_info.is_main:
-                    _save_model(out / "best", model, cfg, data, halo_px=halo_px, step=loop.step,
-                                metrics=row)
+                    _save_model(out / "best", evaluated, cfg, data, halo_px=halo_px,
+                                step=loop.step, metrics=row)
         es = cfg.early_stopping
         if es is not None and row.get(es.metric) is not None:
             v = float(row[es.metric])
@@ -735,7 +751,7 @@ def train(
         if dist_info.active:
             import torch.distributed as dist
 
-            for b in model.buffers():
+            for b in (*model.buffers(), *(ema.buffers() if ema is not None else ())):
                 dist.broadcast(b, 0)
 
     def elapsed() -> float:
@@ -779,6 +795,8 @@ def train(
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         lv = loss.detach()
         if dist_info.active:
             import torch.distributed as dist
@@ -800,7 +818,7 @@ def train(
             loop.elapsed_s = time_base + time.perf_counter() - t_loop
             if dist_info.is_main:
                 save_state(out, model=model, optimizer=optimizer, scaler=scaler, loop=loop,
-                           config_hash=chash)
+                           config_hash=chash, ema=ema)
             if on_state_saved is not None:
                 on_state_saved(loop.step)
         if progress is not None and dist_info.is_main:
@@ -814,10 +832,10 @@ def train(
     last_path = None
     best_path = out / "best" if loop.best_step is not None else None
     if dist_info.is_main:
-        last_path = _save_model(out / "last", model, cfg, data, halo_px=halo_px, step=loop.step,
-                                metrics=last_metrics)
+        last_path = _save_model(out / "last", evaluated, cfg, data, halo_px=halo_px,
+                                step=loop.step, metrics=last_metrics)
         save_state(out, model=model, optimizer=optimizer, scaler=scaler, loop=loop,
-                   config_hash=chash)
+                   config_hash=chash, ema=ema)
         _write_metrics(out, loop, total)
     if dist_info.active:
         import torch.distributed as dist
@@ -828,5 +846,5 @@ def train(
         best_step=loop.best_step, best_metric=loop.best_metric,
         final_metrics={k: v for k, v in last_metrics.items()},
         best_checkpoint=best_path, last_checkpoint=last_path,
-        wall_s=time.perf_counter() - t_start, resumed_from=resumed_from, model=model,
+        wall_s=time.perf_counter() - t_start, resumed_from=resumed_from, model=evaluated,
     )
