@@ -8,7 +8,10 @@ Runs the whole flow (`flows/segment_region.py`) in a subprocess, sampling the pe
 process tree, and reports:
   * inference wall time vs the model's own forward time over the same tiles (the engine
     measures the forward; the ratio is the price of reading, padding, stitching and writing);
-  * end-to-end time including the COG export;
+  * end-to-end time including the COG export, over that time and over the *pure* forward
+    time: the same number of windows of the same shape through the model in a fresh process
+    with nothing else running (32 batches timed, extrapolated), which the engine's own
+    measurement exceeds by whatever its reader and writer threads take from the model;
   * peak memory of the whole process tree.
 """
 
@@ -40,6 +43,38 @@ meta = build_meta(cfg, bands=("pan",), mean=[400.0], std=[300.0], tile=512,
 save_checkpoint(sys.argv[1], build_model(cfg).eval(), meta, overwrite=True)
 print(meta.halo)
 """
+
+# The model alone, in a fresh process with nothing else running: `batches` forwards of a
+# (batch, bands, side, side) input (a conv net's time does not depend on the values).
+PURE_FORWARD = """
+import sys, time, torch
+from segflow.runtime import tune_malloc
+from segflow.train.checkpoint import load_checkpoint
+tune_malloc()  # as the flows do
+model, meta = load_checkpoint(sys.argv[1])
+model.eval()
+side, batch, batches = (int(v) for v in sys.argv[2:5])
+x = torch.randn(batch, len(meta.bands), side, side)
+with torch.inference_mode():
+    model(x)
+    t = time.perf_counter()
+    for _ in range(batches):
+        model(x)
+print(time.perf_counter() - t)
+"""
+
+
+def pure_forward_seconds(ckpt: Path, *, side: int, batch: int, tiles: int) -> float:
+    """Model-only time for ``tiles`` windows, from up to 32 timed batches (extrapolated)."""
+    batches = -(-tiles // batch)
+    timed = min(batches, 32)
+    out = subprocess.run(
+        python("-c", PURE_FORWARD, str(ckpt), str(side), str(batch), str(timed)),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(out.strip().splitlines()[-1]) * batches / timed
 
 
 def main() -> None:
@@ -88,6 +123,9 @@ def main() -> None:
         raise SystemExit(m.output[-3000:])
     line = next(ln for ln in m.output.splitlines() if ln.startswith(str(out)))
     total, infer_s, model_s = (float(v) for v in re.findall(r"([\d.]+) s", line)[:3])
+    tiles = (-(-args.size // args.tile)) ** 2
+    side = -(-(args.tile + 2 * int(halo)) // 2**args.depth) * 2**args.depth
+    pure_s = pure_forward_seconds(ckpt, side=side, batch=args.batch_size, tiles=tiles)
     summary = {
         "gigapixels": round(args.size**2 / 1e9, 3),
         "halo": int(halo),
@@ -95,10 +133,13 @@ def main() -> None:
         "tile": args.tile,
         "flow_wall_s": round(m.seconds, 1),
         "segment_region_s": total,
+        "tiles": tiles,
         "model_forward_s": model_s,
+        "pure_model_forward_s": round(pure_s, 1),
         "inference_s": infer_s,
         "inference_over_model": round(infer_s / model_s, 3),
         "end_to_end_over_model": round(total / model_s, 3),
+        "end_to_end_over_pure_model": round(total / pure_s, 3),
         "peak_rss_gib_process_tree": round(m.peak_gib, 2),
     }
     print(json.dumps(summary, indent=2))

@@ -12,8 +12,9 @@ error is ``1 - pixel accuracy`` of the argmax over every pixel of slices 24-29 (
 inference with mirrored context), for the final and the best validated model. The saved
 checkpoints are then evaluated again through the inference engine users run
 (``segflow.infer.predict_array``, as ``segment_region``), without and with flip test-time
-augmentation (``--tta``: the mean softmax of the identity and three flips; inference only,
-training is unchanged). ``--eval-only CKPT`` evaluates an existing checkpoint. Prints JSON.
+augmentation (the mean softmax over the flips the model was trained with, see
+``segflow.segment.tta_set_for``; none for a model trained without flips; inference only).
+``--eval-only CKPT`` evaluates an existing checkpoint. Prints JSON.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from train import ensure_stores, train_config  # flows/train.py
 
+    # (importing flows/_common tunes malloc as every flow process does: segflow.runtime)
     from segflow.config import load_config
     from segflow.train.loop import train
 
@@ -108,14 +110,20 @@ def main() -> None:
 
 def evaluate(checkpoint: str, stores: list[str], device: str) -> dict[str, float]:
     """Pixel error of ``checkpoint`` over whole ``stores``, without and with flip TTA."""
+    from segflow.errors import ConfigError
     from segflow.geometry import Window
     from segflow.infer import InferenceOptions, StoreReader, predict_array
     from segflow.io.store import SceneStore
+    from segflow.segment import tta_set_for
     from segflow.train.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
+    try:  # the flips the model was trained with (none: no TTA, see segment.tta_set_for)
+        tta_set = tta_set_for(meta)
+    except ConfigError:
+        tta_set = None
     out: dict[str, float] = {}
-    for tta in (False, True):
+    for tta in (False, True) if tta_set else (False,):
         wrong = total = 0
         for path in stores:
             store = SceneStore.open(path)
@@ -126,6 +134,7 @@ def evaluate(checkpoint: str, stores: list[str], device: str) -> dict[str, float
                 size_multiple=meta.size_multiple,
                 device=device,
                 tta_flips=tta,
+                tta_set=tta_set or "flips",
             )
             probs = predict_array(
                 StoreReader(store),
