@@ -42,7 +42,9 @@ Outputs
 ``prediction/probabilities`` (class, y, x): ``uint8`` holds ``round(p * 255)`` (numpy
 ``rint``, half to even; ``value / 255`` recovers ``p`` within ``1/510``), or ``float16``.
 ``prediction/labels`` (y, x): ``argmax`` over the float32 probabilities (ties to the lower
-class id), ``uint8`` (``uint16`` when there are more than 255 classes). Pixels outside
+class id; when only labels are written in ``crop`` mode without TTA, the argmax of the
+logits, the same class without a softmax), ``uint8`` (``uint16`` when there are more than
+255 classes). Pixels outside
 ``valid`` get the label ``label_nodata`` (default 255) and probability 0. A model with a
 single output channel is read as a binary logit: classes ``(1 - sigmoid, sigmoid)``.
 
