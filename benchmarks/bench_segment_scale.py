@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import ensure_mosaic, measure, python
 
+from segflow.tiling import round_up
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MAKE_CKPT = """
@@ -124,7 +126,7 @@ def main() -> None:
     line = next(ln for ln in m.output.splitlines() if ln.startswith(str(out)))
     total, infer_s, model_s = (float(v) for v in re.findall(r"([\d.]+) s", line)[:3])
     tiles = (-(-args.size // args.tile)) ** 2
-    side = -(-(args.tile + 2 * int(halo)) // 2**args.depth) * 2**args.depth
+    side = round_up(args.tile + 2 * int(halo), 2**args.depth)  # the engine's window side
     pure_s = pure_forward_seconds(ckpt, side=side, batch=args.batch_size, tiles=tiles)
     summary = {
         "gigapixels": round(args.size**2 / 1e9, 3),

@@ -48,9 +48,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from train import ensure_stores, train_config  # flows/train.py
+    # flows/train.py (its flows/_common import tunes malloc, as in every flow process)
+    from train import ensure_stores, train_config
 
-    # (importing flows/_common tunes malloc as every flow process does: segflow.runtime)
     from segflow.config import load_config
     from segflow.train.loop import train
 

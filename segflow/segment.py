@@ -205,22 +205,31 @@ def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
         bbox_crs=req.bbox_crs,
         window=req.window,
     )
-    if req.tta_flips:
-        tta_set_for(meta)
-    InferenceOptions(
-        tile=req.tile,
-        halo=int(meta.halo),
-        mode=req.mode,
-        overlap=req.overlap,
-        size_multiple=int(meta.size_multiple),
-        batch_size=req.batch_size,
-    )
+    _inference_options(req, meta)  # its checks, before anything is written
     if req.tile % int(meta.size_multiple):
         raise ConfigError(
             f"--tile {req.tile} is not a multiple of {meta.size_multiple}, the input size the "
             f"model's down-sampling needs: use --tile {req.tile - req.tile % meta.size_multiple or meta.size_multiple}"
         )
     return inp, region, model, meta
+
+
+def _inference_options(req: SegmentRequest, meta: CheckpointMeta) -> InferenceOptions:
+    """The engine's options for ``req`` and the checkpoint (raises on bad values)."""
+    return InferenceOptions(
+        tile=req.tile,
+        halo=int(meta.halo),
+        mode=req.mode,
+        overlap=req.overlap,
+        size_multiple=int(meta.size_multiple),
+        batch_size=req.batch_size,
+        device=req.device,
+        amp=req.amp,
+        tta_flips=req.tta_flips,
+        tta_set=tta_set_for(meta) if req.tta_flips else "flips",
+        label_nodata=255,
+        output="both" if req.probabilities else "labels",
+    )
 
 
 def tta_set_for(meta: CheckpointMeta) -> Literal["flips", "horizontal", "rot180"]:
@@ -304,24 +313,17 @@ def _decimated_image(inp: _Input, region: Window, step: int) -> np.ndarray:
 
 
 class _ClassCounter:
-    """Pixels per class id, from the windows the COG export streams (no second read).
-
-    One vectorized comparison per class: for the usual few classes several times faster
-    than ``np.bincount``, which first widens every uint8 pixel to int64.
-    """
+    """Pixels per class id, from the windows the COG export streams (no second read)."""
 
     def __init__(self, classes: Sequence[ClassDef]) -> None:
         self.classes = tuple(classes)
         self.counts = dict.fromkeys((c.id for c in self.classes), 0)
 
     def __call__(self, block: np.ndarray, window: Window) -> None:
-        if len(self.counts) > 8:  # many classes: one pass, whatever their number
-            n = np.bincount(block.ravel())
-            for cid in self.counts:
-                self.counts[cid] += int(n[cid]) if cid < n.size else 0
-            return
-        for cid in self.counts:
-            self.counts[cid] += int(np.count_nonzero(block == cid))
+        from segflow.io.export import count_values
+
+        for cid, n in zip(self.counts, count_values(block, list(self.counts)), strict=True):
+            self.counts[cid] += n
 
     def by_name(self) -> dict[str, int]:
         return {c.name: self.counts[c.id] for c in self.classes}
@@ -336,20 +338,7 @@ def segment_region(
     t0 = time.perf_counter()
     inp, region, model, meta = check_request(req)
     classes: tuple[ClassDef, ...] = tuple(meta.classes)
-    options = InferenceOptions(
-        tile=req.tile,
-        halo=int(meta.halo),
-        mode=req.mode,
-        overlap=req.overlap,
-        size_multiple=int(meta.size_multiple),
-        batch_size=req.batch_size,
-        device=req.device,
-        amp=req.amp,
-        tta_flips=req.tta_flips,
-        tta_set=tta_set_for(meta) if req.tta_flips else "flips",
-        label_nodata=255,
-        output="both" if req.probabilities else "labels",
-    )
+    options = _inference_options(req, meta)
     mean, std = list(meta.normalization.mean), list(meta.normalization.std)
     if inp.store is not None:
         out_store = SceneStore.open(inp.store.path, mode="r+")

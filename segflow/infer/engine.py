@@ -44,9 +44,9 @@ Outputs
 ``prediction/labels`` (y, x): ``argmax`` over the float32 probabilities (ties to the lower
 class id; when only labels are written in ``crop`` mode without TTA, the argmax of the
 logits, the same class without a softmax), ``uint8`` (``uint16`` when there are more than
-255 classes). Pixels outside
-``valid`` get the label ``label_nodata`` (default 255) and probability 0. A model with a
-single output channel is read as a binary logit: classes ``(1 - sigmoid, sigmoid)``.
+255 classes). Pixels outside ``valid`` get the label ``label_nodata`` (default 255) and
+probability 0. A model with a single output channel is read as a binary logit: classes
+``(1 - sigmoid, sigmoid)``.
 
 Examples
 --------
@@ -565,13 +565,13 @@ class _Forward:
             self.seconds += time.perf_counter() - t0
             if self.labels_only:
                 return np.asarray(_labels(logits).cpu().numpy())
-            ps = _probabilities(logits)
-            n = batch.shape[0]
-            p = ps[:n].clone() if len(flips) > 1 else ps
-            for k, d in enumerate(flips[1:], start=1):
-                p += ps[k * n : (k + 1) * n].flip(d)
-            if len(flips) > 1:
-                p /= len(flips)
+            p = _probabilities(logits)
+            if len(flips) > 1:  # flip each copy back and average
+                n = batch.shape[0]
+                mean = p[:n].clone()
+                for k, d in enumerate(flips[1:], start=1):
+                    mean += p[k * n : (k + 1) * n].flip(d)
+                p = mean / len(flips)
         return np.asarray(p.cpu().numpy(), dtype=np.float32)
 
 

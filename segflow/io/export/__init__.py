@@ -13,7 +13,7 @@ only when complete.
 
 from __future__ import annotations
 
-from segflow.io.export._common import atomic_output
+from segflow.io.export._common import atomic_output, count_values
 from segflow.io.export.cog import overview_factors, write_cog, write_probability_cog
 from segflow.io.export.ometiff import write_ome_tiff_labels
 from segflow.io.export.quicklook import quicklook_png
@@ -22,6 +22,7 @@ from segflow.io.export.vector import VectorizeResult, vectorize
 __all__ = [
     "VectorizeResult",
     "atomic_output",
+    "count_values",
     "overview_factors",
     "quicklook_png",
     "vectorize",

@@ -39,10 +39,10 @@ from segflow.io.export._common import (
     downsample_mode2,
     iter_windows,
     read_window,
-    round_up,
     scratch_path,
 )
 from segflow.io.store import GeoRef
+from segflow.tiling import round_up
 
 __all__ = ["overview_factors", "write_cog", "write_probability_cog"]
 

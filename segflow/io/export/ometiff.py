@@ -31,9 +31,9 @@ from segflow.io.export._common import (
     downsample_mode2,
     iter_windows,
     read_window,
-    round_up,
     scratch_path,
 )
+from segflow.tiling import round_up
 
 __all__ = ["downsample_mode2", "write_ome_tiff_labels"]
 
