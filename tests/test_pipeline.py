@@ -316,7 +316,9 @@ def pipeline() -> Any:
     module: ModuleType = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    with prefect_test_harness():
+    # None: the flows' own PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (90 s, set by
+    # flows/_common, imported above), not the harness's fixed 30 s a loaded 2-core CI missed
+    with prefect_test_harness(server_startup_timeout=None):
         yield module
     sys.modules.pop(spec.name, None)
 
