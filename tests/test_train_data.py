@@ -142,6 +142,24 @@ def test_patches_equal_store_pixels(store: Path) -> None:
         np.testing.assert_array_equal(item["weights"].numpy(), rw[sl])
 
 
+@pytest.mark.parametrize("margin", [1, 5])
+def test_loss_margin_ignores_the_patch_border(store: Path, margin: int) -> None:
+    scenes = tuple(scan_scenes([store], n_classes=2))
+    sampler = PatchSampler(scenes, SamplingConfig(), seed=3)
+    kw = {"patch": 24, "epoch_len": 8, "normalization": Normalization.identity(2)}
+    full = PatchDataset(sampler, **kw, with_weights=True)
+    cut = PatchDataset(sampler, **kw, with_weights=True, loss_margin=margin)
+    ring = np.ones((24, 24), bool)
+    ring[margin:-margin, margin:-margin] = False
+    for g in range(8):
+        a, b = full[g], cut[g]
+        np.testing.assert_array_equal(a["image"].numpy(), b["image"].numpy())
+        np.testing.assert_array_equal(a["weights"].numpy(), b["weights"].numpy())
+        want = np.where(ring, 255, a["labels"].numpy())
+        np.testing.assert_array_equal(b["labels"].numpy(), want)
+        np.testing.assert_array_equal(b["mask"].numpy(), a["mask"].numpy() & ~ring)
+
+
 def test_sampling_is_deterministic(store: Path) -> None:
     scenes = tuple(scan_scenes([store], n_classes=2))
     a = PatchSampler(scenes, SamplingConfig(), seed=1)

@@ -198,6 +198,12 @@ def test_ensure_stores_uses_the_template_instances_only_for_its_own_image(
 
 
 
+def test_loss_margin_must_leave_pixels(isbi_stores: list[Path]) -> None:
+    assert make_train_config(tiny_config(isbi_stores, loss_margin=15)).loss_margin == 15
+    with pytest.raises(ConfigError, match="loss_margin 16 leaves no pixel of a 32-pixel patch"):
+        make_train_config(tiny_config(isbi_stores, loss_margin=16))
+
+
 def test_ema_is_the_moving_average_of_the_weights(isbi_stores: list[Path], tmp_path: Path) -> None:
     """ema_1 = w_1, ema_t = d * ema_(t-1) + (1 - d) * w_t (numpy, from each step's raw weights);
     validation and ``last/`` use it."""

@@ -482,6 +482,11 @@ class TrainConfig(_Model):
         Side (pixels) of the square training patches, centred on sampled pixels and
         mirrored past the scene edges; a multiple of the model's size multiple (``2 **
         depth``). Sets the default split margin (``patch // 2``).
+    loss_margin
+        Pixels along each side of a patch left out of the loss (set to ``ignore_index``):
+        the network sees zero padding there, where tiled inference gives it real context
+        (the U-Net paper trains with valid convolutions, so its loss only covers pixels
+        with full context). 0: every pixel; must leave pixels: ``2 * loss_margin < patch``.
     batch_size
         Patches per optimizer step over all processes: under DDP each of ``W`` ranks takes
         ``batch_size / W`` (must divide evenly).
@@ -559,6 +564,7 @@ class TrainConfig(_Model):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     patch: Annotated[int, Field(ge=8)] = 256
+    loss_margin: Annotated[int, Field(ge=0)] = 0
     batch_size: Annotated[int, Field(ge=1)] = 4
     steps: Annotated[int, Field(ge=1)] | None = None
     epochs: Annotated[int, Field(ge=1)] | None = None
@@ -593,6 +599,11 @@ class TrainConfig(_Model):
         if self.patch % m:
             raise ValueError(
                 f"patch {self.patch} must be a multiple of the model's size multiple {m}"
+            )
+        if 2 * self.loss_margin >= self.patch:
+            raise ValueError(
+                f"loss_margin {self.loss_margin} leaves no pixel of a {self.patch}-pixel patch:"
+                f" use less than {self.patch // 2}"
             )
         if self.val_tile % m:
             raise ValueError(f"val_tile {self.val_tile} must be a multiple of {m}")

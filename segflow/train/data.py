@@ -348,8 +348,9 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """Augmented, normalised training patches by global index ``g = epoch * epoch_len + k``.
 
     Items are dicts: ``image`` (C, P, P) float32, ``labels`` (P, P) int64 with unlabelled
-    and invalid pixels set to ``ignore_value``, ``mask`` (P, P) bool (labelled and valid),
-    and ``weights`` (P, P) float32 when ``with_weights``.
+    and invalid pixels (and the ``loss_margin`` pixels along each side) set to
+    ``ignore_value``, ``mask`` (P, P) bool (the pixels the loss counts), and ``weights``
+    (P, P) float32 when ``with_weights``.
     """
 
     def __init__(
@@ -362,8 +363,10 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         augment: AugmentConfig | None = None,
         with_weights: bool = False,
         ignore_value: int = 255,
+        loss_margin: int = 0,
     ) -> None:
         self.sampler = sampler
+        self.loss_margin = loss_margin
         self.patch = patch
         self.epoch_len = epoch_len
         self.normalization = normalization
@@ -421,6 +424,8 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             s = (slice(ctx, ctx + self.patch), slice(ctx, ctx + self.patch))
             image, labels = image[(..., *s)], labels[s]
             weights = weights[s] if weights is not None else None
+        if self.loss_margin:
+            labels = _ignore_border(labels, self.loss_margin, self.ignore_value)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, np.float32)),
             "labels": torch.from_numpy(np.ascontiguousarray(labels, np.int64)),
@@ -429,6 +434,14 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         if weights is not None:
             item["weights"] = torch.from_numpy(np.ascontiguousarray(weights, np.float32))
         return item
+
+
+def _ignore_border(labels: np.ndarray, margin: int, ignore_value: int) -> np.ndarray:
+    """``labels`` with the ``margin`` pixels along each side set to ``ignore_value``."""
+    out = np.full_like(labels, ignore_value)
+    inner = (slice(margin, labels.shape[0] - margin), slice(margin, labels.shape[1] - margin))
+    out[inner] = labels[inner]
+    return out
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):

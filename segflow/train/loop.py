@@ -623,6 +623,7 @@ def train(
         sampler, patch=cfg.patch, epoch_len=cfg.steps_per_epoch * cfg.batch_size,
         normalization=data.normalization, augment=cfg.augment,
         with_weights=needs_pixel_weights(cfg.loss), ignore_value=ignore_value,
+        loss_margin=cfg.loss_margin,
     )
     halo_px = halo(cfg.model)
     multiple = size_multiple(cfg.model)
