@@ -83,6 +83,12 @@ def _segment(output: str, res: Path | None) -> str:
             f"{r['end_to_end_over_model']}, peak {r['peak_rss_gib_process_tree']} GiB")
 
 
+def _reads(output: str, res: Path | None) -> str:
+    r = _last_json(output)
+    return (f"column bands / any free thread: CPU x{r['cpu_bands_over_free']}, wall "
+            f"x{r['wall_bands_over_free']} ({r['windows']} windows)")
+
+
 def _export(output: str, res: Path | None) -> str:
     r = _read(res)
     parts = []
@@ -145,6 +151,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("segment_scale", "bench_segment_scale.py", quick=("--size", "2048", "--tile", "512"),
           full=(), common=("--workdir", str(WORK)), result=lambda full: None,
           headline=_segment),
+    Bench("source_reads", "bench_source_reads.py", quick=("--size", "4096"), full=(),
+          common=("--workdir", str(WORK)), result=lambda full: None, headline=_reads),
     Bench("export", "bench_export.py", quick=("--size", "2048"), full=(),
           common=("--out", str(OUT / "export")),
           result=lambda full: OUT / "export" / ("16384/results-16384.json" if full

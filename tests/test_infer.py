@@ -26,6 +26,7 @@ from segflow.infer import (
     predict_array,
     predict_region,
 )
+from segflow.infer.engine import reader_band
 from segflow.io.store import GeoRef, SceneStore
 
 MEAN = [0.5, 0.4, 0.3]
@@ -339,6 +340,33 @@ def test_gaussian_region_and_strips_do_not_change_results(image: np.ndarray) -> 
         ArrayReader(image), model, region, options=opts(**o, strip_width=16), mean=MEAN, std=STD
     )
     assert np.abs(part - whole[(slice(None), *region.slices)]).max() <= TOL
+
+
+def test_each_reader_thread_reads_its_own_column_band(image: np.ndarray) -> None:
+    """Windows that share source tiles go to one reader thread (one handle, one block
+    cache); the strip is split evenly between the readers; results do not change."""
+    import threading
+
+    seen: dict[int, set[str]] = {}
+
+    class Recording(ArrayReader):
+        def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+            name = threading.current_thread().name
+            if name != "MainThread":  # not the probe forward that fixes the class count
+                seen.setdefault(window.col_off, set()).add(name)
+            return super().read_with_valid(window)
+
+    model = conv_net()
+    full = Window(0, 0, *image.shape[1:])
+    o = dict(tile=16, halo=4, read_workers=2, strip_width=128)  # 8 units per strip
+    got = predict_array(Recording(image), model, full, options=opts(**o), mean=MEAN, std=STD)
+    assert np.abs(got - reference(model, image, 4)).max() <= TOL
+    assert reader_band(128, 2, 16) == 64
+    for col, names in seen.items():
+        assert len(names) == 1, (col, names)  # every window of a column: one thread
+        band = (col + 4) // 64
+        assert all(n.startswith(f"segflow-read{band % 2}") for n in names), (col, names)
+    assert len({n for names in seen.values() for n in names}) == 2
 
 
 def test_gaussian_into_sharded_store_with_narrow_strips(image: np.ndarray, tmp_path: Path) -> None:
