@@ -1068,9 +1068,10 @@ def reader_band(strip_width: int, workers: int, unit: int) -> int:
 
     Source handles are per thread (GDAL's are not thread-safe) and so are their block
     caches: a source tile that two neighbouring windows share is decoded once if one thread
-    reads both, twice otherwise (measured on a 512-tiled DEFLATE GeoTIFF, 1040-pixel
-    windows: half the decoding of handing windows to whichever thread is free). Bands of
-    whole units split each strip evenly between the readers.
+    reads both, twice otherwise (on a 512-tiled DEFLATE GeoTIFF with 1040-pixel windows,
+    two thirds of the CPU time of handing each window to whichever thread is free:
+    ``benchmarks/bench_source_reads.py``). Bands of whole units split each strip evenly
+    between the readers.
 
     Examples
     --------
