@@ -316,13 +316,15 @@ class _ClassCounter:
     """Pixels per class id, from the windows the COG export streams (no second read)."""
 
     def __init__(self, classes: Sequence[ClassDef]) -> None:
+        from segflow.io.export import count_values  # the export stack loads on first use
+
         self.classes = tuple(classes)
-        self.counts = dict.fromkeys((c.id for c in self.classes), 0)
+        self.ids = [c.id for c in self.classes]
+        self.counts = dict.fromkeys(self.ids, 0)
+        self._count = count_values
 
     def __call__(self, block: np.ndarray, window: Window) -> None:
-        from segflow.io.export import count_values
-
-        for cid, n in zip(self.counts, count_values(block, list(self.counts)), strict=True):
+        for cid, n in zip(self.ids, self._count(block, self.ids), strict=True):
             self.counts[cid] += n
 
     def by_name(self) -> dict[str, int]:

@@ -230,6 +230,10 @@ class IdChecker:
         self.table = table
         allowed = [*table.ids, *([] if nodata is None else [int(nodata)])]
         self.allowed = np.array(sorted(set(allowed)), dtype="int64")
+        # few allowed values: counting them is the check (see __call__)
+        self.few: list[int] | None = (
+            self.allowed.tolist() if len(self.allowed) <= FEW_VALUES else None
+        )
         self.lut: np.ndarray | None = None
         if dtype.kind == "u" and dtype.itemsize <= 2:
             size = int(np.iinfo(dtype).max) + 1
@@ -237,8 +241,7 @@ class IdChecker:
             self.lut[self.allowed[self.allowed < size]] = True
 
     def __call__(self, block: np.ndarray, window: Window) -> None:
-        allowed = self.allowed.tolist()
-        if len(allowed) <= FEW_VALUES and sum(count_values(block, allowed)) == block.size:
+        if self.few is not None and sum(count_values(block, self.few)) == block.size:
             return
         ok = self.lut[block] if self.lut is not None else np.isin(block, self.allowed)
         if not ok.all():
