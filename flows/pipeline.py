@@ -193,6 +193,7 @@ def segment_stage(
         overlap=s.overlap,
         batch_size=s.batch_size,
         tta_flips=s.tta_flips,
+        tta_set=s.tta_set,
         device=device,
         polygons=str(work / "prediction.gpkg") if s.polygons else None,
         parquet=str(work / "prediction.parquet") if s.parquet else None,

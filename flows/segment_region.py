@@ -4,7 +4,7 @@
         [--bbox MINX MINY MAXX MAXY [--bbox-crs CRS]] [--window COL ROW WIDTH HEIGHT]
         [--tile 512] [--mode crop|gaussian] [--polygons OUT.gpkg] [--parquet OUT.parquet]
         [--probabilities OUT_probs.tif] [--quicklook OUT.png] [--ome-tiff OUT.ome.tif]
-        [--qupath OUT.geojson] [--tta] [--batch-size 8] [--device cpu|cuda] [--level 0]
+        [--qupath OUT.geojson] [--tta [SET]] [--batch-size 8] [--device cpu|cuda] [--level 0]
 
 With no arguments it segments the bundled SpaceNet Atlanta chip with the demo model
 (outputs/spacenet_atlanta_buildings/train/best, made by `make demo`). A killed run resumes: run the same command again.
@@ -64,6 +64,7 @@ def segment_region_flow(
     overlap: float = 0.5,
     batch_size: int = 8,
     tta_flips: bool = False,
+    tta_set: Literal["flips", "horizontal", "rot180"] | None = None,
     device: str | None = None,
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto",
     polygons: str | None = None,
@@ -93,6 +94,7 @@ def segment_region_flow(
         overlap=overlap,
         batch_size=batch_size,
         tta_flips=tta_flips,
+        tta_set=tta_set,
         device=device,
         amp=amp,
         polygons=polygons,
@@ -153,8 +155,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--tta",
-        action="store_true",
-        help="flip test-time augmentation (the flips the model was trained with)",
+        nargs="?",
+        const="auto",
+        choices=("auto", "flips", "horizontal", "rot180"),
+        help="flip test-time augmentation: auto (the default) averages over the flips the model "
+        "was trained with; horizontal, rot180 or flips name them",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
@@ -199,7 +204,8 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
         mode=args.mode,
         overlap=args.overlap,
         batch_size=args.batch_size,
-        tta_flips=args.tta,
+        tta_flips=args.tta is not None,
+        tta_set=None if args.tta in (None, "auto") else args.tta,
         device=args.device,
         amp=args.amp,
         polygons=args.polygons,

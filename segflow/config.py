@@ -281,7 +281,13 @@ class SegmentConfig(_Model):
         Average the softmax over flipped copies of each window: the flips the model was
         trained with (identity, left-right, up-down and both after flips and quarter turns:
         four times the inference work; identity and left-right after flips only); refused
-        for a model trained without flips.
+        for a model trained without flips unless ``tta_set`` names the flips.
+    tta_set
+        The flips ``tta_flips`` averages over, overriding the training record: ``flips``
+        (all four), ``horizontal`` (identity and left-right) or ``rot180`` (identity and
+        both axes), for flips that keep the labels right although the model was not trained
+        with them (ISBI 2012's labels sit below the membranes, so left-right keeps them);
+        null: those the model was trained with.
     polygons
         Write ``prediction.gpkg``: polygons of every class but 0 with ``class_id``,
         ``class_name`` and ``area``, in the image's CRS (pixels without one).
@@ -311,6 +317,7 @@ class SegmentConfig(_Model):
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
     batch_size: Annotated[int, Field(ge=1)] = 8
     tta_flips: bool = False
+    tta_set: Literal["flips", "horizontal", "rot180"] | None = None
     polygons: bool = True
     parquet: bool = True
     probabilities: bool = False

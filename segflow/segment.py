@@ -65,6 +65,8 @@ class SegmentRequest:
     overlap: float = 0.5
     batch_size: int = 8
     tta_flips: bool = False
+    # the flips tta_flips averages over; None: those the model was trained with (tta_set_for)
+    tta_set: Literal["flips", "horizontal", "rot180"] | None = None
     device: str | None = None
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     polygons: str | None = None
@@ -226,7 +228,7 @@ def _inference_options(req: SegmentRequest, meta: CheckpointMeta) -> InferenceOp
         device=req.device,
         amp=req.amp,
         tta_flips=req.tta_flips,
-        tta_set=tta_set_for(meta) if req.tta_flips else "flips",
+        tta_set=(req.tta_set or tta_set_for(meta)) if req.tta_flips else "flips",
         label_nodata=255,
         output="both" if req.probabilities else "labels",
     )
@@ -255,7 +257,8 @@ def tta_set_for(meta: CheckpointMeta) -> Literal["flips", "horizontal", "rot180"
         return "rot180"
     raise ConfigError(
         "--tta: this checkpoint was trained without flips or quarter turns (augment.flips and "
-        "augment.rot90 false), so flipped inputs are new to it: run without --tta"
+        "augment.rot90 false), so flipped inputs are new to it: run without --tta, or name the "
+        "flips your images and labels allow (--tta horizontal, rot180 or flips)"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -19,8 +20,8 @@ from rasterio.features import rasterize
 
 from segflow.config import ClassDef
 from segflow.errors import CheckpointError, ConfigError, RegionError
-from segflow.segment import SegmentRequest, segment_region, tta_set_for
-from segflow.train.checkpoint import build_meta, save_checkpoint
+from segflow.segment import SegmentRequest, _inference_options, segment_region, tta_set_for
+from segflow.train.checkpoint import CheckpointMeta, build_meta, save_checkpoint
 from segflow.train.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,14 +193,41 @@ def test_bad_inputs(mask_scene: tuple[Path, Path], tmp_path: Path, samples: Path
         run(model=str(pickled))
     with pytest.raises(ConfigError, match="output directory does not exist"):
         run(out=str(tmp_path / "missing" / "o.tif"))
-    unflipped = build_meta(CFG, bands=("pan",), mean=[0.0], std=[1.0], tile=256, classes=CLASSES)
-    unflipped = unflipped.model_copy(
-        update={"training": {"config": {"augment": {"flips": False, "rot90": False}}}}
-    )
-    save_checkpoint(tmp_path / "unflipped", build_model(CFG).eval(), unflipped)
+    save_checkpoint(tmp_path / "unflipped", build_model(CFG).eval(), _unflipped_meta())
     with pytest.raises(ConfigError, match="without flips or quarter turns"):
         run(model=str(tmp_path / "unflipped"), tta_flips=True)
     assert not out.exists() and not list(tmp_path.glob("*.predictions.zarr*"))
+
+
+def _unflipped_meta() -> CheckpointMeta:
+    """A checkpoint's record of training without flips or quarter turns."""
+    meta = build_meta(CFG, bands=("pan",), mean=[0.0], std=[1.0], tile=256, classes=CLASSES)
+    return meta.model_copy(
+        update={"training": {"config": {"augment": {"flips": False, "rot90": False}}}}
+    )
+
+
+def test_tta_flips_named_on_the_command_line_serve_a_model_trained_without_them() -> None:
+    """`--tta horizontal` overrides the training record (the user vouches for the flips)."""
+    spec = importlib.util.spec_from_file_location(
+        "segflow_flow_segment_region", ROOT / "flows" / "segment_region.py"
+    )
+    assert spec is not None and spec.loader is not None
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    base = ["--image", "a.tif", "--model", "ck", "--out", "o.tif"]
+    named, auto, off = (
+        flow.request_from_args(flow.parser().parse_args(base + extra))
+        for extra in (["--tta", "horizontal"], ["--tta"], [])
+    )
+    assert (named.tta_flips, named.tta_set) == (True, "horizontal")
+    assert (auto.tta_flips, auto.tta_set) == (True, None)
+    assert (off.tta_flips, off.tta_set) == (False, None)
+    unflipped = _unflipped_meta()
+    opts = _inference_options(named, unflipped)
+    assert opts.tta_flips and opts.tta_set == "horizontal"
+    with pytest.raises(ConfigError, match="--tta horizontal"):
+        _inference_options(auto, unflipped)
 
 
 @pytest.mark.parametrize(
