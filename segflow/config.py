@@ -325,6 +325,12 @@ class SegmentConfig(_Model):
     ome_tiff: bool = False
     qupath: bool = False
 
+    @model_validator(mode="after")
+    def _tta_set_needs_tta(self) -> SegmentConfig:
+        if self.tta_set is not None and not self.tta_flips:
+            raise ValueError(f"tta_set {self.tta_set!r} needs tta_flips: true (or drop tta_set)")
+        return self
+
 
 class PipelineConfig(_Model):
     """A whole pipeline: one data set or use case.

@@ -65,7 +65,7 @@ class SegmentRequest:
     overlap: float = 0.5
     batch_size: int = 8
     tta_flips: bool = False
-    # the flips tta_flips averages over; None: those the model was trained with (tta_set_for)
+    # with tta_flips, the flips to average over; None: those the model was trained with
     tta_set: Literal["flips", "horizontal", "rot180"] | None = None
     device: str | None = None
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"

@@ -44,6 +44,7 @@ BASE = {"name": "x", "ingest": {"source": "a.tif"}}
         ({**BASE, "schema_version": 2}, "schema_version"),
         ({**BASE, "train": {"patch": 64}}, "missing required key 'train.stores'"),
         ({"ingest": {"source": "a.tif"}}, "missing required key 'name'"),
+        ({**BASE, "segment": {"tta_set": "horizontal"}}, "needs tta_flips: true"),
     ],
 )
 def test_bad_configs(tmp_path: Path, doc: dict, message: str) -> None:
