@@ -33,6 +33,7 @@ from segflow.infer.engine import (
     StoreReader,
     open_prediction_store,
     predict_region,
+    prediction_unit,
 )
 from segflow.io.sources import Source, open_source
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord
@@ -360,10 +361,13 @@ def segment_region(
             region.col_stop,
         )
         view_region = region.relative_to(pred_region)
+        chunk = min(512, req.tile) if req.tile % 512 else 512
+        unit = prediction_unit(options, chunk=chunk, num_classes=len(classes))
         out_store = open_prediction_store(
             req.work_store,
             pred_region,
-            chunk=min(512, req.tile) if req.tile % 512 else 512,
+            chunk=chunk,
+            shard=unit if unit > chunk else None,
             georef=inp.georef,
             slide=inp.slide,
             classes=classes,

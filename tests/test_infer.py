@@ -26,7 +26,7 @@ from segflow.infer import (
     predict_array,
     predict_region,
 )
-from segflow.infer.engine import reader_band
+from segflow.infer.engine import UNIT_BUDGET_BYTES, prediction_unit, reader_band
 from segflow.io.store import GeoRef, SceneStore
 
 MEAN = [0.5, 0.4, 0.3]
@@ -420,6 +420,29 @@ def test_tile_and_write_unit_alignments(
     )
     probs = store.array("prediction/probabilities")[...].astype(np.float32)
     assert np.abs(probs - ref).max() <= 1e-3  # float16 rounding
+
+
+@pytest.mark.parametrize(
+    ("kw", "chunk", "classes", "unit"),
+    [
+        (dict(tile=1024, output="labels"), 512, 2, 2048),  # class ids + mask: 5 B a pixel
+        (dict(tile=512, output="labels"), 512, 2, 1024),  # two tiles wide at most
+        (dict(tile=256, output="labels"), 256, 2, 512),
+        (dict(tile=1024, output="both"), 512, 2, 1024),  # float32 sums: 13 B a pixel
+        (dict(tile=1024, output="labels", mode="gaussian"), 512, 2, 1024),  # blends sums
+        (dict(tile=1024, output="labels", tta_flips=True), 512, 2, 1024),  # averages sums
+        (dict(tile=1024, output="both"), 512, 100, 512),  # never below the chunk
+    ],
+)
+def test_prediction_unit_is_the_largest_within_the_memory_budget(
+    kw: dict[str, object], chunk: int, classes: int, unit: int
+) -> None:
+    options = opts(halo=8, **kw)
+    got = prediction_unit(options, chunk=chunk, num_classes=classes)
+    assert got == unit
+    labels_only = kw["output"] == "labels" and "mode" not in kw and "tta_flips" not in kw
+    per_pixel = 1 + (4 if labels_only else 4 * classes + 4)
+    assert got == chunk or got**2 * per_pixel <= UNIT_BUDGET_BYTES  # an open unit's buffers
 
 
 def test_region_in_scene_store_widens_to_whole_units(image: np.ndarray, tmp_path: Path) -> None:

@@ -329,7 +329,8 @@ class SceneStore:
             )
         if bands is not None:
             shape, chunks = (bands, *shape), (bands, *chunks)
-            shards = (bands, *shards) if shards else None
+            # a band-less image (a prediction store's) has no chunks to group
+            shards = (bands, *shards) if shards and bands else None
         all_attrs: dict[str, Any] = dict(attrs or {})
         if self.meta.get("georef"):
             all_attrs.setdefault("grid_mapping", "spatial_ref")
