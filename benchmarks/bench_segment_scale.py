@@ -11,7 +11,9 @@ process tree, and reports:
   * end-to-end time including the COG export, over that time and over the *pure* forward
     time: the same number of windows of the same shape through the model in a fresh process
     with nothing else running (32 batches timed, extrapolated), which the engine's own
-    measurement exceeds by whatever its reader and writer threads take from the model;
+    measurement exceeds by whatever its reader and writer threads take from the model. The
+    pure time is measured before and after the flow and averaged: this VM's speed drifts by
+    10-20 % over minutes, so one measurement on one side would skew the ratio;
   * peak memory of the whole process tree.
 """
 
@@ -98,6 +100,13 @@ def main() -> None:
         capture_output=True,
         text=True,
     ).stdout.strip()
+    side = round_up(args.tile + 2 * int(halo), 2**args.depth)  # the engine's window side
+    tiles = (-(-args.size // args.tile)) ** 2
+
+    def pure() -> float:
+        return pure_forward_seconds(ckpt, side=side, batch=args.batch_size, tiles=tiles)
+
+    pure_before = pure()
     out = work / "seg.tif"
     for p in (out, work / "seg.predictions.zarr", work / "seg.predictions.zarr.partial"):
         if p.is_dir():
@@ -125,9 +134,8 @@ def main() -> None:
         raise SystemExit(m.output[-3000:])
     line = next(ln for ln in m.output.splitlines() if ln.startswith(str(out)))
     total, infer_s, model_s = (float(v) for v in re.findall(r"([\d.]+) s", line)[:3])
-    tiles = (-(-args.size // args.tile)) ** 2
-    side = round_up(args.tile + 2 * int(halo), 2**args.depth)  # the engine's window side
-    pure_s = pure_forward_seconds(ckpt, side=side, batch=args.batch_size, tiles=tiles)
+    pure_after = pure()
+    pure_s = (pure_before + pure_after) / 2
     summary = {
         "gigapixels": round(args.size**2 / 1e9, 3),
         "halo": int(halo),
@@ -138,6 +146,7 @@ def main() -> None:
         "tiles": tiles,
         "model_forward_s": model_s,
         "pure_model_forward_s": round(pure_s, 1),
+        "pure_model_forward_before_after_s": [round(pure_before, 1), round(pure_after, 1)],
         "inference_s": infer_s,
         "inference_over_model": round(infer_s / model_s, 3),
         "end_to_end_over_model": round(total / model_s, 3),
