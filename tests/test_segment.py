@@ -318,7 +318,9 @@ def test_resume_after_kill_9(samples: Path, tmp_path: Path) -> None:
     proc.wait()
     assert proc.returncode == -9, "the run finished before it could be killed"
     assert not (tmp_path / "k.tif").exists()
-    killed_done = SceneStore.open(staging_path(work)).progress("prediction/labels").done()
+    killed = SceneStore.open(staging_path(work))
+    assert killed.write_unit == 512  # shards two 256-pixel tiles wide, of 256-pixel chunks
+    killed_done = killed.progress("prediction/labels").done()
     assert len(killed_done) >= 10
     report = segment_region(
         SegmentRequest(

@@ -16,6 +16,7 @@ from segflow.infer.engine import (
     open_prediction_store,
     predict_array,
     predict_region,
+    prediction_unit,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "open_prediction_store",
     "predict_array",
     "predict_region",
+    "prediction_unit",
 ]

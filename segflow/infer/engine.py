@@ -113,6 +113,7 @@ __all__ = [
     "open_prediction_store",
     "predict_array",
     "predict_region",
+    "prediction_unit",
 ]
 
 log = logging.getLogger(__name__)
