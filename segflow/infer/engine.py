@@ -311,6 +311,11 @@ class InferenceOptions:
             return self.window
         return round_up(self.tile + 2 * self.halo, self.size_multiple)
 
+    @property
+    def labels_only(self) -> bool:
+        """Whether nothing needs probabilities: class ids only, no blending, no flips."""
+        return self.output == "labels" and self.mode == "crop" and not self.tta_flips
+
 
 @dataclass(frozen=True)
 class InferenceReport:
@@ -357,8 +362,7 @@ def prediction_unit(options: InferenceOptions, *, chunk: int, num_classes: int) 
     and class ids, or float32 class sums and weights when probabilities are blended or
     written) and that is at most two output tiles wide (a killed run loses little).
     """
-    labels_only = options.output == "labels" and options.mode == "crop" and not options.tta_flips
-    per_pixel = 1 + (4 if labels_only else 4 * max(num_classes, 2) + 4)
+    per_pixel = 1 + (4 if options.labels_only else 4 * max(num_classes, 2) + 4)
     cap = min(2048, 2 * max(options.tile, chunk))
     side = chunk
     while 2 * side <= cap and (2 * side) ** 2 * per_pixel <= UNIT_BUDGET_BYTES:
@@ -963,8 +967,7 @@ def predict_region(
         torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
     # class ids straight from the logits when nothing needs probabilities
-    labels_only = options.output == "labels" and options.mode == "crop" and not options.tta_flips
-    forward = _Forward(model, device, amp_dtype, _flips(options), labels_only=labels_only)
+    forward = _Forward(model, device, amp_dtype, _flips(options), labels_only=options.labels_only)
     normalize = _Normalizer(reader, mean, std)
     writer = _UnitWriter(store, options, marker, standalone)
     counts = {"tiles": 0, "pixels": 0, "units": 0, "empty": 0}
