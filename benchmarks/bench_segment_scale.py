@@ -1,6 +1,7 @@
 """segment_region at gigapixel scale on CPU: peak memory, and end-to-end vs pure model time.
 
     python benchmarks/bench_segment_scale.py [--size 32768] [--workdir bench-data]
+        [--features 8 --depth 2] [--batch-size 4] [--tile 1024]
 
 Uses the mosaic GeoTIFF of benchmarks/make_big_geotiff.py and a small U-Net checkpoint
 (default features 8, depth 2, random weights: speed and memory do not depend on the weights).
@@ -15,6 +16,22 @@ process tree, and reports:
     pure time is measured before and after the flow and averaged: this VM's speed drifts by
     10-20 % over minutes, so one measurement on one side would skew the ratio;
   * peak memory of the whole process tree.
+
+Measured on the 2-core CPU VM, 32768 x 32768 (1.07 Gpx), tile 1024 (one run each; this VM's
+speed drifts 10-20 % over minutes, hence the pure time before / after):
+
+| U-Net (MONAI), parameters | batch | end to end | pure forward | ratio | peak RSS |
+|---|---|---|---|---|---|
+| features 8, depth 2, 9.8 k | 4 | 89.0 s | 45.6 s | 1.95 | 1.71 GiB |
+| features 16, depth 3, 0.16 M (the demo's) | 4 | 167.3 s | 121.6 s | 1.38 | 2.20 GiB |
+| features 32, depth 4, 2.6 M | 4 | 490.1 s | 438.2 s | 1.12 | 2.76 GiB |
+| features 32, depth 4, 2.6 M | 2 | 496.5 s | 432.7 s | 1.15 | 2.29 GiB |
+
+The flow's own cost is about the same whatever the model: 43-64 s over these 1.07 Gpx on 2
+cores (decoding the source, normalizing, stitching, writing the prediction store, the COG
+export), so the ratio is 1 + that / the model's time: within 1.25 for any model whose forward
+takes more than ~250 s here (~0.25 s per 1024-pixel tile). Peak memory follows the batch of
+windows through the model, not the image.
 """
 
 from __future__ import annotations
@@ -44,8 +61,9 @@ cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=int(sys.a
                   depth=int(sys.argv[3]), num_res_units=0)
 meta = build_meta(cfg, bands=("pan",), mean=[400.0], std=[300.0], tile=512,
                   classes=(ClassDef(id=0, name="background"), ClassDef(id=1, name="building")))
-save_checkpoint(sys.argv[1], build_model(cfg).eval(), meta, overwrite=True)
-print(meta.halo)
+model = build_model(cfg).eval()
+save_checkpoint(sys.argv[1], model, meta, overwrite=True)
+print(meta.halo, sum(p.numel() for p in model.parameters()))
 """
 
 # The model alone, in a fresh process with nothing else running: `batches` forwards of a
@@ -94,12 +112,12 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     big = ensure_mosaic(work, args.size)
     ckpt = work / "small_unet"
-    halo = subprocess.run(
+    halo, params = subprocess.run(
         python("-c", MAKE_CKPT, str(ckpt), str(args.features), str(args.depth)),
         check=True,
         capture_output=True,
         text=True,
-    ).stdout.strip()
+    ).stdout.split()[-2:]
     side = round_up(args.tile + 2 * int(halo), 2**args.depth)  # the engine's window side
     tiles = (-(-args.size // args.tile)) ** 2
 
@@ -140,6 +158,8 @@ def main() -> None:
         "gigapixels": round(args.size**2 / 1e9, 3),
         "halo": int(halo),
         "model": f"unet features {args.features} depth {args.depth}",
+        "model_parameters": int(params),
+        "batch_size": args.batch_size,
         "tile": args.tile,
         "flow_wall_s": round(m.seconds, 1),
         "segment_region_s": total,
