@@ -17,21 +17,9 @@ process tree, and reports:
     10-20 % over minutes, so one measurement on one side would skew the ratio;
   * peak memory of the whole process tree.
 
-Measured on the 2-core CPU VM, 32768 x 32768 (1.07 Gpx), tile 1024 (one run each; this VM's
-speed drifts 10-20 % over minutes, hence the pure time before / after):
-
-| U-Net (MONAI), parameters | batch | end to end | pure forward | ratio | peak RSS |
-|---|---|---|---|---|---|
-| features 8, depth 2, 9.8 k | 4 | 89.0 s | 45.6 s | 1.95 | 1.71 GiB |
-| features 16, depth 3, 0.16 M (the demo's) | 4 | 167.3 s | 121.6 s | 1.38 | 2.20 GiB |
-| features 32, depth 4, 2.6 M | 4 | 490.1 s | 438.2 s | 1.12 | 2.76 GiB |
-| features 32, depth 4, 2.6 M | 2 | 496.5 s | 432.7 s | 1.15 | 2.29 GiB |
-
-The flow's own cost is about the same whatever the model: 43-64 s over these 1.07 Gpx on 2
-cores (decoding the source, normalizing, stitching, writing the prediction store, the COG
-export), so the ratio is 1 + that / the model's time: within 1.25 for any model whose forward
-takes more than ~250 s here (~0.25 s per 1024-pixel tile). Peak memory follows the batch of
-windows through the model, not the image.
+Results for three U-Net sizes on the 2-core CPU VM: README, section "Performance". The
+flow's own cost is about the same whatever the model, so the ratio is 1 + that / the model's
+time; peak memory follows the batch of windows through the model, not the image.
 """
 
 from __future__ import annotations
