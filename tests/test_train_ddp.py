@@ -81,3 +81,19 @@ def test_ddp_batchnorm_difference(stores: list[Path], tmp_path: Path) -> None:
     ldiff, wdiff, same = _compare(stores, tmp_path, "batch")
     print(f"DDP 2 ranks vs 1 process, BatchNorm: max loss diff {ldiff:.2e}, weight diff {wdiff:.2e}")
     assert same
+
+
+def test_ddp_bn_recalibration(stores: list[Path], tmp_path: Path) -> None:
+    """Every rank recomputes the BatchNorm statistics over the same patches and ends with the
+    same ones (a rank that skipped it would hang the others or keep different buffers)."""
+    cfg = tiny_config(stores, steps=2, batch_size=4, val_interval=2, deterministic=False,
+                      loss={"name": "ce"}, bn_recalibration={"patches": 6, "patch": 32})
+    out = tmp_path / "ddp_recal"
+    out.mkdir()
+    proc = _torchrun(cfg, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert all(int(r0[k]) == 2 for k in r0 if k.endswith("num_batches_tracked"))  # 4 + 2
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert [r["step"] for r in hist] == [2] and hist[-1]["bn_recalibrated"] is True

@@ -17,7 +17,7 @@ import torch
 from segflow.errors import ConfigError
 from segflow.train.checkpoint import load_checkpoint
 from segflow.train.config import ScheduleConfig, make_train_config
-from segflow.train.loop import lr_factor, train
+from segflow.train.loop import lr_factor, recalibrate_batchnorm, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_data import isbi_crop, make_store
@@ -232,3 +232,69 @@ def test_ema_is_the_moving_average_of_the_weights(isbi_stores: list[Path], tmp_p
     for k, v in res.model.state_dict().items():
         if k in expected:
             np.testing.assert_allclose(v.numpy(), expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_batchnorm_is_the_mean_of_the_batch_statistics() -> None:
+    """Running mean/var = the equal-weight mean over batches of each batch's mean and unbiased
+    variance (numpy, from the layer inputs); weights, momenta and the eval flag unchanged."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3),
+                              torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+    net.eval()
+    params = {k: v.clone() for k, v in net.named_parameters()}
+    batches = [torch.randn(n, 2, 8, 8) * 3 + 1 for n in (4, 4, 2)]  # the last one smaller
+    inputs: dict[int, list[np.ndarray]] = {1: [], 4: []}
+    for x in batches:  # each layer's input when the network runs in training mode
+        with torch.no_grad():
+            h = net[0](x)
+            inputs[1].append(h.numpy())
+            h = torch.nn.functional.batch_norm(h, None, None, net[1].weight, net[1].bias,
+                                               training=True, eps=net[1].eps)
+            inputs[4].append(net[3](net[2](h)).numpy())
+    recalibrate_batchnorm(net, batches)
+    for i, xs in inputs.items():
+        mean = np.mean([x.mean(axis=(0, 2, 3)) for x in xs], axis=0)
+        var = np.mean([x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1).var(axis=1, ddof=1)
+                       for x in xs], axis=0)
+        np.testing.assert_allclose(net[i].running_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(net[i].running_var.numpy(), var, rtol=1e-5, atol=1e-6)
+        assert net[i].momentum == 0.1 and int(net[i].num_batches_tracked) == 3
+    assert not net.training
+    for k, v in net.named_parameters():
+        assert torch.equal(v, params[k]), k
+    plain = torch.nn.Conv2d(2, 2, 1)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    recalibrate_batchnorm(plain, batches)
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
+
+
+def test_bn_recalibration_ends_the_run(isbi_stores: list[Path], tmp_path: Path) -> None:
+    """Same weights as a run without it, new BatchNorm statistics (used by the last validation
+    and ``last/``); a resumed finished run does not do it twice; a bad patch is refused."""
+    plain = train(tiny_config(isbi_stores), out_dir=tmp_path / "plain")
+    cfg = tiny_config(isbi_stores, bn_recalibration={"patches": 5, "patch": 48})
+    res = train(cfg, out_dir=tmp_path / "recal")
+    hist = json.loads((tmp_path / "recal" / "metrics.json").read_text())["history"]
+    assert [r["step"] for r in hist] == [3, 6]  # step 6 validated once, after recalibrating
+    assert hist[-1]["bn_recalibrated"] is True and hist[-1]["bn_recalibration_s"] > 0
+    assert res.final_metrics["bn_recalibrated"] is True
+    a, _ = load_checkpoint(tmp_path / "plain" / "last")
+    b, _ = load_checkpoint(tmp_path / "recal" / "last")
+    sa, sb = a.state_dict(), b.state_dict()
+    names = dict(a.named_parameters())
+    stats = [k for k in sa if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(sa[k], sb[k]) for k in names)
+    assert all(not torch.allclose(sa[k], sb[k]) for k in stats)
+    assert all(int(sb[k]) == 3 for k in sb if k.endswith("num_batches_tracked"))  # 5 = 2+2+1
+    assert plain.final_metrics["pixel_error"] != res.final_metrics["pixel_error"]
+    again = train(cfg, out_dir=tmp_path / "recal", resume=True)
+    assert again.steps == 6
+    assert json.loads((tmp_path / "recal" / "metrics.json").read_text())["history"] == hist
+    c, _ = load_checkpoint(tmp_path / "recal" / "last")
+    assert all(torch.equal(v, sb[k]) for k, v in c.state_dict().items())
+    with pytest.raises(ConfigError, match=r"bn_recalibration\.patch 30 must be a multiple"):
+        make_train_config(tiny_config(isbi_stores, bn_recalibration={"patch": 30}))
+    split = {"train": [str(p) for p in isbi_stores], "split": {"block": 32, "val_every": 4, "margin": 4}}
+    with pytest.raises(ConfigError, match=r"would reach validation pixels.*use at most 32"):
+        make_train_config(tiny_config(isbi_stores, stores=split,
+                                      bn_recalibration={"patch": 48}))

@@ -88,6 +88,7 @@ def _check_range(value: tuple[float, float], *, name: str, positive: bool) -> No
 
 __all__ = [
     "AugmentConfig",
+    "BatchNormRecalibrationConfig",
     "EarlyStoppingConfig",
     "ElasticConfig",
     "IntensityConfig",
@@ -449,6 +450,33 @@ class EarlyStoppingConfig(_Model):
         return self
 
 
+class BatchNormRecalibrationConfig(_Model):
+    """Recompute the final model's BatchNorm statistics over training patches ("precise BN").
+
+    During training each BatchNorm layer keeps a running mean and variance with momentum
+    0.1, so the statistics of the final model come mostly from its last few (small) batches,
+    computed with weights that were still changing. After the last step these are reset and
+    computed again with the final weights: the equal-weight average over ``patches``
+    un-augmented training patches, drawn at random (``torch.optim.swa_utils.update_bn``,
+    as SWA does after averaging weights), in the precision inference uses by default (fp32
+    on a CPU, the training autocast on CUDA). Then the run validates once more and writes
+    ``last/``. Models without BatchNorm are unchanged.
+
+    Attributes
+    ----------
+    patches
+        Training patches the statistics average over.
+    patch
+        Their side in pixels (a multiple of the model's size multiple). Larger patches see
+        more context, closer to inference's tiles. Null: the training ``patch``. With a
+        blocked split at most the training ``patch`` or twice ``stores.split.margin``,
+        whichever is larger, so that no patch reaches validation pixels.
+    """
+
+    patches: Annotated[int, Field(ge=1)] = 256
+    patch: Annotated[int, Field(ge=8)] | None = None
+
+
 class TrainConfig(_Model):
     """Everything a training run depends on (with the stores' contents).
 
@@ -550,11 +578,17 @@ class TrainConfig(_Model):
         (``ema = decay * ema + (1 - decay) * weights`` after every step, starting from the
         first step's weights), which validation, ``best/`` and ``last/`` then use; e.g.
         0.998 averages over about the last 500 steps, smoothing the step-to-step noise of
-        small-batch training. Null: the raw weights.
+        small-batch training. Averaged BatchNorm statistics do not fit the averaged
+        weights well: add ``bn_recalibration`` to compute them anew for the final model
+        (as SWA does). Null: the raw weights.
     time_limit_s
         Stop after this many seconds of the training loop (summed over resumes,
         validations included, set-up not), after the step in progress, with a validation,
         ``state/`` and ``last/``; required by ``schedule.horizon: time``. Null: no limit.
+        The BatchNorm recalibration comes after it and is not counted.
+    bn_recalibration
+        Recompute the BatchNorm statistics of the final weights over training patches
+        before the last validation and ``last/``. Null: keep the running statistics.
     """
 
     stores: StoresConfig
@@ -586,6 +620,7 @@ class TrainConfig(_Model):
     deterministic: bool = False
     ema: Annotated[float, Field(gt=0, lt=1)] | None = None
     time_limit_s: Annotated[float, Field(gt=0)] | None = None
+    bn_recalibration: BatchNormRecalibrationConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -607,6 +642,24 @@ class TrainConfig(_Model):
             )
         if self.val_tile % m:
             raise ValueError(f"val_tile {self.val_tile} must be a multiple of {m}")
+        recal = self.bn_recalibration
+        if recal is not None and recal.patch is not None and recal.patch % m:
+            raise ValueError(
+                f"bn_recalibration.patch {recal.patch} must be a multiple of the model's size "
+                f"multiple {m}"
+            )
+        reach = max(self.patch, 2 * self.margin)  # what training patches may cover
+        if (
+            recal is not None
+            and recal.patch is not None
+            and self.stores.split is not None
+            and recal.patch > reach
+        ):
+            raise ValueError(
+                f"bn_recalibration.patch {recal.patch} would reach validation pixels (training "
+                f"centres keep {self.margin} px from them): use at most {reach} or raise "
+                "stores.split.margin"
+            )
         _check_mode(self.select_metric, self.select_mode, key="select_mode")
         return self
 

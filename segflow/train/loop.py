@@ -15,6 +15,8 @@
 5. validates every ``val_interval`` steps and after the last one: whole-region inference of
    the validation stores (or held-out blocks) in tiles with ``halo`` pixels of real or mirrored
    context, a confusion matrix summed over ranks, :func:`segflow.train.metrics.summary`;
+   with ``bn_recalibration`` the last validation comes after :func:`recalibrate_batchnorm`
+   has recomputed the final weights' BatchNorm statistics over training patches;
 6. writes ``metrics.csv``, ``metrics.json`` and ``curve.png`` (rank 0 only), the ``best`` and
    ``last`` model checkpoints (:mod:`segflow.train.checkpoint`), and every
    ``checkpoint_interval`` steps a resumable ``state/`` directory: model, optimizer and
@@ -45,7 +47,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,13 @@ from segflow.errors import CheckpointError, ConfigError, StoreError
 from segflow.geometry import BlockGrid, Window
 from segflow.io.store import SceneStore
 from segflow.stats import train_mask_for_window
-from segflow.train.config import OptimizerConfig, ScheduleConfig, TrainConfig, make_train_config
+from segflow.train.config import (
+    OptimizerConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    TrainConfig,
+    make_train_config,
+)
 from segflow.train.data import (
     Normalization,
     PatchDataset,
@@ -82,6 +90,7 @@ __all__ = [
     "init_distributed",
     "load_state",
     "lr_factor",
+    "recalibrate_batchnorm",
     "resolve_device",
     "save_state",
     "train",
@@ -556,6 +565,55 @@ def _autocast_factory(device: torch.device, amp: str) -> tuple[Callable[[], Any]
     return (lambda: torch.autocast("cuda", dtype=dtype)), not bf16
 
 
+def recalibrate_batchnorm(
+    model: torch.nn.Module,
+    images: Iterable[torch.Tensor],
+    *,
+    device: torch.device | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> None:
+    """Reset every BatchNorm layer's running statistics and compute them anew over ``images``.
+
+    Each layer ends with the equal-weight mean over the batches of the batch mean and of the
+    (unbiased) batch variance, as ``torch.optim.swa_utils.update_bn`` computes them; that
+    function does the work here, under ``torch.no_grad`` (it keeps autograd on) and
+    ``autocast``. The model's weights, training flag and momenta are unchanged; a model
+    without BatchNorm is left as it is.
+
+    Parameters
+    ----------
+    model
+        The network (not a DDP wrapper: every rank runs this on the same batches).
+    images
+        Input batches, ``(N, C, H, W)``.
+    device
+        Where each batch is moved first; None: where it is.
+    autocast
+        Context manager factory the forward passes run in.
+    """
+    with torch.no_grad(), autocast():
+        torch.optim.swa_utils.update_bn(images, model, device=device)
+
+
+def _recalibration_batches(
+    cfg: TrainConfig, sampler: PatchSampler, data: _Data, layout: torch.memory_format
+) -> Iterator[torch.Tensor]:
+    """The un-augmented training patches :func:`recalibrate_batchnorm` averages over.
+
+    Drawn by the training sampler with ``random`` sampling (the scenes' own class mix, as
+    inference sees them) from epoch 0 of its seed: the same patches on every rank and in a
+    resumed run.
+    """
+    assert cfg.bn_recalibration is not None
+    recal = cfg.bn_recalibration
+    sampler = PatchSampler(sampler.scenes, SamplingConfig(), sampler.seed)
+    dataset = PatchDataset(sampler, patch=recal.patch or cfg.patch, epoch_len=recal.patches,
+                           normalization=data.normalization)
+    for start in range(0, recal.patches, cfg.batch_size):
+        items = [dataset[g] for g in range(start, min(start + cfg.batch_size, recal.patches))]
+        yield torch.stack([it["image"] for it in items]).contiguous(memory_format=layout)
+
+
 def _worker_init(_: int) -> None:
     from segflow.train import data as _data
 
@@ -686,6 +744,7 @@ def train(
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     total = cfg.total_steps
+    recalibrate = cfg.bn_recalibration is not None
     batch_sampler = StepBatchSampler(start=loop.step, stop=total, batch_size=cfg.batch_size,
                                      rank=dist_info.rank, world_size=dist_info.world_size)
     loader = torch.utils.data.DataLoader(
@@ -705,15 +764,17 @@ def train(
     last_metrics: dict[str, Any] = {}
     net.train()
 
-    def run_validation() -> bool:
-        """Validate, log, save best; True when early stopping says stop."""
+    def run_validation(**extra: Any) -> bool:
+        """Validate, log, save best; True when early stopping says stop. ``extra`` goes
+        into the history row."""
         nonlocal last_metrics
         k0 = len(loop.losses) - min(len(loop.losses), cfg.val_interval)
         recent = loop.losses[k0:]
         row: dict[str, Any] = {"step": loop.step, "epoch": loop.step // cfg.steps_per_epoch,
                                "train_loss": float(np.mean(recent)) if recent else None,
                                "lr": optimizer.param_groups[0]["lr"],
-                               "elapsed_s": round(time_base + time.perf_counter() - t_loop, 3)}
+                               "elapsed_s": round(time_base + time.perf_counter() - t_loop, 3),
+                               **extra}
         sync_buffers()
         if data.val_regions:
             cm = validate(evaluated, data.val_regions, **val_kw)  # type: ignore[arg-type]
@@ -810,7 +871,8 @@ def train(
         over_time = cfg.time_limit_s is not None and elapsed() >= cfg.time_limit_s
         last = loop.step >= total or over_time
         stop = False
-        if loop.step % cfg.val_interval == 0 or last:
+        # with a BatchNorm recalibration the last validation comes after it (below)
+        if (loop.step % cfg.val_interval == 0 or last) and not (last and recalibrate):
             stop = run_validation()
             info.update({k: v for k, v in last_metrics.items() if isinstance(v, int | float)})
             if stop:
@@ -826,7 +888,19 @@ def train(
             progress(loop.step, total, info)
         if stop or over_time:
             break
-    if not loop.history or loop.history[-1]["step"] != loop.step:
+    done = loop.history[-1] if loop.history else {}
+    if recalibrate and not (done.get("step") == loop.step and done.get("bn_recalibrated")):
+        t0 = time.perf_counter()
+        # in the precision inference runs at by default: fp32 on a CPU, autocast on CUDA
+        recalibrate_batchnorm(
+            evaluated, _recalibration_batches(cfg, sampler, data, layout), device=dev,
+            autocast=autocast if dev.type == "cuda" else contextlib.nullcontext,
+        )
+        took = time.perf_counter() - t0
+        log.info("BatchNorm statistics recomputed over %d patches in %.1f s",
+                 cfg.bn_recalibration.patches, took)  # type: ignore[union-attr]
+        run_validation(bn_recalibrated=True, bn_recalibration_s=round(took, 3))
+    elif done.get("step") != loop.step:
         run_validation()
     sync_buffers()
     loop.elapsed_s = time_base + time.perf_counter() - t_loop
