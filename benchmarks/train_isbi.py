@@ -1,12 +1,12 @@
 """ISBI 2012 membranes: train on slices 0-23 for a fixed wall-clock budget, report the pixel
 error on slices 24-29 (the issue's target: <= 0.07 within 20 minutes of CPU training).
 
-    python benchmarks/train_isbi.py [--minutes 20] [--steps N] [--out outputs/isbi2012/bench]
+    python benchmarks/train_isbi.py [--minutes M] [--steps N] [--out outputs/isbi2012/bench]
         [--threads 2] [--device cpu]
 
 Builds the 30 stores first if missing (ingest + prepare, not counted in the budget), then runs
-``segflow.train.loop.train`` with ``pipelines/isbi2012_membranes.yaml`` and ``time_limit_s``
-set to the budget. ``--steps`` (default: the YAML's) sets the length of the LR schedule: pick
+``segflow.train.loop.train`` with ``pipelines/isbi2012_membranes.yaml`` (its ``time_limit_s``,
+or ``--minutes``). ``--steps`` (default: the YAML's) sets the length of the LR schedule: pick
 it so the schedule ends near the time limit (steps/s is printed in the result). The pixel
 error is ``1 - pixel accuracy`` of the argmax over every pixel of slices 24-29 (whole-slice
 inference with mirrored context), for the final and the best validated model. The saved
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "flows"))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "pipelines" / "isbi2012_membranes.yaml"))
-    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--minutes", type=float, help="time limit of the loop (default: the YAML's)")
     p.add_argument("--steps", type=int)
     p.add_argument("--out", default="outputs/isbi2012/bench")
     p.add_argument("--threads", type=int, default=2)
@@ -58,7 +58,9 @@ def main() -> None:
     from segflow.train.loop import train
 
     cfg = load_config(args.config)
-    ns = argparse.Namespace(config=args.config, steps=args.steps, time_limit=args.minutes * 60)
+    ns = argparse.Namespace(
+        config=args.config, steps=args.steps, time_limit=args.minutes and args.minutes * 60
+    )
     tcfg = train_config(cfg, ns)
     val_stores = [r.store for r in tcfg.stores.val]
     if args.eval_only:
@@ -90,12 +92,16 @@ def main() -> None:
             {
                 "device": args.device,
                 "threads": args.threads,
-                "budget_min": args.minutes,
+                "time_limit_s": tcfg.time_limit_s,
                 "prepare_s": round(t_prep, 1),
                 "train_wall_s": round(res.wall_s, 1),
                 "steps": res.steps,
                 "schedule_steps": res.total_steps,
                 "steps_per_s": round(res.steps / max(doc["history"][-1]["elapsed_s"], 1e-9), 3),
+                # the training loop's seconds, validations and the BatchNorm recalibration
+                # included (the budget the issue sets)
+                "train_loop_s": doc["history"][-1]["elapsed_s"],
+                "bn_recalibration_s": doc["history"][-1].get("bn_recalibration_s"),
                 "final_pixel_error": res.final_metrics.get("pixel_error"),
                 "final_mean_iou": res.final_metrics.get("mean_iou"),
                 "best_pixel_error": best["pixel_error"],
