@@ -643,23 +643,19 @@ class TrainConfig(_Model):
         if self.val_tile % m:
             raise ValueError(f"val_tile {self.val_tile} must be a multiple of {m}")
         recal = self.bn_recalibration
-        if recal is not None and recal.patch is not None and recal.patch % m:
-            raise ValueError(
-                f"bn_recalibration.patch {recal.patch} must be a multiple of the model's size "
-                f"multiple {m}"
-            )
-        reach = max(self.patch, 2 * self.margin)  # what training patches may cover
-        if (
-            recal is not None
-            and recal.patch is not None
-            and self.stores.split is not None
-            and recal.patch > reach
-        ):
-            raise ValueError(
-                f"bn_recalibration.patch {recal.patch} would reach validation pixels (training "
-                f"centres keep {self.margin} px from them): use at most {reach} or raise "
-                "stores.split.margin"
-            )
+        if recal is not None and recal.patch is not None:
+            if recal.patch % m:
+                raise ValueError(
+                    f"bn_recalibration.patch {recal.patch} must be a multiple of the model's "
+                    f"size multiple {m}"
+                )
+            reach = max(self.patch, 2 * self.margin)  # what training patches may cover
+            if self.stores.split is not None and recal.patch > reach:
+                raise ValueError(
+                    f"bn_recalibration.patch {recal.patch} would reach validation pixels "
+                    f"(training centres keep {self.margin} px from them): use at most {reach} "
+                    "or raise stores.split.margin"
+                )
         _check_mode(self.select_metric, self.select_mode, key="select_mode")
         return self
 

@@ -596,22 +596,19 @@ def recalibrate_batchnorm(
 
 
 def _recalibration_batches(
-    cfg: TrainConfig, sampler: PatchSampler, data: _Data, layout: torch.memory_format
+    sampler: PatchSampler, *, patches: int, patch: int, batch_size: int,
+    normalization: Normalization, layout: torch.memory_format,
 ) -> Iterator[torch.Tensor]:
     """The un-augmented training patches :func:`recalibrate_batchnorm` averages over.
 
-    Drawn by the training sampler with ``random`` sampling (the scenes' own class mix, as
-    inference sees them) from epoch 0 of its seed: the same patches on every rank and in a
+    Drawn by the training sampler's scenes and seed with ``random`` sampling (the scenes' own
+    class mix, as inference sees them), epoch 0: the same patches on every rank and in a
     resumed run.
     """
-    assert cfg.bn_recalibration is not None
-    recal = cfg.bn_recalibration
-    sampler = PatchSampler(sampler.scenes, SamplingConfig(), sampler.seed)
-    dataset = PatchDataset(sampler, patch=recal.patch or cfg.patch, epoch_len=recal.patches,
-                           normalization=data.normalization)
-    for start in range(0, recal.patches, cfg.batch_size):
-        items = [dataset[g] for g in range(start, min(start + cfg.batch_size, recal.patches))]
-        yield torch.stack([it["image"] for it in items]).contiguous(memory_format=layout)
+    dataset = PatchDataset(PatchSampler(sampler.scenes, SamplingConfig(), sampler.seed),
+                           patch=patch, epoch_len=patches, normalization=normalization)
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        yield batch["image"].contiguous(memory_format=layout)
 
 
 def _worker_init(_: int) -> None:
@@ -744,7 +741,7 @@ def train(
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     total = cfg.total_steps
-    recalibrate = cfg.bn_recalibration is not None
+    recal = cfg.bn_recalibration
     batch_sampler = StepBatchSampler(start=loop.step, stop=total, batch_size=cfg.batch_size,
                                      rank=dist_info.rank, world_size=dist_info.world_size)
     loader = torch.utils.data.DataLoader(
@@ -872,7 +869,7 @@ def train(
         last = loop.step >= total or over_time
         stop = False
         # with a BatchNorm recalibration the last validation comes after it (below)
-        if (loop.step % cfg.val_interval == 0 or last) and not (last and recalibrate):
+        if (loop.step % cfg.val_interval == 0 or last) and not (last and recal is not None):
             stop = run_validation()
             info.update({k: v for k, v in last_metrics.items() if isinstance(v, int | float)})
             if stop:
@@ -889,16 +886,17 @@ def train(
         if stop or over_time:
             break
     done = loop.history[-1] if loop.history else {}
-    if recalibrate and not (done.get("step") == loop.step and done.get("bn_recalibrated")):
+    if recal is not None and not (done.get("step") == loop.step and done.get("bn_recalibrated")):
         t0 = time.perf_counter()
-        # in the precision inference runs at by default: fp32 on a CPU, autocast on CUDA
-        recalibrate_batchnorm(
-            evaluated, _recalibration_batches(cfg, sampler, data, layout), device=dev,
-            autocast=autocast if dev.type == "cuda" else contextlib.nullcontext,
+        batches = _recalibration_batches(
+            sampler, patches=recal.patches, patch=recal.patch or cfg.patch,
+            batch_size=cfg.batch_size, normalization=data.normalization, layout=layout,
         )
+        # in the precision inference runs at by default: fp32 on a CPU, autocast on CUDA
+        recalibrate_batchnorm(evaluated, batches, device=dev,
+                              autocast=autocast if dev.type == "cuda" else contextlib.nullcontext)
         took = time.perf_counter() - t0
-        log.info("BatchNorm statistics recomputed over %d patches in %.1f s",
-                 cfg.bn_recalibration.patches, took)  # type: ignore[union-attr]
+        log.info("BatchNorm statistics recomputed over %d patches in %.1f s", recal.patches, took)
         run_validation(bn_recalibrated=True, bn_recalibration_s=round(took, 3))
     elif done.get("step") != loop.step:
         run_validation()
