@@ -15,6 +15,9 @@ chunk must be > 0, got 0: pass --chunk 512
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Iterator
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -23,6 +26,7 @@ __all__ = [
     "SegflowError",
     "SourceError",
     "StoreError",
+    "describe_failure",
 ]
 
 
@@ -52,3 +56,79 @@ class RegionError(SegflowError, ValueError):
 
 class CheckpointError(SegflowError, ValueError):
     """A model checkpoint is missing, unsafe or inconsistent."""
+
+
+# what to do about an operating-system error, by errno
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free space there or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free space there or write elsewhere",
+    errno.EROFS: "read-only file system: write to a writable directory",
+    errno.EACCES: "permission denied: fix the permissions or choose another path",
+    errno.EPERM: "operation not permitted: fix the permissions or choose another path",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.ENOTDIR: "a part of the path is not a directory: check the path",
+    errno.EISDIR: "is a directory: give a file path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+# GDAL and some C libraries report these only in their message text
+_TEXT_ADVICE = {
+    "no space left": errno.ENOSPC,
+    "read-only file system": errno.EROFS,
+    "permission denied": errno.EACCES,
+}
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def describe_failure(err: BaseException) -> tuple[str, int]:
+    """One line for a failure and the exit status a command ends with.
+
+    segflow's own errors carry their message (status 2); operating-system errors (a full
+    disk, a read-only or missing directory, permissions), also when wrapped by a library,
+    and running out of memory get what happened, the path and what to do (status 2); any
+    other exception is an internal error (status 1), to be reported with ``--debug``'s
+    traceback.
+
+    Examples
+    --------
+    >>> describe_failure(OSError(28, "No space left on device", "/data/out.tif"))
+    ("no space left on the device: free space there or write elsewhere: '/data/out.tif'", 2)
+    """
+    chain = list(_chain(err))
+    for e in chain:
+        if isinstance(e, SegflowError):
+            return _first_line(e), 2
+    for e in chain:
+        if isinstance(e, MemoryError):
+            return (
+                "out of memory: lower the tile, batch or chunk size, or run on a machine with "
+                "more memory",
+                2,
+            )
+        code = getattr(e, "errno", None)
+        if code is None:
+            low = str(e).lower()
+            code = next((c for text, c in _TEXT_ADVICE.items() if text in low), None)
+        if code in _OS_ADVICE:
+            where = getattr(e, "filename", None)
+            suffix = f": {str(where)!r}" if where else f" ({_first_line(e)})"
+            return _OS_ADVICE[code] + suffix, 2
+        if isinstance(e, OSError):
+            return f"{_first_line(e)}: check the path and that it is readable", 2
+    return (
+        f"internal error ({type(err).__name__}: {_first_line(err)}): run again with --debug "
+        "for the traceback and report it",
+        1,
+    )
