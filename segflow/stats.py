@@ -18,7 +18,8 @@ Percentiles 0.5 and 99.5 use numpy's default ``linear`` definition. For integer 
 most 16 bits they are *exact* (per-band histograms with one bin per value). For other dtypes
 (float, 32-bit ints) they come from a second pass with a 65536-bin histogram over
 ``[min, max]``, assuming values spread evenly inside a bin: the error is at most one bin width,
-``(max - min) / 65536``. Non-finite values of float images count as invalid.
+``(max - min) / 65536``. A pixel of a float image where any band is NaN or +/-inf is invalid:
+it counts in ``nodata_fraction`` and in no band's statistics.
 
 Examples
 --------
@@ -48,6 +49,7 @@ import numpy as np
 from segflow.config import TrainRegion
 from segflow.errors import ConfigError, RegionError
 from segflow.geometry import Window
+from segflow.io.sources import valid_and_finite
 
 __all__ = [
     "FLOAT_HIST_BINS",
@@ -348,8 +350,13 @@ def _train_pixels(
     region: TrainRegion | None,
     image_shape: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of training pixels, mask of valid pixels) of one block."""
-    vmask = np.ones(window.shape, bool) if valid is None else np.asarray(valid, bool)
+    """(mask of training pixels, mask of valid pixels) of one block.
+
+    A pixel where any band is NaN or +/-inf is invalid (as ingest marks it in ``valid``; done
+    here again for stores written before that rule), so it counts in ``nodata_fraction`` and
+    is left out of every band's statistics.
+    """
+    vmask = valid_and_finite(image, np.ones(window.shape, bool) if valid is None else valid)
     mask = vmask & train_mask_for_window(region, window, image_shape=image_shape)
     return mask, vmask
 

@@ -79,10 +79,18 @@ class Counting(torch.nn.Module):
         return self.inner(x)
 
 
-def reference(model: torch.nn.Module, image: np.ndarray, halo: int) -> np.ndarray:
-    """Whole-image inference on the image reflect-padded by ``halo``, cropped back."""
-    x = np.pad(image, ((0, 0), (halo, halo), (halo, halo)), mode="reflect").astype(np.float32)
+def reference(
+    model: torch.nn.Module, image: np.ndarray, halo: int, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Whole-image inference on the image reflect-padded by ``halo``, cropped back.
+
+    Pixels outside ``valid`` are 0 after normalization (the engine's fill for nodata).
+    """
+    pad = ((0, 0), (halo, halo), (halo, halo))
+    x = np.pad(image, pad, mode="reflect").astype(np.float32)
     x = (x - np.reshape(MEAN, (-1, 1, 1))) / np.reshape(STD, (-1, 1, 1))
+    if valid is not None:
+        x[:, ~np.pad(valid, pad[1:], mode="reflect")] = 0.0
     with torch.inference_mode():
         p = torch.softmax(model(torch.from_numpy(x.astype(np.float32))[None]), 1)[0].numpy()
     h, w = image.shape[1:]
@@ -488,7 +496,7 @@ def test_invalid_pixels_get_nodata_and_empty_units_skip_the_model(
     labels = store.array("prediction/labels")[...]
     probs = store.array("prediction/probabilities")[...]
     assert (labels[~valid] == 200).all() and (probs[:, ~valid] == 0).all()
-    ref = reference(conv_net(), image, halo=6)
+    ref = reference(conv_net(), image, halo=6, valid=valid)  # nodata pixels fed as the mean
     np.testing.assert_array_equal(labels[valid], ref.argmax(0)[valid])
 
 
@@ -503,7 +511,10 @@ def test_gaussian_skips_windows_without_valid_pixels_and_keeps_the_rest(
     model = Counting(conv_net())
     store = scene(tmp_path, image, chunk=32, valid=valid)
     rep = predict_region(StoreReader(store), model, full, store, options=o, mean=MEAN, std=STD)
-    dense = scene(tmp_path, image, chunk=32, name="dense.zarr")
+    # the engine feeds nodata pixels as the normalization mean: the same image, all valid,
+    # with the mean at those pixels, gives the same probabilities everywhere else
+    filled = np.where(valid, image, np.float32(MEAN).reshape(-1, 1, 1)).astype(image.dtype)
+    dense = scene(tmp_path, filled, chunk=32, name="dense.zarr")
     all_tiles = predict_region(
         StoreReader(dense), Counting(conv_net()), full, dense, options=o, mean=MEAN, std=STD
     )

@@ -142,6 +142,42 @@ def test_patches_equal_store_pixels(store: Path) -> None:
         np.testing.assert_array_equal(item["weights"].numpy(), rw[sl])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # make_store's fingerprint
+def test_invalid_and_non_finite_pixels_reach_the_model_as_the_mean(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """Masked pixels and NaN/inf pixels (even ones the store's mask misses) are input 0
+    (the normalization mean, as at inference) and never in the loss; the rest is unchanged."""
+    img = rng.normal(100, 20, (2, 40, 40)).astype(np.float32)
+    img[0, 5:15, 5:15] = np.nan  # NaN in one band makes the whole pixel nodata
+    img[1, 30:35, 20:30] = np.inf
+    valid = np.ones((40, 40), bool)
+    valid[20:25, :] = False  # a finite value under the mask
+    lab = (rng.random((40, 40)) < 0.5).astype(np.uint8)
+    path = make_store(tmp_path / "nan.zarr", img, lab, chunk=20, valid=valid, weights=False)
+    bad = ~valid | ~np.isfinite(img).all(0)
+    norm = Normalization((100.0, 90.0), (20.0, 10.0))
+    want = (img - np.array([100, 90], np.float32)[:, None, None]) / np.array(
+        [20, 10], np.float32
+    )[:, None, None]
+    want = np.where(bad, np.float32(0), want)
+    scenes = tuple(scan_scenes([path], n_classes=2))
+    sampler = PatchSampler(scenes, SamplingConfig(), seed=0)
+    ds = PatchDataset(sampler, patch=16, epoch_len=40, normalization=norm)
+    seen_bad = 0
+    for g in range(40):
+        _si, r, c = sampler.centre(0, g)
+        item = ds[g]
+        x = item["image"].numpy()
+        assert np.isfinite(x).all()
+        if r - 8 >= 0 and c - 8 >= 0 and r + 8 <= 40 and c + 8 <= 40:  # no mirroring
+            sl = (slice(r - 8, r + 8), slice(c - 8, c + 8))
+            np.testing.assert_allclose(x, want[(slice(None), *sl)], rtol=1e-6)
+            assert not item["mask"].numpy()[bad[sl]].any()
+            seen_bad += int(bad[sl].sum())
+    assert seen_bad > 0  # the patches did cover nodata pixels
+
+
 @pytest.mark.parametrize("margin", [1, 5])
 def test_loss_margin_ignores_the_patch_border(store: Path, margin: int) -> None:
     scenes = tuple(scan_scenes([store], n_classes=2))

@@ -31,7 +31,12 @@ How the work is organised
 * **Valid pixels**: each tile's pixels and ``valid`` mask come from one read (a source whose
   mask is its nodata value decodes the window once); a tile with no valid pixel in its core
   is not run, and the units gather their footprint from the tiles' cores, so nothing is read
-  twice. A unit that only such tiles cover is written as nodata.
+  twice. A unit that only such tiles cover is written as nodata. A pixel where any band is
+  NaN or +/-inf is invalid too, whatever the reader's mask says
+  (:func:`~segflow.io.sources.valid_and_finite`). The model sees every invalid pixel
+  (nodata by value, by mask, or non-finite) as one defined value, the normalization mean
+  (0 after normalization): NaN never reaches the model, and a nodata pixel's neighbours get
+  the same prediction however the pixel was marked nodata.
 * **Streaming**: ``read_workers`` threads read and normalize windows ahead (``prefetch``
   batches beyond the one being assembled), each taking the windows of its own column band
   of the strip so that its source handle's block cache serves the source tiles that
@@ -89,6 +94,7 @@ import torch
 from segflow.config import ClassDef
 from segflow.errors import ConfigError, RegionError, StoreError
 from segflow.geometry import BlockGrid, BlockIndex, Window
+from segflow.io.sources import valid_and_finite
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord, staging_path
 from segflow.tiling import (
     MirrorPlan,
@@ -114,6 +120,7 @@ __all__ = [
     "predict_array",
     "predict_region",
     "prediction_unit",
+    "resolve_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -485,7 +492,8 @@ def _model_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _resolve_device(options: InferenceOptions) -> tuple[torch.device, torch.dtype | None, str]:
+def resolve_device(options: InferenceOptions) -> tuple[torch.device, torch.dtype | None, str]:
+    """The torch device, autocast dtype and AMP name ``options`` ask for (checked)."""
     name = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -614,6 +622,11 @@ class _Normalizer:
     ``skip_empty`` and no pixel of the core is valid (the tile then needs no model run);
     ``core_valid`` the boolean footprint of ``tile.core``, which always lies inside the image.
     Pixels and mask come from one read, so the writer never reads the image again.
+
+    Invalid pixels are the reader's mask plus every pixel where a band is NaN or +/-inf.
+    In ``x`` every invalid pixel holds 0, i.e. the normalization mean, whatever its raw value
+    (a nodata value, a finite value under a mask, NaN, inf): NaN never reaches the model, and
+    a pixel's neighbours are predicted the same however the pixel was marked nodata.
     """
 
     def __init__(
@@ -631,22 +644,37 @@ class _Normalizer:
 
     def __call__(self, tile: Tile) -> tuple[np.ndarray | None, np.ndarray]:
         plan = mirror_plan(tile.window, self.reader.height, self.reader.width)
-        block, valid = self.reader.read_with_valid(plan.source)
-        core_valid = np.asarray(valid, dtype=bool)[tile.core.relative_to(plan.source).slices]
+        block, valid = self._read(plan)
+        core_valid = valid[tile.core.relative_to(plan.source).slices]
         if self.skip_empty and not core_valid.any():
             return None, core_valid
-        return self._scale(plan, block), core_valid
+        return self._scale(plan, block, valid), core_valid
 
     def window(self, tile: Tile) -> np.ndarray:
         """The tile's normalized model window, whatever its valid pixels."""
         plan = mirror_plan(tile.window, self.reader.height, self.reader.width)
-        block, _ = self.reader.read_with_valid(plan.source)
-        return self._scale(plan, block)
+        return self._scale(plan, *self._read(plan))
 
-    def _scale(self, plan: MirrorPlan, block: np.ndarray) -> np.ndarray:
-        x = plan.take(np.asarray(block)).astype(np.float32)
+    def _read(self, plan: MirrorPlan) -> tuple[np.ndarray, np.ndarray]:
+        """The pixels of ``plan.source`` and their valid mask, non-finite pixels invalid.
+
+        Sources already apply the non-finite rule; this covers every other reader (scene
+        stores ingested before the rule, in-memory arrays).
+        """
+        block, valid = self.reader.read_with_valid(plan.source)
+        block = np.asarray(block)
+        return block, valid_and_finite(block, valid)
+
+    def _scale(self, plan: MirrorPlan, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        x = plan.take(block).astype(np.float32)
         x -= self.mean
         x *= self.inv_std
+        if not valid.all():
+            # One defined fill for every invalid pixel: 0, the normalization mean. Raw nodata
+            # values (e.g. -9999), finite values under a mask, NaN and inf all look alike to
+            # the model, so NaN never reaches it and a NaN pixel's neighbours are predicted
+            # exactly as when the same pixel is nodata by value or by mask.
+            x[:, ~plan.take(valid)] = 0.0
         return x
 
 
@@ -921,7 +949,7 @@ def predict_region(
     """
     t_start = time.perf_counter()
     _check_inputs(reader, region, mean, std)
-    device, amp_dtype, amp_name = _resolve_device(options)
+    device, amp_dtype, amp_name = resolve_device(options)
     if isinstance(out, SceneStore):
         store = out
         origin = _store_origin(store, reader)
@@ -1067,7 +1095,7 @@ def predict_array(
     :func:`predict_region` for large ones.
     """
     _check_inputs(reader, region, mean, std)
-    device, amp_dtype, _ = _resolve_device(options)
+    device, amp_dtype, _ = resolve_device(options)
     origin = (region.row_off, region.col_off)
     layout = build_layout(options, reader.height, reader.width, origin)
     model.eval()

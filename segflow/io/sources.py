@@ -41,10 +41,23 @@ describes that grid. Reads are exact source pixels at every level: OpenSlide res
 sub-pixel shift at levels with a non-integer downsample, so such levels of TIFF-based slides
 are read with tifffile instead.
 
+**Non-finite pixels.** In every reader, a pixel of a float (or complex) source where any band
+is NaN or +/-inf is invalid, whatever the mask above says (:func:`valid_and_finite`, applied
+once, in :meth:`Source.read_with_valid` and :meth:`Source.read_valid`).
+
+**Pixel budget.** Right after reading the first bytes, and before any pixel is read or any
+array created, :func:`open_source` takes the full-resolution size the file *declares* (the
+first TIFF image directory, parsed by hand; a VRT's ``rasterXSize``/``rasterYSize``; a PNG's
+``IHDR``; other formats from OpenSlide's or GDAL's header) and refuses a file of more than
+``max_pixels`` pixels (:func:`max_pixels`: ``$SEGFLOW_MAX_PIXELS``, else
+:data:`DEFAULT_MAX_PIXELS` = 2**36, about 68.7 gigapixels). A few-kilobyte TIFF that claims
+10^6 x 10^6 pixels therefore fails in milliseconds instead of growing memory.
+
 Bad input fails at open time with one :class:`SourceError` line: a missing file, a file no
 reader recognises, a truncated TIFF (every strip/tile must lie inside the file; VRT members
 are checked too), a truncated PNG (chunk CRCs), a missing VRT member, a level the file does
-not have. A window outside the image raises :class:`RegionError`.
+not have, a file over the pixel budget. A window outside the image raises
+:class:`RegionError`.
 
 Sources can be pickled (Dask workers): pickling drops open file handles, and the copy
 reopens the file on first use. Each thread gets its own handle where the library is not
@@ -66,6 +79,7 @@ import hashlib
 import logging
 import math
 import os
+import struct
 import threading
 import warnings
 import xml.etree.ElementTree as ET
@@ -76,11 +90,13 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from segflow.errors import RegionError, SourceError
+from segflow.errors import ConfigError, RegionError, SourceError
 from segflow.geometry import Window
 from segflow.io.store import GeoRef, SlideInfo
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ENV_MAX_PIXELS",
     "TISSUE_MAX_SATURATION",
     "TISSUE_MIN_SATURATION",
     "OpenSlideSource",
@@ -90,11 +106,15 @@ __all__ = [
     "SourceInfo",
     "SourceKind",
     "TiffSlideSource",
+    "check_pixel_budget",
     "check_tiff_complete",
+    "declared_size",
+    "max_pixels",
     "open_source",
     "saturation",
     "source_sha256",
     "tissue_mask",
+    "valid_and_finite",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +127,12 @@ SourceKind = Literal["geotiff", "slide", "image"]
 #: thumbnail is above 20, 31.3 % above 40, 28.2 % above 60).
 TISSUE_MIN_SATURATION = 15
 TISSUE_MAX_SATURATION = 40
+
+#: Default largest full-resolution image (pixels) :func:`open_source` accepts: 2**36, about
+#: 68.7 gigapixels (a 262144 x 262144 mosaic; a 100k x 100k slide is 10 gigapixels).
+DEFAULT_MAX_PIXELS = 2**36
+#: Environment variable that overrides :data:`DEFAULT_MAX_PIXELS`.
+ENV_MAX_PIXELS = "SEGFLOW_MAX_PIXELS"
 
 _THUMB_SIDE = 1024
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -242,15 +268,31 @@ class Source:
         return self._read(window)
 
     def read_valid(self, window: Window) -> np.ndarray:
-        """The ``(rows, cols)`` boolean mask of pixels inside the data footprint."""
+        """The ``(rows, cols)`` boolean mask of pixels inside the data footprint.
+
+        For float sources the pixels are read too: a pixel where any band is NaN or +/-inf
+        is invalid (see :func:`valid_and_finite`).
+        """
+        if self._may_be_non_finite:
+            return self.read_with_valid(window)[1]
         self._check_window(window)
         return self._read_valid(window)
 
     def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """``(read(window), read_valid(window))``, decoding the pixels only once where possible."""
+        """``(read(window), read_valid(window))``, decoding the pixels only once where possible.
+
+        This is the one place where the reader's own mask (nodata, internal mask, alpha,
+        tissue) meets the non-finite rule: every valid mask a source hands out comes from here
+        (or, for integer sources, which have no non-finite values, from ``_read_valid``).
+        """
         self._check_window(window)
         data = self._read(window)
-        return data, self._valid_of(window, data)
+        return data, valid_and_finite(data, self._valid_of(window, data))
+
+    @property
+    def _may_be_non_finite(self) -> bool:
+        """Whether pixels of this source can be NaN or infinite (float and complex dtypes)."""
+        return np.dtype(self.info.dtype).kind in "fc"
 
     def _valid_of(self, window: Window, data: np.ndarray) -> np.ndarray:
         """The valid mask of ``window`` given its already-read pixels (default: read it)."""
@@ -397,6 +439,34 @@ def _rio_open(path: Path, **kw: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         return rasterio.open(path, **kw)
+
+
+# -------------------------------------------------------------------- non-finite pixels
+def valid_and_finite(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``valid`` and "every band of the pixel is finite" (NaN and +/-inf are nodata).
+
+    Parameters
+    ----------
+    data : ``(band, rows, cols)`` pixels.
+    valid : ``(rows, cols)`` boolean mask of the same window.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new ``(rows, cols)`` boolean array for float and complex ``data``; ``valid`` itself
+        (as bool) for other dtypes, which cannot hold non-finite values.
+
+    Examples
+    --------
+    >>> data = np.array([[[1.0, np.nan, np.inf, -np.inf]]], dtype=np.float32)
+    >>> valid_and_finite(data, np.ones((1, 4), bool)).tolist()
+    [[True, False, False, False]]
+    """
+    valid = np.asarray(valid, dtype=bool)
+    data = np.asarray(data)
+    if data.dtype.kind not in "fc":
+        return valid
+    return np.asarray(valid & np.isfinite(data).all(axis=0))
 
 
 # ------------------------------------------------------------------------ tissue rule
@@ -1019,7 +1089,7 @@ class PlainImageSource(_TiffBase):
 
 
 # ------------------------------------------------------------------------------ dispatch
-def open_source(uri: str | Path, *, level: int = 0) -> Source:
+def open_source(uri: str | Path, *, level: int = 0, max_pixels: int | None = None) -> Source:
     """Open an image file for window reads, choosing the reader by content.
 
     Parameters
@@ -1027,11 +1097,17 @@ def open_source(uri: str | Path, *, level: int = 0) -> Source:
     uri : a local path (or ``file://`` URI) to a GeoTIFF/COG/VRT, a whole-slide image, a TIFF,
         PNG or JPEG.
     level : pyramid level to read (0 = full resolution).
+    max_pixels : the largest full-resolution image (width x height, as the file's header
+        declares it) to accept; None: :func:`max_pixels` (``$SEGFLOW_MAX_PIXELS``, else
+        :data:`DEFAULT_MAX_PIXELS`). Checked before any pixel is read.
 
     Raises
     ------
     SourceError
-        Missing, truncated or unreadable file, or a level the file does not have.
+        Missing, truncated or unreadable file, a level the file does not have, or a file
+        that declares more than ``max_pixels`` pixels.
+    ConfigError
+        ``max_pixels`` (or ``$SEGFLOW_MAX_PIXELS``) is not a positive integer.
 
     Examples
     --------
@@ -1042,10 +1118,33 @@ def open_source(uri: str | Path, *, level: int = 0) -> Source:
     path = _local_path(uri)
     if not isinstance(level, int) or isinstance(level, bool) or level < 0:
         raise SourceError(f"level must be an integer >= 0, got {level!r}: pass e.g. level=0")
+    limit = _max_pixels_arg(max_pixels)
     head = _head(path)
+    size = declared_size(path, head)
+    if size is not None:
+        check_pixel_budget(path, *size, limit=limit)
     is_tiff = head.startswith(_TIFF_MAGICS)
     if is_tiff:
         check_tiff_complete(path)
+    source = _dispatch(path, head, is_tiff, level)
+    if source is not None:
+        # again from the reader's own view, for headers declared_size could not parse
+        h, w = max(source.info.level_shapes, key=lambda s: s[0] * s[1])
+        try:
+            check_pixel_budget(path, w, h, limit=limit)
+        except SourceError:
+            source.close()
+            raise
+        return source
+    raise SourceError(
+        f"cannot open {str(path)!r}: no image reader recognises it (it starts with "
+        f"{head[:12]!r}): pass a GeoTIFF, COG, VRT, whole-slide image (SVS, NDPI, MRXS, "
+        "OME-TIFF, ...), TIFF, PNG or JPEG"
+    )
+
+
+def _dispatch(path: Path, head: bytes, is_tiff: bool, level: int) -> Source | None:
+    """The reader for ``path`` (see the module notes), or None when none recognises it."""
     if _looks_like_vrt(head):
         _vrt_references(path, check=True)
         return RasterioSource(path, level)
@@ -1059,11 +1158,7 @@ def open_source(uri: str | Path, *, level: int = 0) -> Source:
         return PlainImageSource(path, level)
     if _gdal_opens(path):
         return RasterioSource(path, level)
-    raise SourceError(
-        f"cannot open {str(path)!r}: no image reader recognises it (it starts with "
-        f"{head[:12]!r}): pass a GeoTIFF, COG, VRT, whole-slide image (SVS, NDPI, MRXS, "
-        "OME-TIFF, ...), TIFF, PNG or JPEG"
-    )
+    return None
 
 
 def _open_tiff(path: Path, level: int) -> Source:
@@ -1126,6 +1221,172 @@ def _open_tiff(path: Path, level: int) -> Source:
     if slide_like:
         return TiffSlideSource(path, level)
     return PlainImageSource(path, level)
+
+
+# --------------------------------------------------------------------------- pixel budget
+def max_pixels() -> int:
+    """The pixel budget per source: ``$SEGFLOW_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`.
+
+    The variable holds a positive integer (``68719476736``, ``1e12``, ``2**40`` and
+    ``1_000_000`` forms are accepted).
+
+    Raises
+    ------
+    ConfigError
+        The variable is set but is not a positive integer.
+
+    Examples
+    --------
+    >>> max_pixels() == int(os.environ.get(ENV_MAX_PIXELS) or DEFAULT_MAX_PIXELS)  # doctest: +SKIP
+    True
+    """
+    text = os.environ.get(ENV_MAX_PIXELS, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    value: float | None
+    try:
+        if "**" in text:
+            base, _, exp = text.partition("**")
+            value = float(int(base.strip()) ** int(exp.strip()))
+        else:
+            value = float(text.replace("_", ""))
+    except (ValueError, OverflowError):
+        value = None
+    if value is None or not math.isfinite(value) or value < 1 or value != int(value):
+        raise ConfigError(
+            f"{ENV_MAX_PIXELS} must be a positive integer number of pixels, got {text!r}: "
+            f"unset it (default {DEFAULT_MAX_PIXELS}) or set e.g. {ENV_MAX_PIXELS}=1000000000000"
+        )
+    return int(value)
+
+
+def _max_pixels_arg(limit: int | None) -> int:
+    """``limit`` checked (a positive integer), or :func:`max_pixels` when None."""
+    if limit is None:
+        return max_pixels()
+    if isinstance(limit, bool) or not isinstance(limit, int | np.integer) or limit < 1:
+        raise ConfigError(
+            f"max_pixels must be a positive integer, got {limit!r}: pass e.g. "
+            f"max_pixels={DEFAULT_MAX_PIXELS} or None for ${ENV_MAX_PIXELS}"
+        )
+    return int(limit)
+
+
+def check_pixel_budget(path: str | Path, width: int, height: int, *, limit: int) -> None:
+    """Refuse (one :class:`SourceError` line) an image of more than ``limit`` pixels.
+
+    Examples
+    --------
+    >>> check_pixel_budget("a.tif", 1000, 1000, limit=10**6)
+    >>> check_pixel_budget("bomb.tif", 10**6, 10**6, limit=2**36)
+    Traceback (most recent call last):
+    ...
+    segflow.errors.SourceError: 'bomb.tif' declares 1000000 x 1000000 = 1000000000000 pixels, over the limit of 68719476736 pixels per source: if the image is genuine, set SEGFLOW_MAX_PIXELS=1000000000000 (or more) and run again
+    """
+    n = int(width) * int(height)
+    if n > limit:
+        raise SourceError(
+            f"{str(path)!r} declares {int(width)} x {int(height)} = {n} pixels, over the limit "
+            f"of {limit} pixels per source: if the image is genuine, set "
+            f"{ENV_MAX_PIXELS}={n} (or more) and run again"
+        )
+
+
+def declared_size(path: str | Path, head: bytes | None = None) -> tuple[int, int] | None:
+    """``(width, height)`` of the full-resolution image as the file's header declares it.
+
+    Reads headers only, never pixels, and allocates nothing in proportion to the size:
+
+    - TIFF (GeoTIFF, COG, BigTIFF, SVS, NDPI, OME-TIFF, ...): ``ImageWidth`` and
+      ``ImageLength`` of the first image directory, parsed by hand (the full-resolution
+      image in every pyramid layout).
+    - VRT: the ``rasterXSize`` and ``rasterYSize`` attributes of ``VRTDataset``.
+    - PNG: the ``IHDR`` chunk.
+    - anything else: OpenSlide's level-0 dimensions when it detects the format, else GDAL's
+      (both only parse headers on open).
+
+    Returns None when the header cannot be parsed (the readers then report the file).
+
+    Examples
+    --------
+    >>> declared_size("data/samples/landsat/RGB.byte.tif")  # doctest: +SKIP
+    (791, 718)
+    """
+    p = Path(path)
+    if head is None:
+        head = _head(p)
+    try:
+        if head.startswith(_TIFF_MAGICS):
+            return _tiff_declared_size(p)
+        if _looks_like_vrt(head):
+            return _vrt_declared_size(p)
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+            w, h = struct.unpack(">II", head[16:24])
+            return int(w), int(h)
+    except (OSError, ValueError, struct.error, ET.ParseError):
+        return None
+    if _openslide_vendor(p) is not None:
+        try:
+            import openslide
+
+            with openslide.OpenSlide(str(p)) as osr:
+                w, h = osr.level_dimensions[0]
+            return int(w), int(h)
+        except Exception:
+            return None
+    try:
+        with _rio_open(p) as ds:
+            return int(ds.width), int(ds.height)
+    except Exception:
+        return None
+
+
+#: TIFF field types holding an unsigned integer: type code -> (struct format, size)
+_TIFF_UINT = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
+
+
+def _tiff_declared_size(path: Path) -> tuple[int, int] | None:
+    """``(ImageWidth, ImageLength)`` of a TIFF's first image directory (classic or BigTIFF)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+        bo = "<" if head[:2] == b"II" else ">"
+        version = struct.unpack(bo + "H", head[2:4])[0]
+        if version == 42:
+            (offset,) = struct.unpack(bo + "I", head[4:8])
+            count_fmt, entry_size, count_fmt_entry = "H", 12, "I"
+        elif version == 43:
+            (offset,) = struct.unpack(bo + "Q", head[8:16])
+            count_fmt, entry_size, count_fmt_entry = "Q", 20, "Q"
+        else:
+            return None
+        f.seek(offset)
+        raw = f.read(struct.calcsize(count_fmt))
+        (n,) = struct.unpack(bo + count_fmt, raw)
+        n = min(int(n), 4096)  # a real directory has a few dozen entries
+        table = f.read(n * entry_size)
+    value_size = entry_size - 4 - struct.calcsize(count_fmt_entry)
+    found: dict[int, int] = {}
+    for i in range(len(table) // entry_size):
+        entry = table[i * entry_size : (i + 1) * entry_size]
+        tag, typ = struct.unpack(bo + "HH", entry[:4])
+        if tag not in (256, 257) or typ not in _TIFF_UINT:
+            continue
+        fmt, size = _TIFF_UINT[typ]
+        if size > value_size:
+            continue
+        value = entry[4 + struct.calcsize(count_fmt_entry) :][:size]
+        found[tag] = int(struct.unpack(bo + fmt, value)[0])
+        if len(found) == 2:
+            return found[256], found[257]
+    return None
+
+
+def _vrt_declared_size(path: Path) -> tuple[int, int] | None:
+    """``(rasterXSize, rasterYSize)`` of a VRT (its root element only is parsed)."""
+    for _, el in ET.iterparse(path, events=("start",)):
+        w, h = el.get("rasterXSize"), el.get("rasterYSize")
+        return (int(w), int(h)) if w is not None and h is not None else None
+    return None
 
 
 def _local_path(uri: str | Path) -> Path:

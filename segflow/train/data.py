@@ -398,11 +398,12 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
             "rng": rng,
             "context": ctx,
         }
-        lab = out["labels"]
-        known = lab != store.ignore_index
+        # valid pixels: the store's mask, and finite in every band (NaN and inf are nodata)
+        valid = np.isfinite(out["image"]).all(axis=0)
         if store.has("valid"):
-            known &= read_window(store.array("valid"), win, **hw).astype(bool)
-        out["mask"] = known
+            valid &= read_window(store.array("valid"), win, **hw).astype(bool)
+        out["valid"] = valid
+        out["mask"] = (out["labels"] != store.ignore_index) & valid
         if self.with_weights:
             out["weights"] = read_window(store.array("weights"), win, **hw).astype(np.float32)
         return out
@@ -411,7 +412,8 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         epoch, k = divmod(int(g), self.epoch_len)
         d = self.raw_patch(epoch, k)
         rng: np.random.Generator = d["rng"]
-        image = self.normalization.apply(d["image"])
+        # invalid pixels hold 0, the normalization mean, as at inference (infer.engine)
+        image = np.where(d["valid"], self.normalization.apply(d["image"]), np.float32(0))
         labels = d["labels"].astype(np.int64)
         labels[~d["mask"]] = self.ignore_value
         weights = d.get("weights")
