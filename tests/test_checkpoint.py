@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,20 +13,31 @@ from safetensors.torch import save_file
 
 from segflow.config import ClassDef
 from segflow.errors import CheckpointError
+from segflow.train import models
 from segflow.train.checkpoint import (
+    ENV_CACHE_DIR,
     META_FILE,
     WEIGHTS_FILE,
     CheckpointMeta,
     build_meta,
+    check_halo,
+    halo_cache_dir,
     load_checkpoint,
     read_meta,
     save_checkpoint,
 )
 from segflow.train.models import ModelConfig, build_model
+from segflow.train.models import halo as model_halo
 
 CLASSES = (ClassDef(id=0, name="background", color="#000000"),
            ClassDef(id=1, name="membrane", color="#ffffff"),
            ClassDef(id=2, name="cell", color="#ff0000"))
+
+
+@pytest.fixture(autouse=True)
+def _halo_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured halos are cached under the test's own directory, not the user's."""
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "cache"))
 
 
 @pytest.fixture(autouse=True)
@@ -282,3 +294,75 @@ def test_refuses_a_plain_file(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(2)}, str(f))
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(f)
+
+
+def test_refuses_a_halo_below_the_receptive_field(saved: tuple[Path, torch.nn.Module],
+                                                  cfg: ModelConfig) -> None:
+    """An edited halo (0, or one pixel short) is refused on load; the recorded one loads."""
+    path, model = saved
+    measured = model_halo(cfg)
+    assert 0 < measured <= 20  # the fixture records 20
+    assert load_checkpoint(path)[1].halo == 20  # unedited: loads
+    for short in (0, measured - 1):
+        _edit_json(path, {"halo": short})
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        text = str(err.value)
+        assert "\n" not in text  # one line
+        assert f"checkpoint {str(path)!r} records halo {short} px" in text
+        assert f"below the {measured} px receptive-field radius measured for its 'unet'" in text
+        assert f'restore "halo": {measured}' in text and "re-export the checkpoint" in text
+        # inspecting the weights without tiling stays possible
+        assert load_checkpoint(path, verify_halo=False)[1].halo == short
+    _edit_json(path, {"halo": measured})  # exactly the receptive field: seamless, accepted
+    loaded, meta = load_checkpoint(path)
+    assert meta.halo == measured and check_halo(meta, path) == measured
+    x = torch.randn(1, 2, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_halo_is_measured_once_per_config(saved: tuple[Path, torch.nn.Module],
+                                          cfg: ModelConfig, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads reuse the measurement: in the process, then from the disk cache in a new one."""
+    path, _ = saved
+    calls: list[int] = []
+    real = models.receptive_field
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "receptive_field", counting)
+    models._halo.cache_clear()
+    for _ in range(3):
+        load_checkpoint(path)
+    assert len(calls) == 1
+    cached = list((tmp_path / "cache" / "halo").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["halo"] == model_halo(cfg)
+
+    models._halo.cache_clear()  # as a new process: the file answers
+    load_checkpoint(path)
+    assert len(calls) == 1
+    cached[0].write_text("{damaged")  # a damaged entry is measured again and rewritten
+    models._halo.cache_clear()
+    load_checkpoint(path)
+    assert len(calls) == 2 and json.loads(cached[0].read_text())["halo"] == model_halo(cfg)
+
+    monkeypatch.setenv(ENV_CACHE_DIR, "none")  # no cache on disk
+    assert halo_cache_dir() is None
+    models._halo.cache_clear()
+    load_checkpoint(path)
+    assert len(calls) == 3
+
+
+def test_an_unwritable_halo_cache_is_no_error(saved: tuple[Path, torch.nn.Module],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = saved
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(ENV_CACHE_DIR, str(blocker))  # a file where the directory should be
+    models._halo.cache_clear()
+    assert load_checkpoint(path)[1].halo == 20

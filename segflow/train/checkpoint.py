@@ -7,6 +7,11 @@ A checkpoint is a directory::
                         normalisation, tile/halo/size_multiple, training provenance,
                         metrics, and the list of tensors with shapes and dtypes
 
+Loading also re-measures the network's receptive-field radius
+(:func:`segflow.train.models.halo`, cached per architecture config for the process) and refuses
+a recorded ``halo`` below it (:func:`check_halo`): with too little context, overlap-tile
+inference shows seams at tile edges.
+
 Loading never unpickles: ``torch.load`` is never called, a pickle or zip file (what
 ``torch.save`` writes) is refused, and the network is rebuilt from the JSON config and
 filled with :func:`safetensors.torch.load_file`, strictly (every tensor name and shape
@@ -19,7 +24,9 @@ Examples
 >>> import tempfile, pathlib, torch
 >>> from segflow.train.models import ModelConfig, build_model
 >>> cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=2, depth=1)
->>> meta = build_meta(cfg, bands=["gray"], mean=[0.5], std=[0.2], tile=64, halo=4)
+>>> meta = build_meta(cfg, bands=["gray"], mean=[0.5], std=[0.2], tile=64)
+>>> meta.halo  # measured: the network's receptive-field radius
+9
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "ckpt"
 >>> save_checkpoint(path, build_model(cfg), meta)
 >>> model, meta2 = load_checkpoint(path)
@@ -29,7 +36,10 @@ Examples
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -44,18 +54,21 @@ from torch import nn
 
 from segflow import __version__
 from segflow.config import DEFAULT_CLASSES, ClassDef, format_validation_error
-from segflow.errors import CheckpointError
+from segflow.errors import CheckpointError, ConfigError
 from segflow.train import models as _models
 from segflow.train.models import ModelConfig, build_model, size_multiple, tile_independent
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_FORMAT_VERSION",
+    "ENV_CACHE_DIR",
     "META_FILE",
     "WEIGHTS_FILE",
     "CheckpointMeta",
     "Normalization",
     "build_meta",
+    "check_halo",
+    "halo_cache_dir",
     "load_checkpoint",
     "read_meta",
     "save_checkpoint",
@@ -66,6 +79,10 @@ CHECKPOINT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+#: Directory of segflow's measurement cache (``none``: no cache on disk).
+ENV_CACHE_DIR = "SEGFLOW_CACHE_DIR"
+
+log = logging.getLogger(__name__)
 
 
 class _Frozen(BaseModel):
@@ -362,8 +379,129 @@ def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
         raise CheckpointError(format_validation_error(err, source=str(meta_path))) from err
 
 
+def check_halo(meta: CheckpointMeta, where: str | os.PathLike[str]) -> int:
+    """Refuse a recorded halo below the receptive-field radius of the checkpoint's network.
+
+    The radius is re-measured with :func:`segflow.train.models.halo` (the measurement that
+    filled ``halo`` when the checkpoint was made, on a slim copy of the architecture), so an
+    edited or stale ``checkpoint.json`` cannot make inference use too little context. The
+    measurement takes 0.3-1 s of CPU for the U-Nets, FCNs and SegResNet, 4.5 s for SegNet,
+    13-43 s for FlexibleUNet and FC-DenseNet, so it is cached: per process, and on disk in
+    :func:`halo_cache_dir` (one small JSON file per architecture config, keyed by the config,
+    the source of :mod:`segflow.train.models` and the torch and MONAI versions: a change to
+    any of them measures again). Set ``SEGFLOW_CACHE_DIR=none`` to keep nothing on disk.
+
+    Parameters
+    ----------
+    meta
+        The checkpoint's metadata.
+    where
+        The checkpoint's path, for the message.
+
+    Returns
+    -------
+    int
+        The measured radius (pixels); ``meta.halo`` is at least this.
+
+    Raises
+    ------
+    CheckpointError
+        ``meta.halo`` is below the measured radius, or the radius cannot be measured.
+
+    Examples
+    --------
+    >>> from segflow.train.models import ModelConfig
+    >>> cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=2, depth=1,
+    ...                   num_res_units=0)
+    >>> meta = build_meta(cfg, bands=["gray"], mean=[0.0], std=[1.0], tile=64, halo=0)
+    >>> check_halo(meta, "ckpt")
+    Traceback (most recent call last):
+    ...
+    segflow.errors.CheckpointError: checkpoint 'ckpt' records halo 0 px, below the 4 px receptive-field radius measured for its 'unet' network, so tiles would show seams: restore "halo": 4 (or more) in checkpoint.json, or re-export the checkpoint with save_checkpoint(path, model, build_meta(...)), which measures it
+    """
+    try:
+        measured = _measured_halo(meta.model)
+    except ConfigError as err:
+        raise CheckpointError(
+            f"checkpoint {str(where)!r}: the receptive field of its {meta.model.arch!r} network "
+            f"cannot be measured ({err}): tiled inference cannot be made seamless with it"
+        ) from err
+    if meta.halo < measured:
+        raise CheckpointError(
+            f"checkpoint {str(where)!r} records halo {meta.halo} px, below the {measured} px "
+            f"receptive-field radius measured for its {meta.model.arch!r} network, so tiles "
+            f'would show seams: restore "halo": {measured} (or more) in {META_FILE}, or '
+            "re-export the checkpoint with save_checkpoint(path, model, build_meta(...)), "
+            "which measures it"
+        )
+    return measured
+
+
+def halo_cache_dir() -> Path | None:
+    """Where measured receptive-field radii are kept between processes (None: nowhere).
+
+    ``$SEGFLOW_CACHE_DIR/halo`` (``none`` turns the cache off), else
+    ``$XDG_CACHE_HOME/segflow/halo``, else ``~/.cache/segflow/halo``.
+    """
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env is not None:
+        return None if env.strip().lower() in ("", "none", "off", "0") else Path(env) / "halo"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "segflow" / "halo"
+
+
+@functools.lru_cache(maxsize=1)
+def _measurement_version() -> str:
+    """What a measured halo depends on besides the config: the code and its libraries."""
+    import monai
+
+    source = Path(_models.__file__).read_bytes()
+    return f"models:{hashlib.sha256(source).hexdigest()[:16]} torch:{torch.__version__} " \
+           f"monai:{monai.__version__}"
+
+
+def _halo_cache_file(cfg: ModelConfig) -> Path | None:
+    root = halo_cache_dir()
+    if root is None:
+        return None
+    key = json.dumps({"model": cfg.model_dump(mode="json"), "version": _measurement_version()},
+                     sort_keys=True)
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _measured_halo(cfg: ModelConfig) -> int:
+    """:func:`segflow.train.models.halo`, through the on-disk cache (errors there ignored)."""
+    path = _halo_cache_file(cfg)
+    if path is not None:
+        try:
+            doc = json.loads(path.read_text())
+            value = doc["halo"]
+            if isinstance(value, int) and value >= 0 and doc.get("model") == cfg.model_dump(
+                    mode="json"):
+                return value
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # absent or damaged: measure again
+    measured = _models.halo(cfg)
+    if path is not None:
+        doc = {"halo": measured, "model": cfg.model_dump(mode="json"),
+               "version": _measurement_version()}
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(doc, fh)
+            os.replace(tmp, path)
+        except OSError as err:  # a read-only or full cache: measured again next time
+            log.debug("cannot cache the measured halo in %s: %s", path.parent, err)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+    return measured
+
+
 def load_checkpoint(path: str | os.PathLike[str], *,
-                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+                    map_location: str | torch.device = "cpu",
+                    verify_halo: bool = True) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild a model from a checkpoint directory, without unpickling anything.
 
     Parameters
@@ -372,6 +510,12 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         The checkpoint directory (or its ``checkpoint.json`` / ``model.safetensors``).
     map_location
         Device the model is moved to.
+    verify_halo
+        Re-measure the network's receptive-field radius and refuse a recorded ``halo``
+        below it (:func:`check_halo`). The first load of an architecture config in a
+        process measures it (0.1-2 s on a CPU core for the U-Nets, longer for the deepest
+        networks); later loads use the cached value. Pass False only where the halo is not
+        used (e.g. to inspect or fine-tune the weights).
 
     Returns
     -------
@@ -383,7 +527,8 @@ def load_checkpoint(path: str | os.PathLike[str], *,
     CheckpointError
         Missing directory or files; a pickle/zip (``torch.save``) file in place of, or
         instead of, ``model.safetensors``; JSON that does not validate; tensors that do
-        not match the network built from the JSON, or the JSON's tensor listing.
+        not match the network built from the JSON, or the JSON's tensor listing; a
+        recorded halo below the network's receptive-field radius.
     """
     directory = _checkpoint_dir(path)
     weights = directory / WEIGHTS_FILE
@@ -418,5 +563,7 @@ def load_checkpoint(path: str | os.PathLike[str], *,
                        f"{META_FILE}", _listing(model.state_dict()), found, dtypes=False)
     if problem:
         raise CheckpointError(f"{directory}: {problem}")
+    if verify_halo:
+        check_halo(meta, directory)
     model.load_state_dict(tensors, strict=True)
     return model.to(map_location).eval(), meta
