@@ -4,6 +4,19 @@ The address comes from the argument, else ``SEGFLOW_DASK_ADDRESS``; with neither
 ``LocalCluster`` of one process with one thread per core starts (GDAL, Blosc and numpy
 release the GIL, and threads share the per-process caches, so this is the cheapest default).
 
+Every server the embedded cluster starts listens on loopback only, unless told otherwise:
+
+* ``processes=False`` (the default): the scheduler and the worker talk ``inproc://`` (no
+  socket at all); the scheduler's dashboard and the worker's HTTP endpoint (``/health``,
+  ``/metrics``), which Dask would otherwise bind to every interface (``0.0.0.0`` and ``::``),
+  bind to ``host``.
+* ``processes=True``: the scheduler, the nannies and the worker processes listen on ``host``
+  (TCP), and so do their HTTP endpoints.
+
+``host`` defaults to ``$SEGFLOW_DASK_HOST`` or ``127.0.0.1``; the dashboard address to
+``$SEGFLOW_DASK_DASHBOARD`` or ``HOST:0`` (a free port). Set ``SEGFLOW_DASK_HOST=0.0.0.0`` (or
+a dashboard address such as ``0.0.0.0:8787``) only to reach the cluster from other machines.
+
 Examples
 --------
 >>> with dask_client(n_workers=1, threads_per_worker=1) as client:  # doctest: +SKIP
@@ -20,11 +33,74 @@ from contextlib import contextmanager
 
 from distributed import Client, LocalCluster
 
-__all__ = ["ENV_ADDRESS", "dask_client"]
+from segflow.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_HOST",
+    "ENV_ADDRESS",
+    "ENV_DASHBOARD",
+    "ENV_HOST",
+    "dask_client",
+    "local_cluster_addresses",
+]
 
 ENV_ADDRESS = "SEGFLOW_DASK_ADDRESS"
+#: Interface the embedded cluster's servers listen on (default :data:`DEFAULT_HOST`).
+ENV_HOST = "SEGFLOW_DASK_HOST"
+#: ``HOST:PORT`` of the embedded cluster's dashboard (default ``HOST:0``: a free port).
+ENV_DASHBOARD = "SEGFLOW_DASK_DASHBOARD"
+#: Loopback: nothing the embedded cluster serves is reachable from another machine.
+DEFAULT_HOST = "127.0.0.1"
 
 log = logging.getLogger(__name__)
+
+
+def local_cluster_addresses(
+    host: str | None = None, dashboard_address: str | None = None
+) -> tuple[str, str]:
+    """The interface and dashboard address the embedded cluster binds to.
+
+    Parameters
+    ----------
+    host
+        Interface (IPv4 address or host name); default ``$SEGFLOW_DASK_HOST``, else
+        ``127.0.0.1``.
+    dashboard_address
+        ``HOST:PORT`` of the dashboard; default ``$SEGFLOW_DASK_DASHBOARD``, else
+        ``HOST:0``. A bare ``:PORT`` takes ``host`` (Dask itself would read it as every
+        interface).
+
+    Returns
+    -------
+    tuple of str
+        ``(host, dashboard_address)``.
+
+    Raises
+    ------
+    ConfigError
+        An IPv6 address (Dask's dashboard cannot parse one) or an address without a port.
+
+    Examples
+    --------
+    >>> local_cluster_addresses()
+    ('127.0.0.1', '127.0.0.1:0')
+    >>> local_cluster_addresses("localhost", ":8787")
+    ('localhost', 'localhost:8787')
+    """
+    host = host or os.environ.get(ENV_HOST) or DEFAULT_HOST
+    dashboard = dashboard_address or os.environ.get(ENV_DASHBOARD) or f"{host}:0"
+    if ":" in host:
+        raise ConfigError(
+            f"Dask host {host!r} is not an IPv4 address or a host name (Dask's dashboard "
+            f"cannot bind IPv6 literals): set {ENV_HOST} to e.g. 127.0.0.1 or localhost"
+        )
+    name, sep, port = dashboard.rpartition(":")
+    if not sep or not port.isdigit() or ":" in name:
+        raise ConfigError(
+            f"Dask dashboard address {dashboard!r} is not HOST:PORT: set {ENV_DASHBOARD} "
+            f"to e.g. {DEFAULT_HOST}:8787 (port 0: any free port)"
+        )
+    return host, f"{name or host}:{port}"
 
 
 @contextmanager
@@ -35,6 +111,8 @@ def dask_client(
     threads_per_worker: int | None = None,
     processes: bool = False,
     memory_limit: str | None = None,
+    host: str | None = None,
+    dashboard_address: str | None = None,
 ) -> Iterator[Client]:
     """A ``distributed.Client`` for the duration of the block.
 
@@ -44,6 +122,14 @@ def dask_client(
         Scheduler address (``tcp://host:8786``); defaults to ``$SEGFLOW_DASK_ADDRESS``.
     n_workers, threads_per_worker, processes, memory_limit
         Shape of the embedded ``LocalCluster`` when no address is given.
+    host, dashboard_address
+        Where the embedded cluster's servers listen (see :func:`local_cluster_addresses`):
+        loopback unless configured otherwise.
+
+    Yields
+    ------
+    distributed.Client
+        Connected to ``address``, or to the embedded cluster (closed on exit).
     """
     address = address or os.environ.get(ENV_ADDRESS) or None
     if address:
@@ -51,15 +137,23 @@ def dask_client(
         with Client(address) as client:
             yield client
         return
+    host, dashboard = local_cluster_addresses(host, dashboard_address)
     cores = os.cpu_count() or 1
+    # the worker's HTTP endpoint: with no address Dask binds an in-process worker's to every
+    # interface (its inproc:// address names no interface)
+    worker_http = f"{host}:0"
     with (
         LocalCluster(
             n_workers=n_workers or 1,
             threads_per_worker=threads_per_worker or cores,
             processes=processes,
             memory_limit=memory_limit or "auto",
-            dashboard_address=":0",  # None still serves on 8787 and warns when it is taken
+            # inproc:// cannot take a host; TCP (processes) listens on it
+            host=host if processes else None,
+            dashboard_address=dashboard,  # None would still serve on :8787, on every interface
+            worker_dashboard_address=worker_http,
         ) as cluster,
         Client(cluster) as client,
     ):
+        log.info("embedded Dask cluster: dashboard on %s", dashboard)
         yield client

@@ -48,6 +48,7 @@ from segflow.config import PrepareConfig, TrainRegion, format_validation_error
 from segflow.errors import ConfigError, StoreError
 from segflow.geometry import BlockIndex, Window
 from segflow.io.store import SceneStore
+from segflow.outputs import check_output_directory
 from segflow.stats import (
     Fingerprint,
     band_histograms,
@@ -162,6 +163,8 @@ def check_inputs(store: SceneStore, config: PrepareConfig) -> None:
             f"the instances of {str(store.path)!r} are incomplete: re-run flows/ingest.py"
         )
     check_train_region(config.train_region, store.height, store.width)
+    # prepare writes its arrays into the store: a read-only one fails now, not mid-run
+    check_output_directory("store", store.path)
 
 
 def request_of(store: SceneStore, config: PrepareConfig) -> dict[str, Any]:
@@ -194,10 +197,35 @@ def is_current(store: SceneStore, config: PrepareConfig) -> bool:
 
 # --------------------------------------------------------------------------- dask helpers
 def _compute(obj: Any, client: Any | None, progress: Progress | None) -> Any:
+    """Compute ``obj`` (a Dask collection, or a tuple or list of them) as ``dask.compute`` would.
+
+    Parameters
+    ----------
+    obj
+        One collection, or a tuple or list of collections (and plain values), computed
+        together in one graph so that shared work (e.g. the connected components behind the
+        instance ids and their count) runs once.
+    client
+        A ``distributed.Client``; ``None`` computes on the current Dask scheduler.
+    progress
+        Called with the future (one collection) or the list of futures (a sequence).
+
+    Returns
+    -------
+    Any
+        The computed value; for a tuple or list, a tuple or list of the computed values in
+        the same order (``client.compute`` alone would return a list of futures).
+    """
     if client is None:
         import dask
 
         return dask.compute(obj)[0]
+    if isinstance(obj, tuple | list):
+        futures = client.compute(list(obj))
+        if progress is not None:
+            progress(futures)
+        values = client.gather(futures)
+        return tuple(values) if isinstance(obj, tuple) else list(values)
     future = client.compute(obj)
     if progress is not None:
         progress(future)

@@ -7,7 +7,10 @@ The module starts them itself (and always stops them), then
   paths, checks that the work ran on those workers and that the store equals the one the
   embedded default cluster makes;
 * SIGKILLs one worker while prepare is writing the weight map and checks that prepare still
-  finishes with a store equal, bit for bit, to an undisturbed run.
+  finishes with a store equal, bit for bit, to an undisturbed run;
+* runs prepare on a raster-label store (no ``instances``: they are derived from the labels)
+  through the embedded client of :func:`segflow.cluster.dask_client` and checks it equals the
+  client-less (``dask.compute``) path bit for bit.
 
 Workers run without a nanny (``--no-nanny``): each is one process, so the pair starts faster
 on two cores, and killing its process group loses the worker for good, like a lost machine.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +51,7 @@ from segflow.stats import Fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "spacenet_atlanta_buildings.yaml"
+ISBI_SLICE = ROOT / "pipelines" / "isbi2012_slice0.yaml"
 ARRAYS = ("image", "valid", "labels", "instances", "weights")
 
 
@@ -352,6 +357,42 @@ def test_flows_run_through_the_address(
         ingest(spec, executor=client.get_executor())
         prepare_store(ref, cfg.prepare, client=client)
     assert_same_store(flow_dir / "scene.zarr", ref)
+
+
+def test_raster_labels_prepare_through_the_embedded_client(tmp_path: Path) -> None:
+    """Instances derived from raster labels on a Dask client: the same store as dask.compute.
+
+    ``ensure_instances`` computes the instance ids and their count together (a tuple): on a
+    client that once returned a list of futures and crashed every raster-label store.
+    """
+    cfg = load_config(ISBI_SLICE)
+    ref, run = tmp_path / "ref.zarr", tmp_path / "run.zarr"
+    spec = IngestSpec.from_config(
+        cfg.ingest.model_copy(
+            update={
+                "source": str(ROOT / cfg.ingest.source),
+                "labels": str(ROOT / cfg.ingest.labels),
+                "chunk": 128,  # 4 x 4 chunks: components merge across chunk edges
+            }
+        ),
+        out=str(ref),
+        classes=cfg.classes,
+        ignore_index=cfg.ignore_index,
+    )
+    ingest(spec)
+    shutil.copytree(ref, run)
+    assert not SceneStore.open(ref).has("instances")
+
+    expected = prepare_store(ref, cfg.prepare)  # no client: dask.compute
+    with dask_client() as client:
+        got = prepare_store(run, cfg.prepare, client=client)
+
+    assert expected.instances == got.instances == "labels"
+    count = SceneStore.open(run).array_params("instances")["count"]
+    assert count > 100  # the cells of the slice
+    assert count == SceneStore.open(ref).array_params("instances")["count"]
+    assert got.class_counts == expected.class_counts and set(got.class_counts) == {0, 1}
+    assert_same_store(run, ref)
 
 
 def synthetic_scene(size: int, objects: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,9 @@
 
 The flow test runs flows/pipeline.py in-process on the bundled SpaceNet chip with a tiny model
 (under one module-scoped ``prefect_test_harness``) and asserts which stages ran after each
-change; no timings are asserted.
+change; no timings are asserted. The shipped ISBI slice config (raster class labels, no
+instances: prepare derives the objects through the embedded Dask client) runs end to end as a
+command line, with a few training steps.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -389,3 +392,78 @@ def test_pipeline_reruns_only_what_changed(pipeline: Any, tmp_path: Path) -> Non
     assert fifth["segment_region"]["plan"] == "resume"
     assert fifth["segment_region"]["tiles"] == 0  # nothing inferred again
     assert cog.is_file()
+
+
+# --------------------------------------------------------------------------- ISBI slice, CLI
+# a plain pixel grid (PNG): the image and the COG have no georeference
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_isbi_slice_pipeline_runs_from_the_command_line(tmp_path: Path) -> None:
+    """`python flows/pipeline.py pipelines/isbi2012_slice0.yaml`, shortened to 10 steps.
+
+    Raster labels and no instances: prepare derives the cells as connected components on the
+    embedded Dask client (this crashed with "'list' object has no attribute 'result'").
+    """
+    import numpy as np
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    from segflow.io.store import SceneStore
+    from segflow.train.checkpoint import load_checkpoint
+    from segflow.train.models import halo
+
+    doc = yaml.safe_load((ROOT / "pipelines" / "isbi2012_slice0.yaml").read_text())
+    work = tmp_path / "work"
+    doc["work_dir"] = str(work)
+    ing = doc["ingest"]
+    ing.update(source=str(ROOT / ing["source"]), labels=str(ROOT / ing["labels"]))
+    t = doc["train"]
+    assert t["stores"]["train"] == ["outputs/isbi2012_slice0/scene.zarr"]  # the shipped layout
+    t["stores"]["train"] = [str(work / "scene.zarr")]
+    t["model"].update(arch="unet", features=8, depth=2)  # a smaller, faster network
+    t.update(patch=64, batch_size=4, steps=10, val_interval=10, checkpoint_interval=10)
+    t["schedule"] = {"name": "constant"}
+    t.pop("time_limit_s", None)
+    config = tmp_path / "isbi2012_slice0.yaml"
+    config.write_text(yaml.safe_dump(doc))
+
+    # the flow's own temporary Prefect server and embedded Dask cluster, as in a fresh clone
+    drop = ("PREFECT_API_URL", "SEGFLOW_DASK_ADDRESS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "flows" / "pipeline.py"), str(config), "--device", "cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("ingest", "prepare", "train", "segment_region"):
+        assert f"| {stage} | ran in" in r.stdout, r.stdout
+        assert read_record(work, stage) is not None
+
+    # prepare derived the objects from the raster labels, and wrote the weight map
+    store = SceneStore.open(work / "scene.zarr")
+    params = store.array_params("instances") or {}
+    assert params["derived_from"] == "labels" and params["count"] > 100
+    weights = np.asarray(store.array("weights")[...])
+    assert weights.shape == (512, 512) and np.isfinite(weights).all() and weights.max() > 1
+    assert (work / "scene.fingerprint.json").is_file()
+
+    # the checkpoint carries a halo that covers the network's receptive field
+    _, meta = load_checkpoint(work / "train" / "best")
+    assert meta.halo >= halo(meta.model) > 0
+
+    # the COG: the image's grid, both classes, a valid COG
+    cog = work / "prediction.tif"
+    with rasterio.open(ROOT / ing["source"]) as src:
+        shape = src.shape
+    with rasterio.open(cog) as dst:
+        assert (dst.count, dst.shape) == (1, shape)
+        mask = dst.read(1)
+    values, counts = np.unique(mask, return_counts=True)
+    assert values.tolist() == [0, 1] and counts.sum() == shape[0] * shape[1]
+    assert min(counts) > 0.05 * mask.size  # membranes and cells, not one class everywhere
+    assert cog_validate(str(cog))[0]
+    assert (work / "quicklook.png").stat().st_size > 0
