@@ -1,20 +1,31 @@
 """What every flow's command line shares: environment, error reporting, progress bars.
 
-Flows stay thin: parse arguments, call ``segflow``, report artifacts. A ``SegflowError``
-(or a Prefect-wrapped one) becomes one line on stderr and exit status 2.
+Flows stay thin: parse arguments, call ``segflow``, report artifacts. Every failure the user
+can act on (a ``SegflowError``, an operating-system error such as a full disk or a read-only
+directory, running out of memory) becomes one ``error:`` line on stderr and exit status 2;
+SIGINT and SIGTERM stop the command (exit 130 / 143) with one line saying how to resume.
+``--debug`` (any command) or ``SEGFLOW_DEBUG=1`` shows tracebacks and Prefect's own logs.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
+
+if "--debug" in sys.argv[1:]:  # every command takes it; argparse never sees it
+    sys.argv.remove("--debug")
+    os.environ["SEGFLOW_DEBUG"] = "1"
+DEBUG = os.environ.get("SEGFLOW_DEBUG", "") not in ("", "0")
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# a failing flow makes Prefect log its traceback (60-110 lines) before our one error line
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if DEBUG else "CRITICAL")
 # a loaded machine can take longer than Prefect's default 20 s to start its temporary API server
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 # segflow reads every source block once, in aligned windows: GDAL's block cache (5 % of RAM by
@@ -25,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from segflow.errors import SegflowError  # noqa: E402
+from segflow.errors import describe_failure  # noqa: E402
 from segflow.runtime import tune_malloc  # noqa: E402
 
 # every flow process (command line, Prefect worker, Dask worker importing a flow) keeps large
@@ -33,18 +44,45 @@ from segflow.runtime import tune_malloc  # noqa: E402
 tune_malloc()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so every stage unwinds promptly."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Terminated
+
+
+def _quiet_logging() -> None:
+    """Warnings and errors of segflow on the terminal; the libraries' only with ``--debug``."""
+    logging.basicConfig(
+        level=logging.DEBUG if DEBUG else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if DEBUG:
+        return
+    logging.captureWarnings(True)  # library warnings (rasterio, dask) are not the user's to fix
+    for name in ("py.warnings", "distributed", "prefect", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run ``main``; turn segflow errors into one clear line and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines flood the terminal
+    """Run ``main``; every failure becomes one ``error:`` line (exit 2) unless ``--debug``."""
+    _quiet_logging()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
-    except SegflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Terminated:
+        print("terminated: re-run the same command to resume", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        if DEBUG:
+            raise
+        message, status = describe_failure(err)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(status)
 
 
 def tqdm_progress(total: int, desc: str) -> Any:

@@ -201,6 +201,9 @@ def segment_stage(
         quicklook=str(work / "quicklook.png") if s.quicklook else None,
         ome_tiff=str(work / "prediction.ome.tif") if s.ome_tiff else None,
         qupath_geojson=str(work / "prediction.qupath.geojson") if s.qupath else None,
+        # these names in work_dir are the pipeline's own: an earlier run's (whose record went
+        # with a rebuilt inference store) are replaced, not refused
+        overwrite=True,
     )
     begin_stage(run)
     if run.plan is StagePlan.FRESH:

@@ -5,6 +5,7 @@
         [--tile 512] [--mode crop|gaussian] [--polygons OUT.gpkg] [--parquet OUT.parquet]
         [--probabilities OUT_probs.tif] [--quicklook OUT.png] [--ome-tiff OUT.ome.tif]
         [--qupath OUT.geojson] [--tta [SET]] [--batch-size 8] [--device cpu|cuda] [--level 0]
+        [--work STORE] [--into-store] [--overwrite] [--debug]
 
 With no arguments it segments the bundled SpaceNet Atlanta chip with the demo model
 (outputs/spacenet_atlanta_buildings/train/best, made by `make demo`). A killed run resumes: run the same command again.
@@ -75,6 +76,8 @@ def segment_region_flow(
     qupath_geojson: str | None = None,
     work: str | None = None,
     min_area: float = 0.0,
+    into_store: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Segment ``image`` over the requested region with ``model``; write ``out`` and the rest.
 
@@ -105,6 +108,8 @@ def segment_region_flow(
         qupath_geojson=qupath_geojson,
         work=work,
         min_area=min_area,
+        into_store=into_store,
+        overwrite=overwrite,
     )
     report = segment_task(req)  # segment_region checks the request before writing anything
     create_markdown_artifact(
@@ -170,6 +175,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ome-tiff", help="pyramidal OME-TIFF label image (slides)")
     p.add_argument("--qupath", help="GeoJSON polygons in slide pixels for QuPath")
     p.add_argument("--work", help="prediction store (default: OUT.predictions.zarr)")
+    p.add_argument(
+        "--into-store",
+        action="store_true",
+        help="with a scene store as --image: write the predictions into it (default: --work)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing files at the output paths (default: only this command's own)",
+    )
     return p
 
 
@@ -215,6 +230,8 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
         ome_tiff=args.ome_tiff,
         qupath_geojson=args.qupath,
         work=args.work,
+        into_store=args.into_store,
+        overwrite=args.overwrite,
     )
 
 

@@ -32,7 +32,10 @@ from _common import run_cli
 
 from segflow.config import PipelineConfig, load_config
 from segflow.errors import ConfigError
+from segflow.io.store import SceneStore
+from segflow.outputs import check_output_directory
 from segflow.train.config import TrainConfig, make_train_config
+from segflow.train.loop import resolve_device
 
 
 def train_config(cfg: PipelineConfig, args: argparse.Namespace) -> TrainConfig:
@@ -188,6 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config)
     tcfg = train_config(cfg, args)  # fail in a second, before Prefect starts
     out = Path(args.out) if args.out else cfg.work_path / "train"
+    stores = [r.store for r in (*tcfg.stores.train, *tcfg.stores.val)]
+    check_output_directory("out", out, inputs=stores)
+    for ref in (*tcfg.stores.train, *tcfg.stores.val):
+        if ref.source is None:
+            SceneStore.open(ref.store)  # a missing store without a source fails here
+    if not args.prepare_only:
+        resolve_device(args.device)  # an unknown device fails here, before Prefect starts
     show = not args.no_progress and sys.stderr.isatty()
     if args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

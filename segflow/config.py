@@ -246,7 +246,7 @@ class SegmentConfig(_Model):
     ----------
     image
         Image to segment: a source file (read at ``level``) or a scene store directory
-        (predictions are then also written into it). Null: ``ingest.source``.
+        (read only: the predictions go to the work store). Null: ``ingest.source``.
     level
         Pyramid level of ``image`` to read (slides, GeoTIFF overviews); must be the scale
         the model was trained at. Null: ``ingest.level`` when ``image`` is null (the

@@ -48,6 +48,7 @@ from segflow.io.labels import (
 )
 from segflow.io.sources import Source, SourceInfo, open_source, source_sha256
 from segflow.io.store import SceneStore, SourceRecord, remove_tree, staging_path
+from segflow.outputs import check_unlocked, output_lock, plan_outputs
 
 __all__ = ["IngestReport", "IngestSpec", "check_inputs", "ingest", "plan_tasks"]
 
@@ -73,6 +74,10 @@ class IngestSpec:
     compression_level: int = 3
     classes: tuple[ClassDef, ...] = DEFAULT_CLASSES
     ignore_index: int = 255
+    #: pixel budget of the source (None: ``$SEGFLOW_MAX_PIXELS`` or the default, see
+    #: :func:`segflow.io.sources.open_source`); it limits what is read, not what is written,
+    #: so it is not part of the store's key
+    max_pixels: int | None = None
 
     @classmethod
     def from_config(
@@ -203,7 +208,7 @@ def _run_key(spec: IngestSpec, source_hash: str, label_hashes: Mapping[str, str]
         "params": {
             k: v
             for k, v in asdict(spec).items()
-            if k not in ("source", "out", "labels", "instances")
+            if k not in ("source", "out", "labels", "instances", "max_pixels")
         },
         "schema": 1,
     }
@@ -311,12 +316,18 @@ def _store_key(path: Path) -> str | None:
         return None
 
 
-def _check_out_dir(path: str) -> Path:
-    """``path`` as a Path, once its parent directory is known to exist."""
-    out = Path(path)
+def _check_out_dir(spec: IngestSpec) -> Path:
+    """The store path, once it is known not to be an input and its directory writable."""
+    out = Path(spec.out)
     if not out.parent.is_dir():
         raise StoreError(
             f"output directory does not exist: {str(out.parent)!r}: create it or choose another --out"
+        )
+    inputs = [p for p in (spec.source, spec.labels, spec.instances) if p]
+    plan_outputs({"out": out}, inputs=inputs, directories=("out",))
+    if out.exists() and not (out / "zarr.json").is_file():
+        raise StoreError(
+            f"{str(out)!r} exists and is not a scene store: remove it or choose another --out"
         )
     return out
 
@@ -325,13 +336,16 @@ def check_inputs(spec: IngestSpec) -> SourceInfo:
     """Validate a spec, its source and its labels without writing anything at ``spec.out``.
 
     Command lines call this before starting a flow, so bad input fails in a second with one
-    clear line. :func:`ingest` repeats the same checks.
+    clear line. :func:`ingest` repeats the same checks. The source's size is checked against
+    the pixel budget (``spec.max_pixels``, else ``$SEGFLOW_MAX_PIXELS``) from its header,
+    before any pixel is read.
     """
     import tempfile
 
     spec.validated()
-    _check_out_dir(spec.out)
-    with open_source(spec.source, level=spec.level) as source:
+    _check_out_dir(spec)
+    check_unlocked(spec.out)
+    with open_source(spec.source, level=spec.level, max_pixels=spec.max_pixels) as source:
         info = source.info
     _input_hashes(spec)
     with tempfile.TemporaryDirectory(prefix="segflow-check-") as tmp:
@@ -363,12 +377,26 @@ def ingest(
     Raises
     ------
     SourceError, LabelError, ConfigError, StoreError
-        Bad input, reported before anything is written at ``spec.out``.
+        Bad input, reported before anything is written at ``spec.out``: among others a
+        source whose header declares more pixels than the budget (``spec.max_pixels``, else
+        ``$SEGFLOW_MAX_PIXELS``).
     """
-    t0 = time.perf_counter()
     spec.validated()
-    out = _check_out_dir(spec.out)
-    source = open_source(spec.source, level=spec.level)
+    with output_lock(_check_out_dir(spec)):
+        return _ingest(spec, executor=executor, progress=progress, on_start=on_start)
+
+
+def _ingest(
+    spec: IngestSpec,
+    *,
+    executor: Executor | None,
+    progress: Callable[[int], None] | None,
+    on_start: Callable[[int, int], None] | None,
+) -> IngestReport:
+    """:func:`ingest` under the store's lock."""
+    t0 = time.perf_counter()
+    out = Path(spec.out)
+    source = open_source(spec.source, level=spec.level, max_pixels=spec.max_pixels)
     info = source.info
     source_hash = source_sha256(spec.source)
     run_key = _run_key(spec, source_hash, _input_hashes(spec))

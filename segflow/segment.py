@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from segflow.budget import ENV_MEMORY_BUDGET, format_bytes, memory_budget
 from segflow.config import ClassDef
-from segflow.errors import CheckpointError, ConfigError
+from segflow.errors import CheckpointError, ConfigError, SegflowError
 from segflow.geometry import Window
 from segflow.infer.engine import (
     InferenceOptions,
@@ -34,10 +35,20 @@ from segflow.infer.engine import (
     open_prediction_store,
     predict_region,
     prediction_unit,
+    resolve_device,
 )
 from segflow.io.sources import Source, open_source
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord
+from segflow.outputs import (
+    OutputRecord,
+    check_output_directory,
+    check_unlocked,
+    file_stamp,
+    output_lock,
+    plan_outputs,
+)
 from segflow.region import resolve_region
+from segflow.tiling import round_up
 
 if TYPE_CHECKING:
     from segflow.train.checkpoint import CheckpointMeta
@@ -78,26 +89,30 @@ class SegmentRequest:
     qupath_geojson: str | None = None
     work: str | None = None
     min_area: float = 0.0
+    # write the predictions into a scene store given as ``image`` (else into ``work_store``)
+    into_store: bool = False
+    # replace existing files at output paths that this command did not write
+    overwrite: bool = False
 
     @property
     def work_store(self) -> Path:
-        """Where the prediction store of a raster input lives (``OUT.predictions.zarr``)."""
+        """Where the prediction store lives (``OUT.predictions.zarr`` unless ``work``)."""
         if self.work:
             return Path(self.work)
         out = Path(self.out)
         return out.with_name(out.stem + ".predictions.zarr")
 
-    def outputs(self) -> list[Path]:
-        names = (
-            self.out,
-            self.polygons,
-            self.parquet,
-            self.probabilities,
-            self.quicklook,
-            self.ome_tiff,
-            self.qupath_geojson,
-        )
-        return [Path(p) for p in names if p]
+    def outputs(self) -> dict[str, str | None]:
+        """Every file output by option name (``None``: not asked for)."""
+        return {
+            "out": self.out,
+            "probabilities": self.probabilities,
+            "polygons": self.polygons,
+            "parquet": self.parquet,
+            "quicklook": self.quicklook,
+            "ome_tiff": self.ome_tiff,
+            "qupath": self.qupath_geojson,
+        }
 
 
 @dataclass(frozen=True)
@@ -179,26 +194,73 @@ def _load_model(path: str) -> tuple[Any, Any]:
     return load_checkpoint(path)
 
 
+def _is_scene_store(path: str) -> bool:
+    return (Path(path) / "zarr.json").is_file()
+
+
+def _prediction_store_path(req: SegmentRequest) -> Path:
+    """The store the run writes predictions and progress into."""
+    return Path(req.image) if req.into_store else req.work_store
+
+
+def _earlier_outputs(store: Path) -> OutputRecord:
+    """The outputs the last finished run recorded in its prediction store (none if absent)."""
+    if not _is_scene_store(str(store)):
+        return OutputRecord({})
+    try:
+        return OutputRecord(dict(SceneStore.open(store).meta.get("outputs") or {}))
+    except SegflowError:
+        return OutputRecord({})
+
+
+def plan_request(req: SegmentRequest) -> dict[str, Path]:
+    """Check every output path of ``req`` before anything is read or written.
+
+    Outputs are never inputs (the image, the checkpoint) nor inside them, never two at one
+    path, each in an existing writable directory; an existing file is replaced only when the
+    last run of this command recorded it in its prediction store, or with ``overwrite``. A
+    scene store given as ``image`` is written only with ``into_store``. Returns
+    ``{option name: absolute path}`` (``work``: the prediction store, unless ``into_store``).
+    """
+    if req.into_store and not _is_scene_store(req.image):
+        raise ConfigError(
+            f"into_store needs a scene store as the image, got {req.image!r}: "
+            "drop --into-store, or pass a store written by flows/ingest.py"
+        )
+    if req.into_store:
+        check_output_directory("into_store", req.image)  # a read-only store fails now
+    work = None if req.into_store else req.work_store
+    if work is not None and work.exists() and not _is_scene_store(str(work)):
+        raise ConfigError(
+            f"work: {str(work)!r} exists and is not a segflow prediction store: "
+            "remove it, or choose another --work or --out"
+        )
+    return plan_outputs(
+        {**req.outputs(), "work": None if work is None else str(work)},
+        inputs=[req.image, req.model],
+        overwrite=req.overwrite,
+        record=_earlier_outputs(_prediction_store_path(req)),
+        directories=("work",),
+    )
+
+
 def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
-    """Validate everything before any output is written; returns what the run needs."""
-    for out in req.outputs():
-        if not out.parent.is_dir():
-            raise ConfigError(
-                f"output directory does not exist: {str(out.parent)!r} (for {str(out)!r}): "
-                "create it or choose another path"
-            )
+    """Validate everything before any output is written; returns what the run needs.
+
+    Also refuses at once (:class:`~segflow.outputs.LockedError`) while another run is
+    writing the same ``out``.
+    """
+    plan_request(req)
+    check_unlocked(req.out)
+    return _check_inputs(req)
+
+
+def _check_inputs(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
     if not Path(req.model).exists():
         raise CheckpointError(
             f"checkpoint not found: {req.model!r}: pass the directory flows/train.py wrote"
         )
-    model, meta = _load_model(req.model)
-    inp = _open_input(req.image, req.level)
-    want = len(meta.bands)
-    if want != len(inp.bands):
-        raise ConfigError(
-            f"the model expects {want} band(s) {list(meta.bands)} but {req.image!r} has "
-            f"{len(inp.bands)} {list(inp.bands)}: use an image with the bands the model was trained on"
-        )
+    inp = _open_input(req.image, req.level)  # before the model: its imports take seconds
     region = resolve_region(
         height=inp.height,
         width=inp.width,
@@ -208,23 +270,81 @@ def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
         bbox_crs=req.bbox_crs,
         window=req.window,
     )
-    _inference_options(req, meta)  # its checks, before anything is written
+    model, meta = _load_model(req.model)
+    want = len(meta.bands)
+    if want != len(inp.bands):
+        raise ConfigError(
+            f"the model expects {want} band(s) {list(meta.bands)} but {req.image!r} has "
+            f"{len(inp.bands)} {list(inp.bands)}: use an image with the bands the model was trained on"
+        )
     if req.tile % int(meta.size_multiple):
         raise ConfigError(
             f"--tile {req.tile} is not a multiple of {meta.size_multiple}, the input size the "
             f"model's down-sampling needs: use --tile {req.tile - req.tile % meta.size_multiple or meta.size_multiple}"
         )
+    options = _inference_options(req, meta, region)  # its checks, before anything is written
+    resolve_device(options)  # an unknown or absent device fails now, not after the set-up
+    check_memory(options, bands=want, classes=len(meta.classes), region=region)
     return inp, region, model, meta
 
 
-def _inference_options(req: SegmentRequest, meta: CheckpointMeta) -> InferenceOptions:
-    """The engine's options for ``req`` and the checkpoint (raises on bad values)."""
+# live float32 values per input pixel and tile of the batch: input, softmax, and a U-Net's
+# full-resolution feature maps (a 32-feature first level keeps about 2 x 32 alive in the
+# decoder); a deliberately rough upper bound, only to refuse sizes that cannot fit
+ACTIVATIONS_PER_PIXEL = 64
+
+
+def check_memory(options: InferenceOptions, *, bands: int, classes: int, region: Window) -> int:
+    """Refuse a tile and batch whose forward pass cannot fit the memory budget.
+
+    The estimate is ``batch x side^2 x 4 bytes x (bands + 2 classes + 64)``, ``side`` the
+    model input (tile + 2 halo, rounded up); the batch counts at most the region's tiles.
+    Returns the estimate in bytes.
+    """
+    side = round_up(options.tile + 2 * options.halo, options.size_multiple)
+    tiles = -(-region.height // options.tile) * -(-region.width // options.tile)
+    batch = min(options.batch_size, tiles)
+    need = batch * side * side * 4 * (bands + 2 * classes + ACTIVATIONS_PER_PIXEL)
+    budget = memory_budget()
+    if need > budget:
+        raise ConfigError(
+            f"tile {options.tile} with batch {options.batch_size} needs about "
+            f"{format_bytes(need)} for the model's input and activations, over the memory "
+            f"budget {format_bytes(budget)}: lower the tile or batch size, or raise "
+            f"{ENV_MEMORY_BUDGET}"
+        )
+    return need
+
+
+def effective_tile(tile: int, region: Window, *, halo: int, size_multiple: int) -> int:
+    """``tile``, clamped to the region: a tile larger than the region computes nothing more.
+
+    The clamp is the region's longer side rounded up to ``size_multiple`` (at least twice the
+    halo, which ``crop`` needs); ``crop`` results do not depend on the tile, so they are
+    unchanged.
+    """
+    side = max(
+        round_up(max(region.height, region.width), size_multiple),
+        round_up(2 * halo, size_multiple),
+    )
+    return min(tile, side)
+
+
+def _inference_options(
+    req: SegmentRequest, meta: CheckpointMeta, region: Window | None = None
+) -> InferenceOptions:
+    """The engine's options for ``req`` and the checkpoint (raises on bad values); the tile
+    clamped to ``region`` when given (:func:`effective_tile`)."""
+    m = int(meta.size_multiple)
+    tile = req.tile
+    if region is not None:
+        tile = effective_tile(tile, region, halo=int(meta.halo), size_multiple=m)
     return InferenceOptions(
-        tile=req.tile,
+        tile=tile,
         halo=int(meta.halo),
         mode=req.mode,
         overlap=req.overlap,
-        size_multiple=int(meta.size_multiple),
+        size_multiple=m,
         batch_size=req.batch_size,
         device=req.device,
         amp=req.amp,
@@ -340,13 +460,54 @@ def segment_region(
     *,
     progress: Callable[[int, int], None] | None = None,
 ) -> SegmentReport:
-    """Run one segment_region job (see the module docstring)."""
+    """Run one segment_region job (see the module docstring).
+
+    Every output is planned before anything is read (:func:`plan_request`), and the run
+    holds the lock of ``out`` until it ends, so a second run on the same output is refused.
+    """
     t0 = time.perf_counter()
-    inp, region, model, meta = check_request(req)
+    plan = plan_request(req)
+    with output_lock(plan["out"]):
+        inp, region, model, meta = _check_inputs(req)
+        options = _inference_options(req, meta, region)
+        report, store, view_region = _infer(req, inp, region, model, meta, options, progress)
+        labels = _RegionView(store.array(LABELS), view_region)
+        georef = (
+            GeoRef(inp.georef.crs_wkt, inp.georef.epsg, inp.georef.window_geotransform(region))
+            if inp.georef
+            else None
+        )
+        classes: tuple[ClassDef, ...] = tuple(meta.classes)
+        counter = _ClassCounter(classes)
+        outputs = _export(req, inp, store, labels, view_region, region, georef, classes, counter)
+        paths = [plan[k] for k in req.outputs() if k in plan]
+        # what this run wrote, so that the same command may replace it next time
+        store.update_meta(outputs={str(p): file_stamp(p) for p in paths if file_stamp(p)})
+    return SegmentReport(
+        region=region,
+        outputs={k: str(v) for k, v in outputs.items() if k != "polygon_count"},
+        inference=asdict(report),
+        class_pixels=counter.by_name(),
+        polygons=outputs.get("polygon_count"),
+        seconds=time.perf_counter() - t0,
+        georef=asdict(georef) if georef else None,
+    )
+
+
+def _infer(
+    req: SegmentRequest,
+    inp: _Input,
+    region: Window,
+    model: Any,
+    meta: CheckpointMeta,
+    options: InferenceOptions,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[InferenceReport, SceneStore, Window]:
+    """Predict ``region`` into the prediction store; returns it and the region's view of it."""
     classes: tuple[ClassDef, ...] = tuple(meta.classes)
-    options = _inference_options(req, meta)
     mean, std = list(meta.normalization.mean), list(meta.normalization.std)
-    if inp.store is not None:
+    if req.into_store:
+        assert inp.store is not None  # plan_request checked it
         out_store = SceneStore.open(inp.store.path, mode="r+")
         pred_region, view_region = region, region
     else:
@@ -361,7 +522,7 @@ def segment_region(
             region.col_stop,
         )
         view_region = region.relative_to(pred_region)
-        chunk = min(512, req.tile) if req.tile % 512 else 512
+        chunk = min(512, options.tile) if options.tile % 512 else 512
         unit = prediction_unit(options, chunk=chunk, num_classes=len(classes))
         out_store = open_prediction_store(
             req.work_store,
@@ -380,24 +541,7 @@ def segment_region(
     report: InferenceReport = predict_region(
         inp.reader, model, region, out_store, options=options, mean=mean, std=std, progress=progress
     )
-    store = SceneStore.open(report.store_path)
-    labels = _RegionView(store.array(LABELS), view_region)
-    georef = (
-        GeoRef(inp.georef.crs_wkt, inp.georef.epsg, inp.georef.window_geotransform(region))
-        if inp.georef
-        else None
-    )
-    counter = _ClassCounter(classes)
-    outputs = _export(req, inp, store, labels, view_region, region, georef, classes, counter)
-    return SegmentReport(
-        region=region,
-        outputs={k: str(v) for k, v in outputs.items() if k != "polygon_count"},
-        inference=asdict(report),
-        class_pixels=counter.by_name(),
-        polygons=outputs.get("polygon_count"),
-        seconds=time.perf_counter() - t0,
-        georef=asdict(georef) if georef else None,
-    )
+    return report, SceneStore.open(report.store_path, mode="r+"), view_region
 
 
 def _export(
@@ -476,6 +620,6 @@ def _export(
         done["quicklook"] = quicklook_png(
             image, small, req.quicklook, classes=classes, nodata=255, max_size=1024
         )
-    if store.path != Path(req.out) and inp.store is None:
+    if not req.into_store:
         log.info("prediction store kept at %s (delete it to recompute)", store.path)
     return done

@@ -137,7 +137,17 @@ def init_distributed(device: torch.device) -> DistInfo:
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """``spec``, or ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if spec is not None:
-        return torch.device(spec)
+        try:
+            device = torch.device(spec)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(f"unknown device {str(spec)!r}: use cpu, cuda or cuda:N") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {str(spec)!r} asked for but CUDA is not available: use --device cpu"
+            )
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"unsupported device {str(spec)!r}: use cpu, cuda or cuda:N")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -444,12 +454,26 @@ def load_state(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] 
     for name in (STATE_DIR, STATE_DIR + ".old"):
         d = out_dir / name
         if (d / "state.json").is_file() and (d / "state.safetensors").is_file():
-            doc = json.loads((d / "state.json").read_text())
-            if doc.get("version") != STATE_VERSION:
-                raise CheckpointError(f"training state {str(d)!r} has version {doc.get('version')}"
+            try:
+                doc = json.loads((d / "state.json").read_text())
+                version = doc.get("version") if isinstance(doc, dict) else None
+            except (ValueError, UnicodeDecodeError) as err:
+                raise _corrupt_state(d, err) from err
+            if version != STATE_VERSION:
+                raise CheckpointError(f"training state {str(d)!r} has version {version}"
                                       f", expected {STATE_VERSION}: start a new run")
-            return load_file(str(d / "state.safetensors")), doc
+            try:  # safetensors only: a planted pickle fails to parse, it never runs
+                return load_file(str(d / "state.safetensors")), doc
+            except Exception as err:  # safetensors raises its own SafetensorError
+                raise _corrupt_state(d, err) from err
     return None
+
+
+def _corrupt_state(d: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"training state {str(d)!r} is unreadable or not segflow's ({type(err).__name__}): "
+        "remove it to start the run over, or restore it from a backup"
+    )
 
 
 # --------------------------------------------------------------------------- outputs

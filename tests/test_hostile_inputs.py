@@ -1,0 +1,618 @@
+"""Hostile command lines across every flow: one ``error:`` line, exit 2, nothing damaged.
+
+Each case is a real command line of ``flows/*.py`` (run by tests/_flow_runner.py, which
+imports once and forks a child per case, so the table costs seconds, not minutes). For every
+case: exit status 2, exactly one line on stderr and it starts with ``error:`` and names what
+was wrong (a per-case fragment), nothing at the case's output paths, and afterwards every
+file that existed before in the arena (inputs, other outputs, unrelated files) and the
+bundled samples are byte-identical (hashed before and after), and no new file exists but the
+resumable ``.partial`` state of the disk-full cases.
+
+The read-only and disk-full cases mount small tmpfs file systems (root, as on CI): a root
+process writes through permission bits, so only a read-only mount really refuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+CHIP = SAMPLES / "spacenet_atlanta" / "sample_geotiff.tif"
+ISBI = SAMPLES / "isbi2012" / "train"
+
+INGEST, PREPARE, TRAIN, SEGMENT, PIPELINE = (
+    str(ROOT / "flows" / f"{n}.py")
+    for n in ("ingest", "prepare", "train", "segment_region", "pipeline")
+)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (symlinks not followed)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def header_bomb(path: Path, side: int = 1_000_000) -> None:
+    """A ~10 KB little-endian TIFF whose header claims ``side`` x ``side`` uint8 pixels."""
+    data = bytes(10_000)
+    entries = [  # (tag, type, count, value): SHORT 3, LONG 4
+        (256, 4, 1, side),  # ImageWidth
+        (257, 4, 1, side),  # ImageLength
+        (258, 3, 1, 8),  # BitsPerSample
+        (259, 3, 1, 1),  # Compression: none
+        (262, 3, 1, 1),  # Photometric: min-is-black
+        (273, 4, 1, 8),  # StripOffsets: the data right after the header
+        (277, 3, 1, 1),  # SamplesPerPixel
+        (278, 4, 1, side),  # RowsPerStrip: one strip
+        (279, 4, 1, len(data)),  # StripByteCounts (far fewer than claimed)
+    ]
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        packed = struct.pack("<HI", value, 0)[:4] if typ == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, typ, count) + packed
+    ifd += struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + ifd)
+
+
+def _mount(target: Path, *options: str) -> bool:
+    target.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", *options, str(target)], capture_output=True).returncode == 0
+
+
+def _umount(target: Path) -> None:
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Inputs, a checkpoint, a prepared store, configs and bystander files for the cases."""
+    from test_segment import CFG, _checkpoint
+
+    from segflow.config import ClassDef, PrepareConfig
+    from segflow.ingest import IngestSpec, ingest
+    from segflow.prepare import prepare_store
+    from segflow.train.models import build_model
+
+    a = tmp_path_factory.mktemp("arena")
+    shutil.copy(CHIP, a / "scene.tif")
+    shutil.copy(SAMPLES / "landsat" / "RGB.byte.tif", a / "rgb.tif")
+    (a / "unrelated.tif").write_bytes(b"a file the user keeps\n")
+    (a / "notes.txt").write_text("not an image\n")
+    (a / "fake.tif").write_text("not a tiff at all\n")
+    raw = CHIP.read_bytes()
+    (a / "truncated.tif").write_bytes(raw[: len(raw) // 3])
+    header_bomb(a / "bomb.tif")
+    (a / "a_dir").mkdir()
+    (a / "a_dir" / "keep.txt").write_text("keep\n")
+    torch.manual_seed(0)
+    _checkpoint(a / "ck", build_model(CFG).eval(), mean=400.0, std=300.0)
+    shutil.copytree(a / "ck", a / "ck_halo0")
+    meta = json.loads((a / "ck_halo0" / "checkpoint.json").read_text())
+    meta["halo"] = 0
+    (a / "ck_halo0" / "checkpoint.json").write_text(json.dumps(meta))
+    torch.save(build_model(CFG).state_dict(), a / "pickled.pt")
+    classes = (ClassDef(id=0, name="membrane"), ClassDef(id=1, name="cell"))
+    ingest(
+        IngestSpec(
+            source=str(ISBI / "images" / "0.png"),
+            out=str(a / "store.zarr"),
+            labels=str(ISBI / "labels" / "0.png"),
+            class_map={0: 0, 255: 1},
+            chunk=256,
+            classes=classes,
+        )
+    )
+    prepare_store(a / "store.zarr", PrepareConfig())
+    cfg = yaml.safe_load((ROOT / "pipelines" / "isbi2012_slice0.yaml").read_text())
+    cfg["work_dir"] = str(a / "work")
+    cfg["ingest"]["source"] = str(ISBI / "images" / "0.png")
+    cfg["ingest"]["labels"] = str(ISBI / "labels" / "0.png")
+    cfg["train"]["stores"]["train"] = [str(a / "store.zarr")]
+    (a / "slice.yaml").write_text(yaml.safe_dump(cfg))
+    bad = dict(
+        cfg,
+        train=dict(cfg["train"], stores=dict(cfg["train"]["stores"], train=[str(a / "nope.zarr")])),
+    )
+    (a / "missing_store.yaml").write_text(yaml.safe_dump(bad))
+    (a / "unknown_key.yaml").write_text(yaml.safe_dump(dict(cfg, colour="red")))
+    (a / "broken.yaml").write_text("name: [unclosed\n")
+    (a / "missing_source.yaml").write_text(
+        yaml.safe_dump(dict(cfg, ingest=dict(cfg["ingest"], source=str(a / "gone.png"))))
+    )
+    (a / "bad_tile.yaml").write_text(
+        yaml.safe_dump(dict(cfg, segment=dict(cfg["segment"], tile=0)))
+    )
+    from segflow.train.loop import STATE_VERSION
+
+    state = a / "resume_out" / "state"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text(json.dumps({"version": STATE_VERSION}))
+    (state / "state.safetensors").write_bytes(
+        __import__("pickle").dumps({"weights": np.zeros(3)})  # a pickle where tensors belong
+    )
+    ro_ok = _mount(a / "ro", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs")
+    full_ok = _mount(a / "full", "-t", "tmpfs", "-o", "size=160k", "tmpfs")
+    shutil.copytree(a / "store.zarr", a / "ro_store_src.zarr")
+    store_ok = _mount(a / "ro_store.zarr", "--bind", str(a / "ro_store_src.zarr")) and (
+        subprocess.run(
+            ["mount", "-o", "remount,bind,ro", str(a / "ro_store.zarr")], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not (ro_ok and full_ok and store_ok):
+        for m in ("ro", "full", "ro_store.zarr"):
+            _umount(a / m)
+        pytest.skip("needs root to mount tmpfs file systems (read-only and disk-full cases)")
+    yield a
+    for m in ("ro", "full", "ro_store.zarr"):
+        _umount(a / m)
+
+
+def cases(a: Path) -> list[dict[str, Any]]:
+    """(id, script, argv, output paths that must not appear, fragment of the error line)."""
+    seg = [SEGMENT, "--image", str(a / "scene.tif"), "--model", str(a / "ck")]
+    out = str(a / "mask.tif")
+    t: list[tuple[str, str, list[str], list[str], str]] = [
+        # ---- ingest
+        (
+            "ingest-missing-source",
+            INGEST,
+            [str(a / "gone.tif"), "--out", str(a / "s1.zarr")],
+            ["s1.zarr"],
+            "not found",
+        ),
+        (
+            "ingest-source-is-dir",
+            INGEST,
+            [str(a / "a_dir"), "--out", str(a / "s2.zarr")],
+            ["s2.zarr"],
+            "a_dir",
+        ),
+        (
+            "ingest-truncated",
+            INGEST,
+            [str(a / "truncated.tif"), "--out", str(a / "s3.zarr")],
+            ["s3.zarr"],
+            "truncated.tif",
+        ),
+        (
+            "ingest-not-a-tiff",
+            INGEST,
+            [str(a / "fake.tif"), "--out", str(a / "s4.zarr")],
+            ["s4.zarr"],
+            "fake.tif",
+        ),
+        (
+            "ingest-header-bomb",
+            INGEST,
+            [str(a / "bomb.tif"), "--out", str(a / "s5.zarr")],
+            ["s5.zarr"],
+            "SEGFLOW_MAX_PIXELS",
+        ),
+        (
+            "ingest-out-is-unrelated-file",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "unrelated.tif")],
+            [],
+            "unrelated.tif",
+        ),
+        (
+            "ingest-out-is-source",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "scene.tif")],
+            [],
+            "input",
+        ),
+        (
+            "ingest-out-dir-missing",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "no" / "s.zarr")],
+            ["no"],
+            "does not exist",
+        ),
+        (
+            "ingest-out-read-only",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "ro" / "s.zarr")],
+            ["ro/s.zarr"],
+            "read-only",
+        ),
+        (
+            "ingest-disk-full",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "full" / "s.zarr")],
+            ["full/s.zarr"],
+            "space",
+        ),
+        (
+            "ingest-chunk-zero",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "s6.zarr"), "--chunk", "0"],
+            ["s6.zarr"],
+            "chunk",
+        ),
+        (
+            "ingest-shard-not-multiple",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "s7.zarr"), "--shard", "700"],
+            ["s7.zarr"],
+            "shard",
+        ),
+        (
+            "ingest-class-map-json",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "s8.zarr"), "--class-map", "{0: 1"],
+            ["s8.zarr"],
+            "class-map",
+        ),
+        (
+            "ingest-classes-bad",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "s9.zarr"), "--classes", '[{"name": 3}]'],
+            ["s9.zarr"],
+            "classes",
+        ),
+        (
+            "ingest-labels-missing",
+            INGEST,
+            [
+                str(a / "scene.tif"),
+                "--out",
+                str(a / "s10.zarr"),
+                "--labels",
+                str(a / "gone.geojson"),
+            ],
+            ["s10.zarr"],
+            "gone.geojson",
+        ),
+        (
+            "ingest-labels-not-labels",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "s11.zarr"), "--labels", str(a / "notes.txt")],
+            ["s11.zarr"],
+            "notes.txt",
+        ),
+        (
+            "ingest-level-too-high",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "s12.zarr"), "--level", "7"],
+            ["s12.zarr"],
+            "level",
+        ),
+        (
+            "ingest-other-store-exists",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "store.zarr")],
+            [],
+            "different store",
+        ),
+        (
+            "ingest-out-existing-dir",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "a_dir")],
+            [],
+            "not a scene store",
+        ),
+        # ---- prepare
+        ("prepare-missing-store", PREPARE, [str(a / "gone.zarr")], [], "gone.zarr"),
+        ("prepare-store-is-file", PREPARE, [str(a / "notes.txt")], [], "notes.txt"),
+        ("prepare-negative-w0", PREPARE, [str(a / "store.zarr"), "--w0", "-1"], [], "w0"),
+        ("prepare-zero-sigma", PREPARE, [str(a / "store.zarr"), "--sigma", "0"], [], "sigma"),
+        (
+            "prepare-read-only-store",
+            PREPARE,
+            [str(a / "ro_store.zarr"), "--force"],
+            [],
+            "read-only",
+        ),
+        # ---- train
+        ("train-missing-config", TRAIN, ["--config", str(a / "gone.yaml")], [], "gone.yaml"),
+        ("train-broken-yaml", TRAIN, ["--config", str(a / "broken.yaml")], [], "broken.yaml"),
+        ("train-unknown-key", TRAIN, ["--config", str(a / "unknown_key.yaml")], [], "colour"),
+        (
+            "train-out-is-file",
+            TRAIN,
+            ["--config", str(a / "slice.yaml"), "--out", str(a / "unrelated.tif")],
+            [],
+            "not a directory",
+        ),
+        (
+            "train-device-quantum",
+            TRAIN,
+            ["--config", str(a / "slice.yaml"), "--device", "quantum", "--out", str(a / "t1")],
+            ["t1"],
+            "quantum",
+        ),
+        (
+            "train-missing-store",
+            TRAIN,
+            ["--config", str(a / "missing_store.yaml"), "--out", str(a / "t2")],
+            ["t2"],
+            "nope.zarr",
+        ),
+        (
+            "train-pickle-in-state",
+            TRAIN,
+            [
+                "--config",
+                str(a / "slice.yaml"),
+                "--out",
+                str(a / "resume_out"),
+                "--resume",
+                "--no-prefect",
+                "--steps",
+                "2",
+            ],
+            [],
+            "state",
+        ),
+        # ---- segment_region
+        ("segment-out-is-image", SEGMENT, [*seg[1:], "--out", str(a / "scene.tif")], [], "input"),
+        (
+            "segment-probabilities-is-image",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--probabilities", str(a / "scene.tif")],
+            ["mask.tif"],
+            "input",
+        ),
+        (
+            "segment-out-is-model",
+            SEGMENT,
+            [*seg[1:], "--out", str(a / "ck" / "checkpoint.json")],
+            [],
+            "input",
+        ),
+        (
+            "segment-out-equals-polygons",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--polygons", out],
+            ["mask.tif"],
+            "both name",
+        ),
+        (
+            "segment-out-unrelated-file",
+            SEGMENT,
+            [*seg[1:], "--out", str(a / "unrelated.tif")],
+            [],
+            "--overwrite",
+        ),
+        ("segment-out-is-dir", SEGMENT, [*seg[1:], "--out", str(a / "a_dir")], [], "directory"),
+        (
+            "segment-out-dir-missing",
+            SEGMENT,
+            [*seg[1:], "--out", str(a / "no" / "m.tif")],
+            ["no"],
+            "does not exist",
+        ),
+        (
+            "segment-out-read-only",
+            SEGMENT,
+            [*seg[1:], "--out", str(a / "ro" / "m.tif")],
+            ["ro/m.tif"],
+            "read-only",
+        ),
+        (
+            "segment-disk-full",
+            SEGMENT,
+            [
+                *seg[1:],
+                "--out",
+                str(a / "full" / "m.tif"),
+                "--probabilities",
+                str(a / "full" / "p.tif"),
+            ],
+            ["full/m.tif", "full/p.tif"],
+            "space",
+        ),
+        (
+            "segment-model-missing",
+            SEGMENT,
+            ["--image", str(a / "scene.tif"), "--model", str(a / "gone"), "--out", out],
+            ["mask.tif"],
+            "not found",
+        ),
+        (
+            "segment-model-pickled",
+            SEGMENT,
+            ["--image", str(a / "scene.tif"), "--model", str(a / "pickled.pt"), "--out", out],
+            ["mask.tif"],
+            "pickle",
+        ),
+        (
+            "segment-halo-below-field",
+            SEGMENT,
+            ["--image", str(a / "scene.tif"), "--model", str(a / "ck_halo0"), "--out", out],
+            ["mask.tif"],
+            "halo",
+        ),
+        (
+            "segment-image-missing",
+            SEGMENT,
+            ["--image", str(a / "gone.tif"), "--model", str(a / "ck"), "--out", out],
+            ["mask.tif"],
+            "gone.tif",
+        ),
+        (
+            "segment-image-not-tiff",
+            SEGMENT,
+            ["--image", str(a / "fake.tif"), "--model", str(a / "ck"), "--out", out],
+            ["mask.tif"],
+            "fake.tif",
+        ),
+        (
+            "segment-image-truncated",
+            SEGMENT,
+            ["--image", str(a / "truncated.tif"), "--model", str(a / "ck"), "--out", out],
+            ["mask.tif"],
+            "truncated.tif",
+        ),
+        (
+            "segment-image-header-bomb",
+            SEGMENT,
+            ["--image", str(a / "bomb.tif"), "--model", str(a / "ck"), "--out", out],
+            ["mask.tif"],
+            "SEGFLOW_MAX_PIXELS",
+        ),
+        (
+            "segment-bands-mismatch",
+            SEGMENT,
+            ["--image", str(a / "rgb.tif"), "--model", str(a / "ck"), "--out", out],
+            ["mask.tif"],
+            "band",
+        ),
+        (
+            "segment-tile-not-multiple",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--tile", "102"],
+            ["mask.tif"],
+            "multiple",
+        ),
+        (
+            "segment-tile-zero",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--tile", "0"],
+            ["mask.tif"],
+            "tile",
+        ),
+        (
+            "segment-memory-budget",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--tile", "4096"],
+            ["mask.tif"],
+            "SEGFLOW_MEMORY_BUDGET",
+        ),
+        (
+            "segment-bbox-outside",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--bbox", "0", "0", "10", "10"],
+            ["mask.tif"],
+            "bbox",
+        ),
+        (
+            "segment-window-empty",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--window", "0", "0", "0", "10"],
+            ["mask.tif"],
+            "window",
+        ),
+        (
+            "segment-bbox-crs-unknown",
+            SEGMENT,
+            [
+                *seg[1:],
+                "--out",
+                out,
+                "--bbox",
+                "733700",
+                "3724800",
+                "733900",
+                "3725000",
+                "--bbox-crs",
+                "EPSG:12345678",
+            ],
+            ["mask.tif"],
+            "bbox-crs",
+        ),
+        (
+            "segment-device-quantum",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--device", "quantum"],
+            ["mask.tif"],
+            "quantum",
+        ),
+        (
+            "segment-overlap-too-big",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--mode", "gaussian", "--overlap", "1.5"],
+            ["mask.tif"],
+            "overlap",
+        ),
+        (
+            "segment-work-not-a-store",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--work", str(a / "a_dir")],
+            ["mask.tif"],
+            "prediction store",
+        ),
+        (
+            "segment-into-store-of-a-tiff",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--into-store"],
+            ["mask.tif"],
+            "scene store",
+        ),
+        # ---- pipeline
+        ("pipeline-missing-config", PIPELINE, [str(a / "gone.yaml")], [], "gone.yaml"),
+        ("pipeline-broken-yaml", PIPELINE, [str(a / "broken.yaml")], [], "broken.yaml"),
+        ("pipeline-unknown-key", PIPELINE, [str(a / "unknown_key.yaml")], [], "colour"),
+        ("pipeline-missing-source", PIPELINE, [str(a / "missing_source.yaml")], [], "gone.png"),
+        ("pipeline-bad-tile", PIPELINE, [str(a / "bad_tile.yaml")], [], "tile"),
+    ]
+    env = {"segment-memory-budget": {"SEGFLOW_MEMORY_BUDGET": "20MB"}}
+    return [
+        {"id": i, "script": s, "argv": argv, "outputs": outs, "match": m, "env": env.get(i, {})}
+        for i, s, argv, outs, m in t
+    ]
+
+
+def test_hostile_command_lines(arena: Path, tmp_path: Path) -> None:
+    table = cases(arena)
+    assert len(table) >= 40
+    before, samples_before = _digest(arena), _digest(SAMPLES)
+    (tmp_path / "cases.json").write_text(json.dumps(table))
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), SEGFLOW_DEBUG="")
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "_flow_runner.py"),
+            str(tmp_path / "cases.json"),
+            str(tmp_path / "results.json"),
+        ],
+        cwd=tmp_path,  # nothing a case writes by mistake lands in the checkout
+        env=env,
+        check=True,
+        timeout=600,
+    )
+    results = {r["id"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    failures = []
+    for case in table:
+        r = results[case["id"]]
+        lines = [ln for ln in r["stderr"].splitlines() if ln.strip()]
+        ok = (
+            r["status"] == 2
+            and len(lines) == 1
+            and lines[0].startswith("error: ")
+            and case["match"].lower() in lines[0].lower()
+        )
+        present = [o for o in case["outputs"] if (arena / o).exists()]
+        if not ok or present:
+            failures.append(
+                f"{case['id']}: exit {r['status']}, outputs left {present}, stderr:\n{r['stderr'][-2000:]}"
+            )
+    assert not failures, "\n\n".join(failures)
+    after = _digest(arena)
+    changed = [k for k, v in before.items() if after.get(k) != v]
+    assert not changed, f"pre-existing files changed or removed: {changed}"
+    new = [k for k in after if k not in before and ".partial" not in k]
+    assert not new, f"files appeared: {new}"
+    assert _digest(SAMPLES) == samples_before
