@@ -1,8 +1,11 @@
-"""Shared fixtures: bundled samples, the optional ../shared/data, seeded RNGs."""
+"""Shared fixtures: bundled samples, the optional ../shared/data, seeded RNGs, mounts."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,44 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# ----------------------------------------------------------------------------- mounts
+# A root process writes through permission bits, so only a read-only mount really refuses it,
+# and only a small file system really fills up: the tests that need either mount one (as root,
+# as on CI) and skip without.
+def mount(target: Path, *, tmpfs_size: str | None = None, bind: Path | None = None,
+          read_only: bool = False) -> bool:  # fmt: skip
+    """Mount a ``tmpfs_size`` tmpfs, or ``bind`` (a directory), at ``target``; False if not root
+    or the mount failed. ``read_only``: the mount refuses every write."""
+    target.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    if bind is not None:
+        ok = _run("mount", "--bind", str(bind), str(target))
+        return ok and (not read_only or _run("mount", "-o", "remount,bind,ro", str(target)))
+    options = f"size={tmpfs_size}" + (",ro" if read_only else "")
+    return _run("mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target))
+
+
+def unmount(target: Path) -> None:
+    _run("umount", "-l", str(target))
+
+
+@contextmanager
+def mounted(target: Path, **how: object) -> Iterator[Path]:
+    """:func:`mount` for the block (the test skips when it cannot mount), unmounted after."""
+    if not mount(target, **how):  # type: ignore[arg-type]
+        unmount(target)
+        pytest.skip(f"needs root to mount {how} at {target}")
+    try:
+        yield target
+    finally:
+        unmount(target)
+
+
+def _run(*cmd: str) -> bool:
+    return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
 def write_scene(

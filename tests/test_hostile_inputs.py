@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import mount, unmount
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -70,17 +71,6 @@ def header_bomb(path: Path, side: int = 1_000_000) -> None:
         ifd += struct.pack("<HHI", tag, typ, count) + packed
     ifd += struct.pack("<I", 0)
     path.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + ifd)
-
-
-def _mount(target: Path, *options: str) -> bool:
-    target.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        return False
-    return subprocess.run(["mount", *options, str(target)], capture_output=True).returncode == 0
-
-
-def _umount(target: Path) -> None:
-    subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -150,22 +140,17 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (state / "state.safetensors").write_bytes(
         __import__("pickle").dumps({"weights": np.zeros(3)})  # a pickle where tensors belong
     )
-    ro_ok = _mount(a / "ro", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs")
-    full_ok = _mount(a / "full", "-t", "tmpfs", "-o", "size=160k", "tmpfs")
+    ro_ok = mount(a / "ro", tmpfs_size="1m", read_only=True)
+    full_ok = mount(a / "full", tmpfs_size="160k")
     shutil.copytree(a / "store.zarr", a / "ro_store_src.zarr")
-    store_ok = _mount(a / "ro_store.zarr", "--bind", str(a / "ro_store_src.zarr")) and (
-        subprocess.run(
-            ["mount", "-o", "remount,bind,ro", str(a / "ro_store.zarr")], capture_output=True
-        ).returncode
-        == 0
-    )
+    store_ok = mount(a / "ro_store.zarr", bind=a / "ro_store_src.zarr", read_only=True)
     if not (ro_ok and full_ok and store_ok):
         for m in ("ro", "full", "ro_store.zarr"):
-            _umount(a / m)
+            unmount(a / m)
         pytest.skip("needs root to mount tmpfs file systems (read-only and disk-full cases)")
     yield a
     for m in ("ro", "full", "ro_store.zarr"):
-        _umount(a / m)
+        unmount(a / m)
 
 
 def cases(a: Path) -> list[dict[str, Any]]:

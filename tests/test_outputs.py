@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import mounted
 
 from segflow.errors import ConfigError, StoreError, describe_failure
 from segflow.outputs import (
@@ -92,22 +93,11 @@ def test_existing_file_is_replaced_only_when_recorded_unchanged_or_overwrite(
 
 
 def test_unwritable_directory_is_refused_even_for_root(tmp_path: Path) -> None:
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], capture_output=True
-        ).returncode
-    ):
-        pytest.skip("needs root to mount a read-only tmpfs")
-    try:
+    with mounted(tmp_path / "ro", tmpfs_size="64k", read_only=True) as ro:
         with pytest.raises(ConfigError, match="read-only"):
             plan_outputs({"out": ro / "m.tif"}, inputs=[])
         with pytest.raises(ConfigError, match="read-only"):
             check_output_directory("out", ro / "train" / "run1")
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
 def test_output_directory_check(tmp_path: Path) -> None:
@@ -315,15 +305,7 @@ def test_read_only_scene_store_is_segmented_without_being_written(
 
     src = tmp_path / "src.zarr"
     ingest(IngestSpec(source=str(CHIP), out=str(src)))
-    ro = tmp_path / "ro.zarr"
-    ro.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode
-    ):
-        pytest.skip("needs root to bind-mount the store read-only")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+    with mounted(tmp_path / "ro.zarr", bind=src, read_only=True) as ro:
         before = _digest(src)
         torch.manual_seed(0)
         ck = _checkpoint(tmp_path / "ck", build_model(CFG).eval(), mean=400.0, std=300.0)
@@ -339,8 +321,6 @@ def test_read_only_scene_store_is_segmented_without_being_written(
                     image=str(ro), model=str(ck), out=str(tmp_path / "c.tif"), into_store=True
                 )
             )
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
     assert _digest(src) == before
     assert from_store.class_pixels == from_tiff.class_pixels
     with rasterio.open(tmp_path / "a.tif") as a, rasterio.open(tmp_path / "b.tif") as b:
@@ -354,16 +334,7 @@ def test_disk_full_leaves_an_earlier_output_untouched(
     """A re-run into a full disk fails with one line and the finished COG stays as it was."""
     from segflow.segment import SegmentRequest, segment_region
 
-    full = tmp_path / "full"
-    full.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(full)], capture_output=True
-        ).returncode
-    ):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with mounted(tmp_path / "full", tmpfs_size="3m") as full:
         shutil.copy(CHIP, full / "scene.tif")  # a small image: its outputs fit
         out = full / "m.tif"
         # the earlier, finished run (in process: only the failing one needs a command line)
@@ -398,5 +369,3 @@ def test_disk_full_leaves_an_earlier_output_untouched(
         assert bad.returncode == 2 and len(lines) == 1 and "no space left" in lines[0], bad.stderr
         assert out.read_bytes() == kept
         assert not (full / "p.tif").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(full)], capture_output=True)
