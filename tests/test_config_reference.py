@@ -1,4 +1,4 @@
-"""The configuration reference: generated from the schema, complete, and current in README.md."""
+"""The configuration reference: generated from the schema, complete, and current in docs/."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pydantic_core import to_jsonable_python
 from segflow.config import PipelineConfig
 from segflow.config_reference import (
     END_MARKER,
+    REFERENCE_FILE,
     REGENERATE,
     START_MARKER,
     current_block,
@@ -26,7 +27,7 @@ from segflow.errors import ConfigError
 from segflow.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+REFERENCE = ROOT / REFERENCE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +76,11 @@ def _rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_readme_reference_is_current(rendered: str) -> None:
-    text = README.read_text()
-    assert START_MARKER in text and END_MARKER in text, f"README.md lacks the markers: run `{REGENERATE}`"
+def test_reference_is_current(rendered: str) -> None:
+    text = REFERENCE.read_text()
+    assert START_MARKER in text and END_MARKER in text, f"{REFERENCE_FILE} lacks the markers: run `{REGENERATE}`"
     assert current_block(text) == rendered, (
-        f"README.md's configuration reference is stale: run `{REGENERATE}`"
+        f"{REFERENCE_FILE}'s configuration reference is stale: run `{REGENERATE}`"
     )
 
 
