@@ -43,14 +43,13 @@ import enum
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import segflow
+from segflow.atomic import write_json_atomic
 from segflow.errors import CheckpointError, SourceError
 
 if TYPE_CHECKING:
@@ -389,27 +388,6 @@ def record_path(work: str | Path, stage: str) -> Path:
 def started_path(work: str | Path, stage: str) -> Path:
     """``<work>/stages/<stage>.started.json``."""
     return Path(work) / "stages" / f"{stage}.started.json"
-
-
-def write_json_atomic(path: str | Path, doc: Any) -> Path:
-    """Write ``doc`` as JSON to ``path`` through a temporary file and :func:`os.replace`.
-
-    A reader sees the old document or the new one, never a partial one.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from segflow.atomic import write_json_atomic
 from segflow.config import TrainRegion
 from segflow.errors import ConfigError, RegionError
 from segflow.geometry import Window
@@ -647,14 +646,7 @@ class Fingerprint:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the fingerprint as JSON (atomically: a temporary file moved into place)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fingerprint-", suffix=".json", dir=p.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, p)
-        return p
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | Path) -> Fingerprint:

@@ -38,7 +38,6 @@ from segflow.stages import (
     read_started,
     record_path,
     stage_key,
-    write_json_atomic,
     write_record,
 )
 
@@ -192,23 +191,6 @@ def test_real_stage_code_closures() -> None:
 
 
 # --------------------------------------------------------------------------- records
-def test_write_json_atomic_replaces_whole_and_cleans_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    p = tmp_path / "stages" / "x.json"
-    write_json_atomic(p, {"a": 1})
-    assert json.loads(p.read_text()) == {"a": 1}
-
-    def boom(src: str, dst: str) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(stages.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        write_json_atomic(p, {"a": 2})
-    assert json.loads(p.read_text()) == {"a": 1}  # the old document, whole
-    assert [f.name for f in p.parent.iterdir()] == ["x.json"]  # no temporary left behind
-
-
 def test_records_round_trip_and_bad_ones_are_ignored(tmp_path: Path) -> None:
     rec = StageRecord(stage="s", key="k", outputs=("o",), result={"ran": True}, inputs={})
     write_record(tmp_path, rec)

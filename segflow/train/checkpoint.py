@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from segflow import __version__
+from segflow.atomic import write_json_atomic
 from segflow.config import DEFAULT_CLASSES, ClassDef, format_validation_error
 from segflow.errors import CheckpointError, ConfigError
 from segflow.train import models as _models
@@ -485,17 +486,10 @@ def _measured_halo(cfg: ModelConfig) -> int:
     if path is not None:
         doc = {"halo": measured, "model": cfg.model_dump(mode="json"),
                "version": _measurement_version()}
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(doc, fh)
-            os.replace(tmp, path)
+            write_json_atomic(path, doc, indent=None)
         except OSError as err:  # a read-only or full cache: measured again next time
             log.debug("cannot cache the measured halo in %s: %s", path.parent, err)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
     return measured
 
 

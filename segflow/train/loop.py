@@ -57,6 +57,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from segflow.atomic import atomic_output, write_text_atomic
 from segflow.config import ClassDef
 from segflow.errors import CheckpointError, ConfigError, StoreError
 from segflow.geometry import BlockGrid, Window
@@ -484,13 +485,11 @@ def _write_metrics(out_dir: Path, loop: _Loop, total: int) -> None:
         for k, v in r.items():
             if k not in keys and not isinstance(v, list | dict):
                 keys.append(k)
-    tmp = out_dir / ".metrics.csv.tmp"
-    with tmp.open("w", newline="") as fh:
+    with atomic_output(out_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    os.replace(tmp, out_dir / "metrics.csv")
     doc = {
         "steps": loop.step,
         "total_steps": total,
@@ -500,9 +499,7 @@ def _write_metrics(out_dir: Path, loop: _Loop, total: int) -> None:
         "history": rows,
         "train_loss": loop.losses,
     }
-    tmpj = out_dir / ".metrics.json.tmp"
-    tmpj.write_text(json.dumps(doc, indent=1, default=float))
-    os.replace(tmpj, out_dir / "metrics.json")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(doc, indent=1, default=float))
     _plot(out_dir, loop)
 
 
@@ -533,9 +530,8 @@ def _plot(out_dir: Path, loop: _Loop) -> None:
     ax2.set_ylabel("validation")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out_dir / ".curve.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out_dir / "curve.png")
+    with atomic_output(out_dir / "curve.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def _save_model(

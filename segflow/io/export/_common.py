@@ -1,4 +1,6 @@
-"""Helpers shared by the exporters: atomic outputs, input checks, class tables, windows.
+"""Helpers shared by the exporters: scratch paths, input checks, class tables, windows.
+
+:func:`~segflow.atomic.atomic_output` (every exporter's way of writing) is re-exported here.
 
 Internal module; the public API is re-exported by :mod:`segflow.io.export`.
 """
@@ -7,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from segflow.atomic import atomic_output, remove_with_siblings
 from segflow.config import ClassDef
 from segflow.errors import ConfigError, LabelError
 from segflow.geometry import BlockGrid, Window
@@ -52,55 +54,6 @@ class ArrayLike(Protocol):
 
 
 # --------------------------------------------------------------------------- outputs
-def _partial_name(final: Path) -> Path:
-    # same directory (so os.replace is atomic), hidden, unique, keeps the suffix for drivers
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.partial{final.suffix}")
-
-
-def _remove_with_siblings(tmp: Path) -> None:
-    """Remove ``tmp`` and what GDAL/SQLite may leave beside it (``-journal``, ``.aux.xml``...)."""
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    parent = tmp.parent
-    if not parent.is_dir():
-        return
-    for sibling in parent.glob(tmp.name + "*"):
-        with contextlib.suppress(OSError):
-            if sibling.is_file():
-                sibling.unlink()
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only on success.
-
-    On an exception the temporary file is removed and nothing appears at ``path`` (an older
-    file already there stays untouched). The move is ``os.replace``, atomic on one file system.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> out = Path(tempfile.mkdtemp()) / "a.txt"
-    >>> with atomic_output(out) as tmp:
-    ...     _ = tmp.write_text("done")
-    >>> out.read_text()
-    'done'
-    """
-    final = Path(path)
-    if final.is_dir():
-        raise ConfigError(f"output path {str(final)!r} is a directory: give a file name")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_name(final)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"exporter produced no file at {str(tmp)!r}")
-        os.replace(tmp, final)
-        log.debug("wrote %s", final)
-    finally:
-        _remove_with_siblings(tmp)
-
-
 @contextlib.contextmanager
 def scratch_path(beside: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a unique temporary path beside ``beside``; always removed afterwards."""
@@ -114,7 +67,7 @@ def scratch_path(beside: str | Path, suffix: str = "") -> Iterator[Path]:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-        _remove_with_siblings(tmp)
+        remove_with_siblings(tmp)
 
 
 # ----------------------------------------------------------------------- class table
