@@ -44,10 +44,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from segflow.atomic import write_json_atomic
 from segflow.config import TrainRegion
 from segflow.errors import ConfigError, RegionError
 from segflow.geometry import Window
+from segflow.io.atomic import write_json_atomic
 from segflow.io.sources import valid_and_finite
 
 __all__ = [
