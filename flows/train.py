@@ -31,25 +31,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli
 
 from segflow.config import PipelineConfig, load_config
+from segflow.config.train import TrainConfig, make_train_config
 from segflow.errors import ConfigError
 from segflow.io.store import SceneStore
 from segflow.outputs import check_output_directory
-from segflow.train.config import TrainConfig, make_train_config
 from segflow.train.loop import resolve_device
 
 
 def train_config(cfg: PipelineConfig, args: argparse.Namespace) -> TrainConfig:
     """The pipeline's ``train`` section (with its classes), overridden by the command line."""
-    if not cfg.train:
+    if cfg.train is None:
         raise ConfigError(f"{args.config}: no 'train' section: add one (see "
                           "pipelines/isbi2012_membranes.yaml)")
-    raw = dict(cfg.train)
-    raw.setdefault("classes", [c.model_dump() for c in cfg.classes])
+    update: dict[str, Any] = {}
+    if cfg.train.classes is None:
+        update["classes"] = cfg.classes
     if args.steps is not None:
-        raw["steps"], raw["epochs"] = args.steps, None
+        update.update(steps=args.steps, epochs=None)
     if args.time_limit is not None:
-        raw["time_limit_s"] = args.time_limit
-    return make_train_config(raw, source=f"{args.config}: train")
+        update["time_limit_s"] = args.time_limit
+    if not update:
+        return cfg.train
+    return make_train_config({**cfg.train.model_dump(), **update}, source=f"{args.config}: train")
 
 
 def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[dict[str, Any]]:

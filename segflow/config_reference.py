@@ -1,8 +1,6 @@
 """The configuration reference, generated from the pydantic models.
 
-Walks :class:`segflow.config.PipelineConfig` (its ``train`` section as
-:class:`segflow.train.config.TrainConfig`, which the pipeline model keeps as a plain mapping
-because it needs torch) and renders one Markdown table per section: every key's dotted path,
+Walks :class:`segflow.config.PipelineConfig` (its ``train`` section included) and renders one Markdown table per section: every key's dotted path,
 type, default, allowed values (``Literal`` choices and ``ge``/``gt``/``le``/``lt``/length/
 pattern constraints) and description. Descriptions come from ``Field(description=...)`` or,
 failing that, from the model's numpydoc ``Parameters``/``Attributes`` section; the rest of
@@ -333,27 +331,15 @@ def _default_text(info: FieldInfo) -> tuple[str, bool]:
     return json.dumps(dumped, separators=(", ", ": ")), False
 
 
-def model_fields_doc(
-    model: type[BaseModel],
-    prefix: str,
-    *,
-    substitutes: dict[str, type[BaseModel]] | None = None,
-) -> list[FieldDoc]:
-    """The keys of ``model`` under the dotted ``prefix``, in declaration order.
-
-    ``substitutes`` maps a field name to the model that really validates it (the pipeline's
-    ``train`` mapping is validated as a ``TrainConfig``).
-    """
+def model_fields_doc(model: type[BaseModel], prefix: str) -> list[FieldDoc]:
+    """The keys of ``model`` under the dotted ``prefix``, in declaration order."""
     params = _param_docs(model)
     out: list[FieldDoc] = []
     for name, info in model.model_fields.items():
         key = info.alias or name
         path = f"{prefix}.{key}" if prefix else key
         annotation: Any = info.annotation
-        sub = (substitutes or {}).get(name)
         nested, nullable, many = _nested_model(annotation)
-        if sub is not None:
-            nested, nullable, many = sub, _strip_none(annotation)[1], False
         default, required = _default_text(info)
         if nested is not None:
             shape = "list[mapping]" if many else "mapping"
@@ -376,7 +362,7 @@ def model_fields_doc(
 
 def _arch_table() -> str:
     """ModelConfig's per-architecture defaults and choices (from segflow.train.models)."""
-    from segflow.train.models import ARCH_DEFAULTS, NORM_CHOICES, UPSAMPLE_CHOICES
+    from segflow.config.model import ARCH_DEFAULTS, NORM_CHOICES, UPSAMPLE_CHOICES
 
     rows = ["| arch | defaults filled in | upsample | norm |", "|---|---|---|---|"]
     for arch, defaults in ARCH_DEFAULTS.items():
@@ -391,7 +377,7 @@ def _arch_table() -> str:
 
 
 def _train_module_notes() -> str:
-    from segflow.train import config as train_config
+    from segflow.config import train as train_config
 
     _, parts = _doc_parts(train_config)
     return "\n\n".join(f"**{t}.** " + _rst_to_md(parts[t]) for t in ("Data", "Normalization")
@@ -401,17 +387,16 @@ def _train_module_notes() -> str:
 def sections() -> list[Section]:
     """Every section of a pipeline YAML, depth first, the ``train`` subtree included."""
     from segflow.config import PipelineConfig
-    from segflow.train.config import TrainConfig
-    from segflow.train.models import ModelConfig
+    from segflow.config.model import ModelConfig
+    from segflow.config.train import TrainConfig
 
     extras: dict[type[BaseModel], Callable[[], str]] = {
         TrainConfig: _train_module_notes, ModelConfig: _arch_table,
     }
     out: list[Section] = []
 
-    def visit(model: type[BaseModel], path: str, *, optional: bool, many: bool,
-              substitutes: dict[str, type[BaseModel]] | None = None) -> None:
-        fields = model_fields_doc(model, path + ("[]" if many else ""), substitutes=substitutes)
+    def visit(model: type[BaseModel], path: str, *, optional: bool, many: bool) -> None:
+        fields = model_fields_doc(model, path + ("[]" if many else ""))
         intro, _ = _doc_parts(model)
         extra = extras.get(model)
         out.append(Section(path=path + ("[]" if many else ""), model=model,
@@ -421,7 +406,7 @@ def sections() -> list[Section]:
             if f.nested is not None:
                 visit(f.nested, f.path, optional=f.nullable, many=f.many)
 
-    visit(PipelineConfig, "", optional=False, many=False, substitutes={"train": TrainConfig})
+    visit(PipelineConfig, "", optional=False, many=False)
     return out
 
 

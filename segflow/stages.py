@@ -614,10 +614,11 @@ def plan_train(
 ) -> StageRun:
     """Train: the whole training config, the pipeline's store (its ingest and prepare keys)
     and the metadata of any other store it reads."""
-    from segflow.train.config import make_train_config
 
     work = cfg.work_path
-    tcfg = make_train_config(cfg.train or {}, source="train")
+    tcfg = cfg.train
+    if tcfg is None:
+        raise ValueError("plan_train needs a pipeline with a train section")
     known = known_inputs(work, "train")
     inputs: dict[str, Any] = {}
     refs = [r.store for r in (*tcfg.stores.train, *tcfg.stores.val)]

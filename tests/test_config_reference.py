@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from segflow.config import PipelineConfig
+from segflow.config.train import TrainConfig
 from segflow.config_reference import (
     END_MARKER,
     REFERENCE_FILE,
@@ -24,7 +25,6 @@ from segflow.config_reference import (
     render_markdown,
 )
 from segflow.errors import ConfigError
-from segflow.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / REFERENCE_FILE

@@ -9,6 +9,13 @@ import pytest
 from conftest import write_scene
 
 from segflow.config import ClassDef
+from segflow.config.train import (
+    AugmentConfig,
+    ElasticConfig,
+    SamplingConfig,
+    SplitConfig,
+    make_train_config,
+)
 from segflow.errors import ConfigError, LabelError, StoreError
 from segflow.geometry import Window
 from segflow.io.store import SceneStore
@@ -20,13 +27,6 @@ from segflow.train.augment import (
     elastic_displacement,
     flip_rot90,
     warp,
-)
-from segflow.train.config import (
-    AugmentConfig,
-    ElasticConfig,
-    SamplingConfig,
-    SplitConfig,
-    make_train_config,
 )
 from segflow.train.data import (
     Normalization,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from segflow.config.train import ScheduleConfig, make_train_config
 from segflow.errors import ConfigError
 from segflow.train.checkpoint import load_checkpoint
-from segflow.train.config import ScheduleConfig, make_train_config
 from segflow.train.loop import lr_factor, recalibrate_batchnorm, train
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from segflow.train.config import AugmentConfig, ElasticConfig, IntensityConfig
+from segflow.config.train import AugmentConfig, ElasticConfig, IntensityConfig
 
 __all__ = [
     "adjust_intensity",

@@ -39,13 +39,13 @@ import torch
 from scipy import ndimage
 
 from segflow.config import ClassDef, TrainRegion
+from segflow.config.train import AugmentConfig, SamplingConfig, SplitConfig
 from segflow.errors import ConfigError, LabelError, StoreError
 from segflow.geometry import Window
 from segflow.io.store import SceneStore
 from segflow.stats import train_mask_for_window
 from segflow.tiling import mirror_plan
 from segflow.train.augment import augment_patch
-from segflow.train.config import AugmentConfig, SamplingConfig, SplitConfig
 
 __all__ = [
     "Normalization",

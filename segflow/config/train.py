@@ -46,10 +46,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from segflow.config import ClassDef, format_validation_error
+from segflow.config.base import ClassDef, format_validation_error
+from segflow.config.loss import LossConfig
+from segflow.config.model import ModelConfig
 from segflow.errors import ConfigError
-from segflow.train.losses import LossConfig
-from segflow.train.models import ModelConfig
 
 Metric = Literal[
     "pixel_error",
@@ -628,9 +628,7 @@ class TrainConfig(_Model):
             raise ValueError("give exactly one of steps or epochs")
         if self.schedule.horizon == "time" and self.time_limit_s is None:
             raise ValueError("schedule.horizon 'time' needs time_limit_s")
-        from segflow.train.models import size_multiple
-
-        m = size_multiple(self.model)
+        m = self.model.size_multiple
         if self.patch % m:
             raise ValueError(
                 f"patch {self.patch} must be a multiple of the model's size multiple {m}"

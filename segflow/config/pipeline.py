@@ -18,77 +18,29 @@ pydantic_core._pydantic_core.ValidationError: 1 validation error for IngestConfi
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from segflow.config.base import DEFAULT_CLASSES, ClassDef, SchemaModel, format_validation_error
+from segflow.config.train import TrainConfig
 from segflow.errors import ConfigError
 
 __all__ = [
     "SCHEMA_VERSION",
-    "ClassDef",
     "IngestConfig",
     "PipelineConfig",
     "PrepareConfig",
     "SegmentConfig",
     "TrainRegion",
-    "format_validation_error",
     "load_config",
 ]
 
 SCHEMA_VERSION = 1
 
-_HEX_COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClassDef(_Model):
-    """One entry of the class table.
-
-    Attributes
-    ----------
-    id
-        The class's value in the stores' ``labels`` arrays and its model output channel
-        (training needs ids ``< train.model.out_channels``); unique, and never
-        ``ignore_index``. Id 0 is background: prepare derives objects from the other
-        classes, vector labels leave uncovered pixels 0, polygons skip it.
-    name
-        Human-readable name: the value a text ``ingest.class_field`` holds, and the class
-        name written to outputs (COG categories, polygon ``class_name``, QuPath, reports).
-    color
-        ``#rrggbb`` colour of the class in the prediction COG's colour table, the
-        quick-look overlay and QuPath annotations.
-    """
-
-    id: Annotated[int, Field(ge=0, le=65534)]
-    name: Annotated[str, Field(min_length=1)]
-    color: str = "#808080"
-
-    @field_validator("color")
-    @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _HEX_COLOUR.match(value):
-            raise ValueError(f"colour must look like '#rrggbb', got {value!r}")
-        return value.lower()
-
-    @property
-    def rgb(self) -> tuple[int, int, int]:
-        return (int(self.color[1:3], 16), int(self.color[3:5], 16), int(self.color[5:7], 16))
-
-
-DEFAULT_CLASSES: tuple[ClassDef, ...] = (
-    ClassDef(id=0, name="background", color="#000000"),
-    ClassDef(id=1, name="foreground", color="#ff0000"),
-)
-
-
-class IngestConfig(_Model):
+class IngestConfig(SchemaModel):
     """How a source image (and its labels) become a scene store.
 
     Attributes
@@ -151,7 +103,7 @@ class IngestConfig(_Model):
         return self
 
 
-class TrainRegion(_Model):
+class TrainRegion(SchemaModel):
     """The part of a scene used for training statistics, in the store's pixels.
 
     Either a pixel window (``bbox`` = row_start, col_start, row_stop, col_stop) or a
@@ -192,7 +144,7 @@ class TrainRegion(_Model):
         return self
 
 
-class PrepareConfig(_Model):
+class PrepareConfig(SchemaModel):
     """Training targets: U-Net border weights, class weights, the fingerprint.
 
     The store's ``weights`` array is ``w_c + w0 * exp(-(d1 + d2)**2 / (2 * sigma**2))``
@@ -234,7 +186,7 @@ class PrepareConfig(_Model):
     train_region: TrainRegion | None = None
 
 
-class SegmentConfig(_Model):
+class SegmentConfig(SchemaModel):
     """segment_region inside a pipeline: which image and region, how, and which outputs.
 
     ``image`` defaults to the ingest source and the model to the pipeline's trained
@@ -332,7 +284,7 @@ class SegmentConfig(_Model):
         return self
 
 
-class PipelineConfig(_Model):
+class PipelineConfig(SchemaModel):
     """A whole pipeline: one data set or use case.
 
     Attributes
@@ -371,8 +323,7 @@ class PipelineConfig(_Model):
     work_dir: str = "outputs/{name}"
     ingest: IngestConfig
     prepare: PrepareConfig = PrepareConfig()
-    # validated by load_config with segflow.train.config.TrainConfig (which imports torch)
-    train: dict[str, Any] | None = None
+    train: TrainConfig | None = None
     segment: SegmentConfig = SegmentConfig()
 
     @model_validator(mode="after")
@@ -388,22 +339,6 @@ class PipelineConfig(_Model):
     def work_path(self) -> Path:
         """The pipeline's output directory (``work_dir`` with ``{name}`` filled in)."""
         return Path(self.work_dir.format(name=self.name))
-
-
-def format_validation_error(err: ValidationError, *, source: str, prefix: str = "") -> str:
-    """Turn a pydantic error into one line: where, what, the value, what to do."""
-    first = err.errors()[0]
-    where = prefix + ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{where}': remove it or check its spelling"
-    if first["type"] == "missing":
-        return f"{source}: missing required key '{where}': add it"
-    value = first.get("input")
-    more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
-    msg = first["msg"].removeprefix("Value error, ")
-    if isinstance(value, dict):  # a whole section failed a cross-field check: no dump of it
-        return f"{source}: '{where}' is invalid: {msg}{more}"
-    return f"{source}: '{where}' = {value!r} is invalid: {msg}{more}"
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -429,11 +364,4 @@ def load_config(path: str | Path) -> PipelineConfig:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source=str(p))) from err
-    if cfg.train is not None:  # validated here, not in the model: TrainConfig needs torch
-        from segflow.train.config import TrainConfig
-
-        try:
-            TrainConfig.model_validate(cfg.train)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, source=str(p), prefix="train.")) from err
     return cfg
