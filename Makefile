@@ -32,6 +32,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check segflow flows tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/run_all.py

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from segflow.errors import RegionError
 from segflow.geometry import Window
-from segflow.io.store import GeoRef, SlideInfo
+from segflow.georef import GeoRef, SlideInfo
 
 __all__ = ["resolve_region", "window_from_bbox", "window_from_microns", "window_from_pixels"]
 

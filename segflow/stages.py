@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import segflow
+from segflow.atomic import write_json_atomic
 from segflow.errors import CheckpointError, SourceError
-from segflow.io.atomic import write_json_atomic
 
 if TYPE_CHECKING:
     from segflow.config import PipelineConfig

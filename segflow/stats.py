@@ -44,13 +44,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from segflow.atomic import write_json_atomic
 from segflow.config import TrainRegion
 from segflow.errors import ConfigError, RegionError
 from segflow.geometry import Window
-from segflow.io.atomic import write_json_atomic
-from segflow.io.sources import valid_and_finite
 
 __all__ = [
+    "valid_and_finite",
     "FLOAT_HIST_BINS",
     "FINGERPRINT_VERSION",
     "BandMoments",
@@ -340,6 +340,33 @@ def _int_hist_spec(dtype: Any) -> tuple[int, int] | None:
         bins = 1 << (8 * dt.itemsize)
         return bins, (0 if dt.kind == "u" else bins // 2)
     return None
+
+
+def valid_and_finite(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``valid`` and "every band of the pixel is finite" (NaN and +/-inf are nodata).
+
+    Parameters
+    ----------
+    data : ``(band, rows, cols)`` pixels.
+    valid : ``(rows, cols)`` boolean mask of the same window.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new ``(rows, cols)`` boolean array for float and complex ``data``; ``valid`` itself
+        (as bool) for other dtypes, which cannot hold non-finite values.
+
+    Examples
+    --------
+    >>> data = np.array([[[1.0, np.nan, np.inf, -np.inf]]], dtype=np.float32)
+    >>> valid_and_finite(data, np.ones((1, 4), bool)).tolist()
+    [[True, False, False, False]]
+    """
+    valid = np.asarray(valid, dtype=bool)
+    data = np.asarray(data)
+    if data.dtype.kind not in "fc":
+        return valid
+    return np.asarray(valid & np.isfinite(data).all(axis=0))
 
 
 def _train_pixels(

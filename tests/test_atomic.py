@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from segflow import atomic
+from segflow.atomic import atomic_output, write_json_atomic, write_text_atomic
 from segflow.errors import ConfigError
-from segflow.io import atomic
-from segflow.io.atomic import atomic_output, write_json_atomic, write_text_atomic
 
 
 def test_write_json_atomic_replaces_whole_and_cleans_up(

@@ -33,7 +33,7 @@ How the work is organised
   is not run, and the units gather their footprint from the tiles' cores, so nothing is read
   twice. A unit that only such tiles cover is written as nodata. A pixel where any band is
   NaN or +/-inf is invalid too, whatever the reader's mask says
-  (:func:`~segflow.io.sources.valid_and_finite`). The model sees every invalid pixel
+  (:func:`~segflow.stats.valid_and_finite`). The model sees every invalid pixel
   (nodata by value, by mask, or non-finite) as one defined value, the normalization mean
   (0 after normalization): NaN never reaches the model, and a nodata pixel's neighbours get
   the same prediction however the pixel was marked nodata.
@@ -94,8 +94,8 @@ import torch
 from segflow.config import ClassDef
 from segflow.errors import ConfigError, RegionError, StoreError
 from segflow.geometry import BlockGrid, BlockIndex, Window
-from segflow.io.sources import valid_and_finite
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord, staging_path
+from segflow.stats import valid_and_finite
 from segflow.tiling import (
     MirrorPlan,
     Step,

@@ -93,6 +93,7 @@ import numpy as np
 from segflow.errors import ConfigError, RegionError, SourceError
 from segflow.geometry import Window
 from segflow.io.store import GeoRef, SlideInfo
+from segflow.stats import valid_and_finite
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -442,33 +443,6 @@ def _rio_open(path: Path, **kw: Any) -> Any:
 
 
 # -------------------------------------------------------------------- non-finite pixels
-def valid_and_finite(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``valid`` and "every band of the pixel is finite" (NaN and +/-inf are nodata).
-
-    Parameters
-    ----------
-    data : ``(band, rows, cols)`` pixels.
-    valid : ``(rows, cols)`` boolean mask of the same window.
-
-    Returns
-    -------
-    numpy.ndarray
-        A new ``(rows, cols)`` boolean array for float and complex ``data``; ``valid`` itself
-        (as bool) for other dtypes, which cannot hold non-finite values.
-
-    Examples
-    --------
-    >>> data = np.array([[[1.0, np.nan, np.inf, -np.inf]]], dtype=np.float32)
-    >>> valid_and_finite(data, np.ones((1, 4), bool)).tolist()
-    [[True, False, False, False]]
-    """
-    valid = np.asarray(valid, dtype=bool)
-    data = np.asarray(data)
-    if data.dtype.kind not in "fc":
-        return valid
-    return np.asarray(valid & np.isfinite(data).all(axis=0))
-
-
 # ------------------------------------------------------------------------ tissue rule
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """Integer HSV saturation (0..255) of a ``(3, rows, cols)`` uint8 array."""

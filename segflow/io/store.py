@@ -41,6 +41,7 @@ from segflow import __version__
 from segflow.config import SCHEMA_VERSION, ClassDef
 from segflow.errors import StoreError
 from segflow.geometry import BlockGrid, BlockIndex, Window
+from segflow.georef import GeoRef, SlideInfo
 
 __all__ = [
     "ARRAY_DIMS",
@@ -65,47 +66,6 @@ ARRAY_DIMS: dict[str, tuple[str, ...]] = {
 }
 
 _PROGRESS = "_segflow/progress"
-
-
-@dataclass(frozen=True, slots=True)
-class GeoRef:
-    """A map georeference: CRS and GDAL geotransform of the level-0 pixel grid."""
-
-    crs_wkt: str
-    epsg: int | None
-    geotransform: tuple[float, float, float, float, float, float]
-
-    def affine(self) -> Any:
-        """The transform as an ``affine.Affine`` (rasterio's convention)."""
-        from affine import Affine
-
-        return Affine.from_gdal(*self.geotransform)
-
-    def window_geotransform(
-        self, window: Window
-    ) -> tuple[float, float, float, float, float, float]:
-        """The geotransform of a sub-window's own pixel grid."""
-        x0, dx, rx, y0, ry, dy = self.geotransform
-        return (
-            x0 + window.col_off * dx + window.row_off * rx,
-            dx,
-            rx,
-            y0 + window.col_off * ry + window.row_off * dy,
-            ry,
-            dy,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class SlideInfo:
-    """Whole-slide metadata: pixel size in microns and objective power."""
-
-    mpp_x: float | None
-    mpp_y: float | None
-    objective_power: float | None
-    vendor: str | None = None
-    level: int = 0
-    downsample: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

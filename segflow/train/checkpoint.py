@@ -53,9 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from segflow import __version__
+from segflow.atomic import write_json_atomic
 from segflow.config import DEFAULT_CLASSES, ClassDef, format_validation_error
 from segflow.errors import CheckpointError, ConfigError
-from segflow.io.atomic import write_json_atomic
 from segflow.train import models as _models
 from segflow.train.models import ModelConfig, build_model, size_multiple, tile_independent
 

@@ -57,6 +57,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from segflow.atomic import atomic_output, write_text_atomic
 from segflow.config import ClassDef
 from segflow.config.train import (
     OptimizerConfig,
@@ -67,7 +68,6 @@ from segflow.config.train import (
 )
 from segflow.errors import CheckpointError, ConfigError, StoreError
 from segflow.geometry import BlockGrid, Window
-from segflow.io.atomic import atomic_output, write_text_atomic
 from segflow.io.store import SceneStore
 from segflow.stats import train_mask_for_window
 from segflow.train.data import (

@@ -1,6 +1,6 @@
 """Helpers shared by the exporters: scratch paths, input checks, class tables, windows.
 
-:func:`~segflow.io.atomic.atomic_output` (every exporter's way of writing) is re-exported here.
+:func:`~segflow.atomic.atomic_output` (every exporter's way of writing) is re-exported here.
 
 Internal module; the public API is re-exported by :mod:`segflow.io.export`.
 """
@@ -16,10 +16,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from segflow.atomic import atomic_output, remove_with_siblings
 from segflow.config import ClassDef
 from segflow.errors import ConfigError, LabelError
 from segflow.geometry import BlockGrid, Window
-from segflow.io.atomic import atomic_output, remove_with_siblings
 
 log = logging.getLogger(__name__)
 

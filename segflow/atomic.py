@@ -10,6 +10,9 @@ temporary file, and whatever a driver left beside it (GDAL's ``.aux.xml``, SQLit
 Directories built in place (scene stores, prediction stores, checkpoints) use their own
 ``NAME.partial`` staging instead, because they are resumed part-way.
 
+A stdlib-only primitive, so it sits in the core beside :mod:`segflow.errors`: core value
+objects (the fingerprint's JSON) write through it as well as ``io`` and the stages.
+
 Examples
 --------
 >>> import tempfile
