@@ -26,7 +26,8 @@ from segflow.infer import (
     predict_array,
     predict_region,
 )
-from segflow.infer.engine import UNIT_BUDGET_BYTES, prediction_unit, reader_band
+from segflow.infer.engine import reader_band
+from segflow.infer.store import UNIT_BUDGET_BYTES, prediction_unit
 from segflow.io.store import GeoRef, SceneStore
 
 MEAN = [0.5, 0.4, 0.3]
@@ -820,7 +821,7 @@ def test_bad_inputs_fail_with_one_clear_line(image: np.ndarray, tmp_path: Path) 
 def test_labels_equal_the_argmax_of_the_probabilities(classes: int) -> None:
     """Class ids from logits: numpy's argmax of the softmax (sigmoid for one channel),
     ties to the lower id, uint8 up to 256 classes."""
-    from segflow.infer.engine import _labels, _probabilities
+    from segflow.infer.forward import _labels, _probabilities
 
     g = torch.Generator().manual_seed(classes)
     logits = torch.randn(2, classes, 9, 11, generator=g)

@@ -1,0 +1,164 @@
+"""Window readers: where model windows' pixels and valid masks come from, normalized.
+
+A :class:`WindowReader` is anything with ``bands``, ``height``, ``width`` and
+``read(window) -> (pixels, valid)``; :class:`_Normalizer` turns one tile's mirrored window
+into the model's input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from segflow.errors import ConfigError, StoreError
+from segflow.geometry import Window
+from segflow.io.store import SceneStore
+from segflow.stats import valid_and_finite
+from segflow.tiling import MirrorPlan, Tile, mirror_plan
+
+__all__ = ["ArrayReader", "StoreReader", "WindowReader"]
+
+
+# ----------------------------------------------------------------------------- readers
+@runtime_checkable
+class WindowReader(Protocol):
+    """What the engine needs from an image: its size and window reads inside it.
+
+    ``read_with_valid`` returns the ``(bands, height, width)`` pixels of a window that lies
+    inside the image and its ``(height, width)`` boolean footprint, read together so a source
+    whose mask comes from its nodata value decodes the window once. It is called from several
+    threads at once.
+    """
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def bands(self) -> int: ...
+
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ArrayReader:
+    """A :class:`WindowReader` over an in-memory ``(band, y, x)`` array (tests, small images)."""
+
+    def __init__(self, image: np.ndarray, valid: np.ndarray | None = None) -> None:
+        if image.ndim != 3:
+            raise ConfigError(f"image must be (band, y, x), got shape {image.shape}")
+        if valid is not None and valid.shape != image.shape[1:]:
+            raise ConfigError(f"valid shape {valid.shape} does not match image {image.shape}")
+        self.image = image
+        self.valid = valid
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[2])
+
+    @property
+    def bands(self) -> int:
+        return int(self.image.shape[0])
+
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        pixels = self.image[(slice(None), *window.slices)]
+        if self.valid is None:
+            return pixels, np.ones(window.shape, dtype=bool)
+        return pixels, self.valid[window.slices]
+
+
+class StoreReader:
+    """A :class:`WindowReader` over a scene store's ``image`` and ``valid`` arrays."""
+
+    def __init__(self, store: SceneStore) -> None:
+        self.store = store
+        self._image = store.array("image")
+        self._valid = store.array("valid")
+        if self._image.ndim != 3 or self._image.shape[0] == 0:
+            raise StoreError(f"store {str(store.path)!r} has no image bands to predict from")
+
+    @property
+    def height(self) -> int:
+        return int(self._image.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self._image.shape[2])
+
+    @property
+    def bands(self) -> int:
+        return int(self._image.shape[0])
+
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        pixels = np.asarray(self._image[(slice(None), *window.slices)])
+        return pixels, np.asarray(self._valid[window.slices], dtype=bool)
+
+
+class _Normalizer:
+    """Reads one tile: its model window (mirrored past the image) and its core's valid mask.
+
+    Returns ``(x, core_valid)``: ``x`` the window as normalized float32, or ``None`` when
+    ``skip_empty`` and no pixel of the core is valid (the tile then needs no model run);
+    ``core_valid`` the boolean footprint of ``tile.core``, which always lies inside the image.
+    Pixels and mask come from one read, so the writer never reads the image again.
+
+    Invalid pixels are the reader's mask plus every pixel where a band is NaN or +/-inf.
+    In ``x`` every invalid pixel holds 0, i.e. the normalization mean, whatever its raw value
+    (a nodata value, a finite value under a mask, NaN, inf): NaN never reaches the model, and
+    a pixel's neighbours are predicted the same however the pixel was marked nodata.
+    """
+
+    def __init__(
+        self,
+        reader: WindowReader,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        skip_empty: bool = True,
+    ) -> None:
+        self.reader = reader
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.inv_std = (1.0 / np.asarray(std, dtype=np.float32)).reshape(-1, 1, 1)
+        self.skip_empty = skip_empty
+
+    def __call__(self, tile: Tile) -> tuple[np.ndarray | None, np.ndarray]:
+        plan = mirror_plan(tile.window, self.reader.height, self.reader.width)
+        block, valid = self._read(plan)
+        core_valid = valid[tile.core.relative_to(plan.source).slices]
+        if self.skip_empty and not core_valid.any():
+            return None, core_valid
+        return self._scale(plan, block, valid), core_valid
+
+    def window(self, tile: Tile) -> np.ndarray:
+        """The tile's normalized model window, whatever its valid pixels."""
+        plan = mirror_plan(tile.window, self.reader.height, self.reader.width)
+        return self._scale(plan, *self._read(plan))
+
+    def _read(self, plan: MirrorPlan) -> tuple[np.ndarray, np.ndarray]:
+        """The pixels of ``plan.source`` and their valid mask, non-finite pixels invalid.
+
+        Sources already apply the non-finite rule; this covers every other reader (scene
+        stores ingested before the rule, in-memory arrays).
+        """
+        block, valid = self.reader.read_with_valid(plan.source)
+        block = np.asarray(block)
+        return block, valid_and_finite(block, valid)
+
+    def _scale(self, plan: MirrorPlan, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        x = plan.take(block).astype(np.float32)
+        x -= self.mean
+        x *= self.inv_std
+        if not valid.all():
+            # One defined fill for every invalid pixel: 0, the normalization mean. Raw nodata
+            # values (e.g. -9999), finite values under a mask, NaN and inf all look alike to
+            # the model, so NaN never reaches it and a NaN pixel's neighbours are predicted
+            # exactly as when the same pixel is nodata by value or by mask.
+            x[:, ~plan.take(valid)] = 0.0
+        return x
