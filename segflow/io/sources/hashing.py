@@ -1,0 +1,53 @@
+"""A source's content hash (VRT members included), the identity stage keys and stores record."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from segflow.errors import SourceError
+from segflow.io.sources.base import _one_line
+from segflow.io.sources.files import _local_path, _looks_like_vrt, _vrt_references
+
+__all__ = ["source_sha256"]
+
+
+# ------------------------------------------------------------------------------- hashing
+def source_sha256(uri: str | Path) -> str:
+    """The SHA-256 content hash of a source (hex).
+
+    A file hashes its bytes. A VRT hashes its XML followed by the hashes of the files it
+    refers to, in document order (recursively), so editing a tile changes the mosaic's hash.
+
+    Examples
+    --------
+    >>> source_sha256("data/samples/landsat/RGB.byte.tif")[:8]  # doctest: +SKIP
+    '...'
+    """
+    return _sha256(_local_path(uri), ())
+
+
+def _sha256(path: Path, stack: tuple[Path, ...]) -> str:
+    if path in stack:
+        raise SourceError(
+            f"VRT {str(stack[-1])!r} refers to itself through {str(path)!r}: fix the VRT"
+        )
+    try:
+        with open(path, "rb") as f:
+            if not _looks_like_vrt(f.read(512)):
+                f.seek(0)
+                return hashlib.file_digest(f, "sha256").hexdigest()
+            f.seek(0)
+            xml = f.read()
+    except OSError as err:
+        raise SourceError(
+            f"cannot read {str(path)!r} to hash it ({_one_line(err)}): "
+            "check the file exists and is readable"
+        ) from None
+    h = hashlib.sha256(xml)
+    for ref in _vrt_references(path, check=True):
+        if isinstance(ref, Path):
+            h.update(bytes.fromhex(_sha256(ref, (*stack, path))))
+        else:  # a GDAL virtual path (/vsicurl/...): hash its name
+            h.update(ref.encode())
+    return h.hexdigest()
