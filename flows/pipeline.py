@@ -25,9 +25,7 @@ a stage must run, and a stage whose cached result is missing checks its record i
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,19 +35,20 @@ from _common import run_cli
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from segflow.cluster import dask_client
 from segflow.config import PipelineConfig, load_config
 from segflow.errors import ConfigError
 from segflow.stages import (
     StagePlan,
     StageRun,
-    begin_stage,
-    finish_stage,
     model_path,
     plan_ingest,
     plan_prepare,
     plan_segment,
     plan_train,
+    run_ingest,
+    run_prepare,
+    run_segment,
+    run_train,
 )
 
 RESULTS_DIR = ".prefect-results"
@@ -60,11 +59,6 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return run.cache_key
 
 
-def _skipped(run: StageRun) -> dict[str, Any]:
-    """What a current stage reports: its last run's result, not run now."""
-    return {**(run.previous.result if run.previous else {}), "ran": False, "plan": run.plan.value}
-
-
 _STAGE = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
 
 
@@ -72,164 +66,26 @@ _STAGE = dict(cache_key_fn=_cache_key, persist_result=True, result_serializer="j
 def ingest_stage(
     run: StageRun, cfg: PipelineConfig, store: str, dask_address: str | None
 ) -> dict[str, Any]:
-    from segflow.ingest import IngestSpec, ingest
-    from segflow.io.store import remove_tree, staging_path
-
-    if run.plan is StagePlan.SKIP:
-        return _skipped(run)
-    t0 = time.perf_counter()
-    begin_stage(run)
-    if run.plan is StagePlan.FRESH:  # other inputs, options or code: never mix two stores
-        remove_tree(Path(store))
-        remove_tree(staging_path(store))
-    spec = IngestSpec.from_config(
-        cfg.ingest, out=store, classes=cfg.classes, ignore_index=cfg.ignore_index
-    )
-    with dask_client(dask_address) as client:
-        r = ingest(spec, executor=client.get_executor())
-    result = {
-        "ran": not r.already_complete,
-        "plan": run.plan.value,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "units": r.units_written,
-    }
-    finish_stage(run, [store], result)
-    return result
+    return run_ingest(run, cfg, store, dask_address=dask_address)
 
 
 @task(name="prepare", **_STAGE)  # type: ignore[call-overload]
 def prepare_stage(
     run: StageRun, cfg: PipelineConfig, store: str, dask_address: str | None
 ) -> dict[str, Any]:
-    from segflow.io.store import SceneStore
-    from segflow.prepare import default_fingerprint_path, is_current, prepare_store
-
-    if run.plan is StagePlan.SKIP:
-        return _skipped(run)
-    t0 = time.perf_counter()
-    begin_stage(run)
-    # resuming: the store's own records say what is done; fresh: recompute everything
-    # (the key may have changed for the code alone, which the store's records do not see)
-    force = run.plan is StagePlan.FRESH
-    ran = force or not is_current(SceneStore.open(store), cfg.prepare)
-    if ran:
-        with dask_client(dask_address) as client:
-            res = prepare_store(store, cfg.prepare, client=client, force=force)
-        fingerprint = str(res.fingerprint_path)
-    else:
-        fingerprint = str(default_fingerprint_path(store))
-    result = {"ran": ran, "plan": run.plan.value, "seconds": round(time.perf_counter() - t0, 1)}
-    finish_stage(run, [fingerprint, str(Path(store) / "weights")], result)
-    return result
-
-
-def _trained(out: Path, tcfg: Any) -> bool:
-    """A finished run of this exact training config is in ``out`` (its ``last`` checkpoint
-    is written once training ends; ``best`` also exists part-way)."""
-    import json
-
-    ckpt = out / "last" / "checkpoint.json"
-    if not ckpt.is_file():
-        return False
-    doc = json.loads(ckpt.read_text())
-    return bool(doc.get("training", {}).get("config") == tcfg.model_dump(mode="json"))
+    return run_prepare(run, cfg, store, dask_address=dask_address)
 
 
 @task(name="train", **_STAGE)  # type: ignore[call-overload]
 def train_stage(run: StageRun, cfg: PipelineConfig, out: str, device: str | None) -> dict[str, Any]:
-    from segflow.train.loop import STATE_DIR, train
-
-    if run.plan is StagePlan.SKIP:
-        return _skipped(run)
-    t0 = time.perf_counter()
-    begin_stage(run)
-    tcfg = cfg.train
-    assert tcfg is not None  # the pipeline plans train only with a train section
-    outp = Path(out)
-    if run.plan is StagePlan.FRESH and outp.exists():
-        shutil.rmtree(outp)  # inputs, config or code changed: a new run, not a resume
-    result: dict[str, Any]
-    if _trained(outp, tcfg):  # finished by a run killed before it was recorded
-        result = {"ran": False, "plan": run.plan.value}
-    else:
-        resume = (outp / STATE_DIR).is_dir() or (outp / f"{STATE_DIR}.old").is_dir()
-        res = train(tcfg, out_dir=outp, device=device, resume=resume)
-        result = {
-            "ran": True,
-            "plan": run.plan.value,
-            "steps": res.steps,
-            "best_metric": res.best_metric,
-            "metric": tcfg.select_metric,
-            "resumed_from": res.resumed_from,
-        }
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    outputs = [p for p in (outp / "best", outp / "last", outp / "metrics.json") if p.exists()]
-    finish_stage(run, outputs, result)
-    return result
+    return run_train(run, cfg, out, device=device)
 
 
 @task(name="segment_region", **_STAGE)  # type: ignore[call-overload]
 def segment_stage(
     run: StageRun, cfg: PipelineConfig, model: str, device: str | None
 ) -> dict[str, Any]:
-    from segflow.io.store import remove_tree, staging_path
-    from segflow.segment import SegmentRequest, segment_region
-
-    if run.plan is StagePlan.SKIP:
-        return _skipped(run)
-    t0 = time.perf_counter()
-    s, work = cfg.segment, cfg.work_path
-    req = SegmentRequest(
-        image=s.image or cfg.ingest.source,
-        # the model was trained at ingest.level: read the ingested source at that scale
-        level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
-        model=model,
-        out=str(work / "prediction.tif"),
-        bbox=s.bbox,
-        bbox_crs=s.bbox_crs,
-        window=s.window,
-        tile=s.tile,
-        mode=s.mode,
-        overlap=s.overlap,
-        batch_size=s.batch_size,
-        tta_flips=s.tta_flips,
-        tta_set=s.tta_set,
-        device=device,
-        polygons=str(work / "prediction.gpkg") if s.polygons else None,
-        parquet=str(work / "prediction.parquet") if s.parquet else None,
-        probabilities=str(work / "probabilities.tif") if s.probabilities else None,
-        quicklook=str(work / "quicklook.png") if s.quicklook else None,
-        ome_tiff=str(work / "prediction.ome.tif") if s.ome_tiff else None,
-        qupath_geojson=str(work / "prediction.qupath.geojson") if s.qupath else None,
-        # these names in work_dir are the pipeline's own: an earlier run's (whose record went
-        # with a rebuilt inference store) are replaced, not refused
-        overwrite=True,
-    )
-    begin_stage(run)
-    if run.plan is StagePlan.FRESH:
-        for old in run.previous.outputs if run.previous else ():
-            Path(old).unlink(missing_ok=True)  # e.g. polygons no longer asked for
-        before = run.started or {}
-        region = ("image", "bbox", "bbox_crs", "window")
-        same_region = all((before.get("params") or {}).get(k) == run.params.get(k) for k in region)
-        if before.get("code") != run.code or not same_region:
-            # the inference store resumes units made with the same model and inference
-            # options by itself (an export option alone re-infers nothing); made by other
-            # code or for another region, it is rebuilt
-            remove_tree(req.work_store)
-            remove_tree(staging_path(req.work_store))
-    r = segment_region(req).to_dict()
-    result = {
-        "ran": True,
-        "plan": run.plan.value,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "outputs": r["outputs"],
-        "class_pixels": r["class_pixels"],
-        "tiles": r["inference"]["tiles"],
-        "skipped_units": r["inference"]["skipped_units"],
-    }
-    finish_stage(run, list(r["outputs"].values()), result)
-    return result
+    return run_segment(run, cfg, model, device=device)
 
 
 def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import yaml
 
-from segflow import stages
 from segflow.config import PipelineConfig, load_config
 from segflow.stages import (
     StagePlan,
@@ -40,6 +39,7 @@ from segflow.stages import (
     stage_key,
     write_record,
 )
+from segflow.stages import plan as stages
 
 ROOT = Path(__file__).resolve().parents[1]
 CHIP = ROOT / "data" / "samples" / "spacenet_atlanta"

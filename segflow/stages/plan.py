@@ -66,6 +66,7 @@ __all__ = [
     "code_version",
     "finish_stage",
     "known_inputs",
+    "model_path",
     "module_closure",
     "outputs_exist",
     "path_identity",
@@ -81,7 +82,6 @@ __all__ = [
     "stage_key",
     "stage_code",
     "started_path",
-    "write_json_atomic",
     "write_record",
     "write_started",
 ]
@@ -665,7 +665,7 @@ def plan_segment(
         upstream["train"] = train.key
     inputs = {"model": _identity(model, "model", known)}
     image = cfg.segment.image or cfg.ingest.source
-    if _same_path(image, store):  # predictions go into that store: key it by its stages
+    if _same_path(image, store):  # the pipeline's own scene store: key it by its stages
         upstream.update(ingest=ingest.key, prepare=prepare.key)
     elif _same_path(image, cfg.ingest.source):
         inputs["image"] = ingest.inputs["source"]

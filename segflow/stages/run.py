@@ -1,0 +1,225 @@
+"""The pipeline's stages, run: what each does once its plan (:mod:`segflow.stages.plan`) says
+it must run, and what it records.
+
+Every function takes the :class:`~segflow.stages.plan.StageRun` of its stage. A ``SKIP`` plan
+returns the last run's result untouched (:func:`skipped`). Otherwise the stage records that it
+started, cleans up after a ``FRESH`` plan (other inputs, options or code: never mix old and
+new work), runs, and records its outputs and result (:func:`~segflow.stages.plan.finish_stage`).
+A ``RESUME`` plan keeps the stage's partial work, which the stage itself resumes. The Prefect
+tasks of ``flows/pipeline.py`` only wrap these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segflow.cluster import dask_client
+from segflow.stages.plan import StagePlan, StageRun, begin_stage, finish_stage
+
+if TYPE_CHECKING:
+    from segflow.config import PipelineConfig
+    from segflow.config.train import TrainConfig
+    from segflow.segment import SegmentRequest
+
+__all__ = [
+    "finished_training",
+    "prediction_store_reusable",
+    "run_ingest",
+    "run_prepare",
+    "run_segment",
+    "run_train",
+    "segment_request",
+    "skipped",
+]
+
+#: Request parameters that define the region segment_region predicts.
+REGION_PARAMS = ("image", "bbox", "bbox_crs", "window")
+
+
+def skipped(run: StageRun) -> dict[str, Any]:
+    """What a current stage reports: its last run's result, not run now."""
+    return {**(run.previous.result if run.previous else {}), "ran": False, "plan": run.plan.value}
+
+
+def run_ingest(
+    run: StageRun, cfg: PipelineConfig, store: str, *, dask_address: str | None
+) -> dict[str, Any]:
+    """Ingest ``cfg.ingest`` into ``store`` on a Dask client (``dask_address`` or embedded)."""
+    from segflow.ingest import IngestSpec, ingest
+    from segflow.io.store import remove_tree, staging_path
+
+    if run.plan is StagePlan.SKIP:
+        return skipped(run)
+    t0 = time.perf_counter()
+    begin_stage(run)
+    if run.plan is StagePlan.FRESH:  # other inputs, options or code: never mix two stores
+        remove_tree(Path(store))
+        remove_tree(staging_path(store))
+    spec = IngestSpec.from_config(
+        cfg.ingest, out=store, classes=cfg.classes, ignore_index=cfg.ignore_index
+    )
+    with dask_client(dask_address) as client:
+        r = ingest(spec, executor=client.get_executor())
+    result = {
+        "ran": not r.already_complete,
+        "plan": run.plan.value,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "units": r.units_written,
+    }
+    finish_stage(run, [store], result)
+    return result
+
+
+def run_prepare(
+    run: StageRun, cfg: PipelineConfig, store: str, *, dask_address: str | None
+) -> dict[str, Any]:
+    """Weights, fingerprint and class weights of ``store`` (``cfg.prepare``)."""
+    from segflow.io.store import SceneStore
+    from segflow.prepare import default_fingerprint_path, is_current, prepare_store
+
+    if run.plan is StagePlan.SKIP:
+        return skipped(run)
+    t0 = time.perf_counter()
+    begin_stage(run)
+    # resuming: the store's own records say what is done; fresh: recompute everything
+    # (the key may have changed for the code alone, which the store's records do not see)
+    force = run.plan is StagePlan.FRESH
+    ran = force or not is_current(SceneStore.open(store), cfg.prepare)
+    if ran:
+        with dask_client(dask_address) as client:
+            res = prepare_store(store, cfg.prepare, client=client, force=force)
+        fingerprint = str(res.fingerprint_path)
+    else:
+        fingerprint = str(default_fingerprint_path(store))
+    result = {"ran": ran, "plan": run.plan.value, "seconds": round(time.perf_counter() - t0, 1)}
+    finish_stage(run, [fingerprint, str(Path(store) / "weights")], result)
+    return result
+
+
+def finished_training(out: Path, tcfg: TrainConfig) -> bool:
+    """A finished run of this exact training config is in ``out`` (its ``last`` checkpoint
+    is written once training ends; ``best`` also exists part-way)."""
+    ckpt = out / "last" / "checkpoint.json"
+    if not ckpt.is_file():
+        return False
+    doc = json.loads(ckpt.read_text())
+    return bool(doc.get("training", {}).get("config") == tcfg.model_dump(mode="json"))
+
+
+def run_train(
+    run: StageRun, cfg: PipelineConfig, out: str, *, device: str | None
+) -> dict[str, Any]:
+    """Train ``cfg.train`` into ``out``, resuming its training state when there is one."""
+    from segflow.train.loop import STATE_DIR, train
+
+    if run.plan is StagePlan.SKIP:
+        return skipped(run)
+    t0 = time.perf_counter()
+    begin_stage(run)
+    tcfg = cfg.train
+    if tcfg is None:
+        raise ValueError("run_train needs a pipeline with a train section")
+    outp = Path(out)
+    if run.plan is StagePlan.FRESH and outp.exists():
+        shutil.rmtree(outp)  # inputs, config or code changed: a new run, not a resume
+    result: dict[str, Any]
+    if finished_training(outp, tcfg):  # finished by a run killed before it was recorded
+        result = {"ran": False, "plan": run.plan.value}
+    else:
+        resume = (outp / STATE_DIR).is_dir() or (outp / f"{STATE_DIR}.old").is_dir()
+        res = train(tcfg, out_dir=outp, device=device, resume=resume)
+        result = {
+            "ran": True,
+            "plan": run.plan.value,
+            "steps": res.steps,
+            "best_metric": res.best_metric,
+            "metric": tcfg.select_metric,
+            "resumed_from": res.resumed_from,
+        }
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    outputs = [p for p in (outp / "best", outp / "last", outp / "metrics.json") if p.exists()]
+    finish_stage(run, outputs, result)
+    return result
+
+
+def segment_request(cfg: PipelineConfig, model: str, device: str | None) -> SegmentRequest:
+    """The segment_region request of a pipeline: ``cfg.segment`` with its outputs in the
+    work directory (``prediction.tif``, and the other files the section asks for)."""
+    from segflow.segment import SegmentRequest
+
+    s, work = cfg.segment, cfg.work_path
+    return SegmentRequest(
+        image=s.image or cfg.ingest.source,
+        # the model was trained at ingest.level: read the ingested source at that scale
+        level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
+        model=model,
+        out=str(work / "prediction.tif"),
+        bbox=s.bbox,
+        bbox_crs=s.bbox_crs,
+        window=s.window,
+        tile=s.tile,
+        mode=s.mode,
+        overlap=s.overlap,
+        batch_size=s.batch_size,
+        tta_flips=s.tta_flips,
+        tta_set=s.tta_set,
+        device=device,
+        polygons=str(work / "prediction.gpkg") if s.polygons else None,
+        parquet=str(work / "prediction.parquet") if s.parquet else None,
+        probabilities=str(work / "probabilities.tif") if s.probabilities else None,
+        quicklook=str(work / "quicklook.png") if s.quicklook else None,
+        ome_tiff=str(work / "prediction.ome.tif") if s.ome_tiff else None,
+        qupath_geojson=str(work / "prediction.qupath.geojson") if s.qupath else None,
+        # these names in work_dir are the pipeline's own: an earlier run's (whose record went
+        # with a rebuilt inference store) are replaced, not refused
+        overwrite=True,
+    )
+
+
+def prediction_store_reusable(run: StageRun) -> bool:
+    """Whether a fresh segment_region run may keep the prediction store of the last start.
+
+    The store resumes by itself the units made with the same model and inference options (an
+    export option alone re-infers nothing), but units made by other code or for another
+    region must not be mixed in: then it is rebuilt.
+    """
+    before = run.started or {}
+    params = before.get("params") or {}
+    same_region = all(params.get(k) == (run.params or {}).get(k) for k in REGION_PARAMS)
+    return before.get("code") == run.code and same_region
+
+
+def run_segment(
+    run: StageRun, cfg: PipelineConfig, model: str, *, device: str | None
+) -> dict[str, Any]:
+    """segment_region over ``cfg.segment`` with the checkpoint ``model``."""
+    from segflow.io.store import remove_tree, staging_path
+    from segflow.segment import segment_region
+
+    if run.plan is StagePlan.SKIP:
+        return skipped(run)
+    t0 = time.perf_counter()
+    req = segment_request(cfg, model, device)
+    begin_stage(run)
+    if run.plan is StagePlan.FRESH:
+        for old in run.previous.outputs if run.previous else ():
+            Path(old).unlink(missing_ok=True)  # e.g. polygons no longer asked for
+        if not prediction_store_reusable(run):
+            remove_tree(req.work_store)
+            remove_tree(staging_path(req.work_store))
+    r = segment_region(req).to_dict()
+    result = {
+        "ran": True,
+        "plan": run.plan.value,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "outputs": r["outputs"],
+        "class_pixels": r["class_pixels"],
+        "tiles": r["inference"]["tiles"],
+        "skipped_units": r["inference"]["skipped_units"],
+    }
+    finish_stage(run, list(r["outputs"].values()), result)
+    return result

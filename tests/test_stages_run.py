@@ -1,0 +1,148 @@
+"""The pipeline's stage decisions (segflow.stages.run), unit by unit, without running a stage.
+
+The flows only wrap these functions; the end-to-end behaviour (skips, re-runs, resumes) is
+tested in tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from segflow.config import PipelineConfig
+from segflow.config.train import TrainConfig
+from segflow.stages import (
+    StagePlan,
+    StageRecord,
+    StageRun,
+    finished_training,
+    prediction_store_reusable,
+    read_started,
+    run_segment,
+    segment_request,
+    skipped,
+)
+
+ISBI = {"source": "data/samples/isbi2012/train/images/0.png"}
+TRAIN = {
+    "stores": {"train": ["a.zarr"]},
+    "model": {"arch": "unet", "in_channels": 1, "out_channels": 2, "features": 4, "depth": 2},
+    "steps": 2,
+    "patch": 32,
+    "batch_size": 1,
+}
+
+
+def pipeline(tmp_path: Path, **segment: Any) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {"name": "t", "work_dir": str(tmp_path / "w"), "ingest": {**ISBI, "level": 1},
+         "segment": segment}
+    )  # fmt: skip
+
+
+def run_of(plan: StagePlan, *, code: str = "c1", params: dict | None = None,
+           started: dict | None = None, previous: StageRecord | None = None,
+           work: str = ".") -> StageRun:  # fmt: skip
+    return StageRun(stage="segment_region", key="k", plan=plan, work=work, code=code,
+                    params=params or {}, started=started, previous=previous)  # fmt: skip
+
+
+def test_segment_request_of_a_pipeline(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    req = segment_request(pipeline(tmp_path), "m", None)
+    assert (req.image, req.level, req.model) == (ISBI["source"], 1, "m")  # ingest's level
+    assert req.out == str(work / "prediction.tif") and req.overwrite
+    assert req.polygons == str(work / "prediction.gpkg")
+    assert req.quicklook == str(work / "quicklook.png") and req.probabilities is None
+    assert req.work_store == work / "prediction.predictions.zarr"
+    other = segment_request(
+        pipeline(tmp_path, image="b.tif", tile=256, polygons=False, quicklook=False), "m", "cpu"
+    )
+    assert (other.image, other.level, other.tile, other.device) == ("b.tif", 0, 256, "cpu")
+    assert other.polygons is None and other.quicklook is None
+    assert segment_request(pipeline(tmp_path, image="b.tif", level=2), "m", None).level == 2
+
+
+@pytest.mark.parametrize(
+    ("started", "code", "params", "reusable"),
+    [
+        ({"code": "c1", "params": {"image": "a.tif", "tile": 256}}, "c1",
+         {"image": "a.tif", "tile": 512}, True),  # only an inference option changed
+        ({"code": "c0", "params": {"image": "a.tif"}}, "c1", {"image": "a.tif"}, False),
+        ({"code": "c1", "params": {"image": "a.tif"}}, "c1", {"image": "b.tif"}, False),
+        ({"code": "c1", "params": {"bbox": [0, 0, 1, 1]}}, "c1", {"bbox": [0, 0, 2, 2]}, False),
+        ({"code": "c1", "params": {"window": None}}, "c1", {"window": [0, 0, 8, 8]}, False),
+        (None, "c1", {"image": "a.tif"}, False),  # nothing started: nothing to keep
+    ],
+)  # fmt: skip
+def test_prediction_store_is_kept_only_for_the_same_code_and_region(
+    started: dict | None, code: str, params: dict, reusable: bool
+) -> None:
+    run = run_of(StagePlan.FRESH, code=code, params=params, started=started)
+    assert prediction_store_reusable(run) is reusable
+
+
+def test_finished_training_needs_the_same_config_in_last(tmp_path: Path) -> None:
+    tcfg = TrainConfig.model_validate(TRAIN)
+    assert not finished_training(tmp_path, tcfg)
+    (tmp_path / "last").mkdir()
+    doc = {"training": {"config": tcfg.model_dump(mode="json")}}
+    (tmp_path / "last" / "checkpoint.json").write_text(json.dumps(doc))
+    assert finished_training(tmp_path, tcfg)
+    other = TrainConfig.model_validate({**TRAIN, "steps": 3})
+    assert not finished_training(tmp_path, other)
+
+
+def test_a_current_stage_reports_its_last_result_and_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segflow.segment
+
+    def boom(*_: Any, **__: Any) -> None:
+        raise AssertionError("a skipped stage ran")
+
+    monkeypatch.setattr(segflow.segment, "segment_region", boom)
+    previous = StageRecord(stage="segment_region", key="k", result={"ran": True, "tiles": 4})
+    run = run_of(StagePlan.SKIP, previous=previous, work=str(tmp_path))
+    assert skipped(run) == {"ran": False, "tiles": 4, "plan": "skip"}
+    assert run_segment(run, pipeline(tmp_path), "m", device=None) == skipped(run)
+    assert read_started(tmp_path, "segment_region") is None  # nothing recorded either
+
+
+@pytest.mark.parametrize("same_region", [True, False])
+def test_a_fresh_segment_run_cleans_up_what_it_must(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same_region: bool
+) -> None:
+    """Old outputs go; the prediction store stays only when :func:`prediction_store_reusable`."""
+    import segflow.segment
+
+    cfg = pipeline(tmp_path)
+    work = cfg.work_path
+    store = work / "prediction.predictions.zarr"
+    old = work / "old.gpkg"
+    store.mkdir(parents=True)
+    old.write_text("x")
+    seen: dict[str, bool] = {}
+
+    class Report:
+        def to_dict(self) -> dict[str, Any]:
+            return {"outputs": {}, "class_pixels": {}, "inference": {"tiles": 0,
+                    "skipped_units": 0}}  # fmt: skip
+
+    def fake(req: Any) -> Report:
+        seen["store kept"] = store.exists()
+        return Report()
+
+    monkeypatch.setattr(segflow.segment, "segment_region", fake)
+    params = {"image": ISBI["source"], "tile": 512}
+    started = {"code": "c1", "params": params if same_region else {**params, "image": "x"}}
+    previous = StageRecord(stage="segment_region", key="old", outputs=(str(old),))
+    run = run_of(StagePlan.FRESH, params=params, started=started, previous=previous,
+                 work=str(work))  # fmt: skip
+    result = run_segment(run, cfg, "m", device=None)
+    assert result["ran"] and result["plan"] == "fresh"
+    assert not old.exists()
+    assert seen["store kept"] is same_region
