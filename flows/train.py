@@ -32,66 +32,21 @@ from _common import run_cli
 
 from segflow.config import PipelineConfig, load_config
 from segflow.config.train import TrainConfig, make_train_config
-from segflow.errors import ConfigError
 from segflow.io.store import SceneStore
 from segflow.outputs import check_output_directory
+from segflow.stages.training import build_training_stores, training_config
 from segflow.train.loop import resolve_device
 
 
-def train_config(cfg: PipelineConfig, args: argparse.Namespace) -> TrainConfig:
-    """The pipeline's ``train`` section (with its classes), overridden by the command line."""
-    if cfg.train is None:
-        raise ConfigError(f"{args.config}: no 'train' section: add one (see "
-                          "pipelines/isbi2012_membranes.yaml)")
-    update: dict[str, Any] = {}
-    if cfg.train.classes is None:
-        update["classes"] = cfg.classes
-    if args.steps is not None:
-        update.update(steps=args.steps, epochs=None)
-    if args.time_limit is not None:
-        update["time_limit_s"] = args.time_limit
-    if not update:
-        return cfg.train
-    return make_train_config({**cfg.train.model_dump(), **update}, source=f"{args.config}: train")
-
-
 def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[dict[str, Any]]:
-    """Ingest and prepare every listed store that has a source (skipping current ones)."""
-    from segflow.ingest import IngestSpec, ingest
-    from segflow.io.store import SceneStore
-    from segflow.prepare import is_current, prepare_store
+    """Build the stores the training config lists (the library's), with a progress bar."""
+    refs = {r.store for r in (*tcfg.stores.train, *tcfg.stores.val)}
+    if not show:
+        return list(build_training_stores(cfg, tcfg))
+    from tqdm import tqdm
 
-    refs = {r.store: r for r in (*tcfg.stores.train, *tcfg.stores.val)}
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(refs), desc="prepare data", unit="store", file=sys.stderr)
-    done = []
-    for path, ref in refs.items():
-        p = Path(path)
-        action = "current"
-        if ref.source is not None:
-            if not (p / "zarr.json").is_file():
-                p.parent.mkdir(parents=True, exist_ok=True)
-                icfg = cfg.ingest.model_copy(update={
-                    "source": ref.source,
-                    "labels": ref.labels,
-                    # an instance raster belongs to the template's own image, no other
-                    "instances": cfg.ingest.instances if ref.source == cfg.ingest.source else None,
-                })
-                ingest(IngestSpec.from_config(icfg, out=str(p), classes=cfg.classes,
-                                              ignore_index=cfg.ignore_index))
-                action = "ingested"
-            if not is_current(SceneStore.open(p), cfg.prepare):
-                prepare_store(p, cfg.prepare)
-                action = "prepared" if action == "current" else "ingested+prepared"
-        done.append({"store": path, "action": action})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return done
+    with tqdm(total=len(refs), desc="prepare data", unit="store", file=sys.stderr) as bar:
+        return list(build_training_stores(cfg, tcfg, on_store=lambda _: bar.update(1)))
 
 
 def run_training(tcfg: TrainConfig, out: Path, *, resume: bool, device: str | None,
@@ -192,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     cfg = load_config(args.config)
-    tcfg = train_config(cfg, args)  # fail in a second, before Prefect starts
+    # fail in a second, before Prefect starts
+    tcfg = training_config(cfg, steps=args.steps, time_limit_s=args.time_limit, source=args.config)
     out = Path(args.out) if args.out else cfg.work_path / "train"
     stores = [r.store for r in (*tcfg.stores.train, *tcfg.stores.val)]
     check_output_directory("out", out, inputs=stores)

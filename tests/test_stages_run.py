@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from segflow.config import PipelineConfig
-from segflow.config.train import TrainConfig
+from segflow.config.train import StoreRef, TrainConfig
+from segflow.errors import ConfigError
 from segflow.stages import (
     StagePlan,
     StageRecord,
@@ -24,6 +25,8 @@ from segflow.stages import (
     run_segment,
     segment_request,
     skipped,
+    store_ingest_config,
+    training_config,
 )
 
 ISBI = {"source": "data/samples/isbi2012/train/images/0.png"}
@@ -146,3 +149,35 @@ def test_a_fresh_segment_run_cleans_up_what_it_must(
     assert result["ran"] and result["plan"] == "fresh"
     assert not old.exists()
     assert seen["store kept"] is same_region
+
+
+# --------------------------------------------------------------------------- flows/train.py
+def test_training_config_takes_the_pipeline_classes_and_the_overrides(tmp_path: Path) -> None:
+    classes = [{"id": 0, "name": "membrane"}, {"id": 1, "name": "cell"}]
+    cfg = PipelineConfig.model_validate(
+        {"name": "t", "ingest": ISBI, "classes": classes, "train": TRAIN}
+    )
+    assert cfg.train is not None and cfg.train.classes is None  # validated with the file
+    tcfg = training_config(cfg)
+    assert tcfg.classes == cfg.classes and tcfg.steps == 2
+    over = training_config(cfg, steps=7, time_limit_s=30.0)
+    assert (over.steps, over.epochs, over.time_limit_s) == (7, None, 30.0)
+    own = {**TRAIN, "classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}
+    mine = PipelineConfig.model_validate({"name": "t", "ingest": ISBI, "train": own})
+    assert training_config(mine) is mine.train  # nothing to change: the validated section
+    with pytest.raises(ConfigError, match=r"p\.yaml: no 'train' section"):
+        training_config(pipeline(tmp_path), source="p.yaml")
+    with pytest.raises(ConfigError, match=r"p\.yaml: train"):
+        training_config(cfg, steps=0, source="p.yaml")
+
+
+def test_a_listed_store_is_ingested_like_the_template_but_with_its_own_image() -> None:
+    ingest = {**ISBI, "labels": "l0.png", "instances": "i0.png", "chunk": 256}
+    cfg = PipelineConfig.model_validate({"name": "t", "ingest": ingest})
+    own = store_ingest_config(cfg, StoreRef(store="a.zarr", source=ISBI["source"], labels="l.png"))
+    assert (own.source, own.labels, own.instances, own.chunk) == (
+        ISBI["source"], "l.png", "i0.png", 256)  # fmt: skip
+    other = store_ingest_config(cfg, StoreRef(store="b.zarr", source="b.png", labels="lb.png"))
+    assert (other.source, other.labels, other.instances) == ("b.png", "lb.png", None)
+    with pytest.raises(ValueError, match="no source"):
+        store_ingest_config(cfg, StoreRef(store="c.zarr"))

@@ -161,15 +161,13 @@ def test_flow_cli_reports_one_line_errors(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no scene store at")
 
 
-def test_ensure_stores_uses_the_template_instances_only_for_its_own_image(
+def test_training_stores_use_the_template_instances_only_for_their_own_image(
     samples: Path, tmp_path: Path
 ) -> None:
     """The pipeline's ingest.instances raster must not be laid over other stores' images."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
-    from train import ensure_stores
-
     from segflow.config import PipelineConfig
     from segflow.io.store import SceneStore
+    from segflow.stages import build_training_stores
 
     isbi = samples / "isbi2012" / "train"
     img = lambda i: str(isbi / "images" / f"{i}.png")  # noqa: E731
@@ -186,7 +184,7 @@ def test_ensure_stores_uses_the_template_instances_only_for_its_own_image(
         "stores": {"train": stores}, "steps": 1, "patch": 64,
         "model": {"arch": "unet", "in_channels": 1, "out_channels": 2, "depth": 2},
     })
-    ensure_stores(cfg, tcfg, show=False)
+    build_training_stores(cfg, tcfg)
     inst = [np.asarray(SceneStore.open(tmp_path / f"{i}.zarr").array("instances")[...])
             for i in (0, 1)]
     assert set(np.unique(inst[0]).tolist()) == {0, 255}  # the given raster, as it is

@@ -1,5 +1,6 @@
 """The pipeline's stages: when each must run (:mod:`~segflow.stages.plan`: keys, plans and
-records) and what it does then (:mod:`~segflow.stages.run`).
+records) and what it does then (:mod:`~segflow.stages.run`); what ``flows/train.py`` builds before
+training (:mod:`~segflow.stages.training`).
 
 ``flows/pipeline.py`` wraps :func:`~segflow.stages.run.run_ingest` and its siblings in
 Prefect tasks; everything a stage decides lives here, with unit tests.
@@ -45,8 +46,12 @@ from segflow.stages.run import (
     segment_request,
     skipped,
 )
+from segflow.stages.training import build_training_stores, store_ingest_config, training_config
 
 __all__ = [
+    "build_training_stores",
+    "store_ingest_config",
+    "training_config",
     "RECORD_VERSION",
     "STAGE_CODE",
     "StagePlan",

@@ -1,0 +1,108 @@
+"""What ``flows/train.py`` does before it trains: the training config of a pipeline (its
+classes and the command line's overrides), and the stores it lists, built when missing.
+
+A store of ``train.stores`` that has a ``source`` is ingested with the pipeline's ``ingest``
+section as a template (the source, labels and, for the template's own image only, its
+instance raster) and prepared with the ``prepare`` section; a store that is current is left
+alone. Stores without a source must exist already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from segflow.config import IngestConfig, PipelineConfig
+from segflow.config.train import StoreRef, TrainConfig, make_train_config
+from segflow.errors import ConfigError
+
+__all__ = ["build_training_stores", "store_ingest_config", "training_config"]
+
+
+def training_config(
+    cfg: PipelineConfig,
+    *,
+    steps: int | None = None,
+    time_limit_s: float | None = None,
+    source: str = "train",
+) -> TrainConfig:
+    """``cfg.train`` with the pipeline's classes when it names none, and the overrides.
+
+    ``steps`` replaces ``train.steps`` (and clears ``epochs``); ``time_limit_s`` replaces
+    ``train.time_limit_s``. Raises :class:`ConfigError` (naming ``source``) when there is no
+    ``train`` section or the result does not validate.
+    """
+    if cfg.train is None:
+        raise ConfigError(
+            f"{source}: no 'train' section: add one (see pipelines/isbi2012_membranes.yaml)"
+        )
+    update: dict[str, Any] = {}
+    if cfg.train.classes is None:
+        update["classes"] = cfg.classes
+    if steps is not None:
+        update.update(steps=steps, epochs=None)
+    if time_limit_s is not None:
+        update["time_limit_s"] = time_limit_s
+    if not update:
+        return cfg.train
+    return make_train_config({**cfg.train.model_dump(), **update}, source=f"{source}: train")
+
+
+def store_ingest_config(cfg: PipelineConfig, ref: StoreRef) -> IngestConfig:
+    """The ingest section that builds the listed store ``ref`` (which has a ``source``).
+
+    The pipeline's ``ingest`` section with the store's source and labels; its instance raster
+    belongs to its own image, so other sources get none (prepare derives their objects).
+    """
+    if ref.source is None:
+        raise ValueError(f"store {ref.store!r} has no source to ingest")
+    own = ref.source == cfg.ingest.source
+    return cfg.ingest.model_copy(
+        update={
+            "source": ref.source,
+            "labels": ref.labels,
+            "instances": cfg.ingest.instances if own else None,
+        }
+    )
+
+
+def build_training_stores(
+    cfg: PipelineConfig,
+    tcfg: TrainConfig,
+    *,
+    on_store: Callable[[dict[str, str]], None] | None = None,
+) -> list[dict[str, str]]:
+    """Ingest and prepare every store ``tcfg`` lists that has a source, unless current.
+
+    Returns one ``{"store", "action"}`` per store (``current``, ``ingested``, ``prepared``,
+    ``ingested+prepared``), also passed to ``on_store`` as each is done.
+    """
+    from segflow.ingest import IngestSpec, ingest
+    from segflow.io.store import SceneStore
+    from segflow.prepare import is_current, prepare_store
+
+    refs = {r.store: r for r in (*tcfg.stores.train, *tcfg.stores.val)}
+    done = []
+    for path, ref in refs.items():
+        p = Path(path)
+        action = "current"
+        if ref.source is not None:
+            if not (p / "zarr.json").is_file():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                spec = IngestSpec.from_config(
+                    store_ingest_config(cfg, ref),
+                    out=str(p),
+                    classes=cfg.classes,
+                    ignore_index=cfg.ignore_index,
+                )
+                ingest(spec)
+                action = "ingested"
+            if not is_current(SceneStore.open(p), cfg.prepare):
+                prepare_store(p, cfg.prepare)
+                action = "prepared" if action == "current" else "ingested+prepared"
+        entry = {"store": path, "action": action}
+        done.append(entry)
+        if on_store is not None:
+            on_store(entry)
+    return done
