@@ -52,7 +52,7 @@ def segment_task(req: SegmentRequest) -> dict[str, Any]:
 
 
 @flow(name="segment_region", log_prints=False)
-def segment_region_flow(
+def segment_region_flow(  # noqa: PLR0913 (one flat parameter per option, for deployments)
     image: str,
     model: str,
     out: str,

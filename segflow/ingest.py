@@ -386,7 +386,7 @@ def ingest(
         return _ingest(spec, executor=executor, progress=progress, on_start=on_start)
 
 
-def _ingest(
+def _ingest(  # noqa: C901 (house: to split)
     spec: IngestSpec,
     *,
     executor: Executor | None,

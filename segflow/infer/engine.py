@@ -238,7 +238,7 @@ def _prepare_arrays(
     return label_dtype
 
 
-def predict_region(
+def predict_region(  # noqa: C901, PLR0915 (house: to split)
     reader: WindowReader,
     model: torch.nn.Module,
     region: Window,
@@ -467,7 +467,7 @@ def reader_band(strip_width: int, workers: int, unit: int) -> int:
     return unit * max(1, -(-units // max(1, workers)))
 
 
-def _stream(
+def _stream(  # noqa: C901, PLR0915 (house: to split)
     layout: TileLayout,
     grid: BlockGrid,
     origin: tuple[int, int],

@@ -76,7 +76,7 @@ class InferenceOptions:
     label_nodata: int = 255
     strip_width: int = 8192
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 (house: to split)
         if self.tile <= 0:
             raise ConfigError(f"tile must be > 0, got {self.tile}: use e.g. --tile 512")
         if self.halo < 0:

@@ -101,7 +101,7 @@ class SceneStore:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create(
+    def create(  # noqa: PLR0913 (keyword-only store options)
         cls,
         path: str | Path,
         *,

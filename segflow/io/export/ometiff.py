@@ -69,7 +69,7 @@ def _iter_tiles(
                 yield strip[:, c0 : c0 + tile]
 
 
-def write_ome_tiff_labels(
+def write_ome_tiff_labels(  # noqa: C901, PLR0913 (house: to split)
     labels: Any,
     path: str | Path,
     *,

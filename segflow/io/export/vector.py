@@ -362,7 +362,7 @@ def _clean(geom: Any) -> Any:
     return shapely.simplify(geom, 0.0, preserve_topology=True)
 
 
-def vectorize(
+def vectorize(  # noqa: C901, PLR0913, PLR0915 (house: to split)
     labels: Any,
     *,
     classes: Iterable[ClassDef | Mapping[str, Any]],
