@@ -15,6 +15,7 @@ import numpy as np
 from segflow.errors import ConfigError, StoreError
 from segflow.geometry import Window
 from segflow.io.store import SceneStore
+from segflow.normalization import Normalization
 from segflow.stats import valid_and_finite
 from segflow.tiling import MirrorPlan, Tile, mirror_plan
 
@@ -124,8 +125,7 @@ class _Normalizer:
         skip_empty: bool = True,
     ) -> None:
         self.reader = reader
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        self.inv_std = (1.0 / np.asarray(std, dtype=np.float32)).reshape(-1, 1, 1)
+        self.normalization = Normalization(tuple(mean), tuple(std))
         self.skip_empty = skip_empty
 
     def __call__(self, tile: Tile) -> tuple[np.ndarray | None, np.ndarray]:
@@ -152,13 +152,6 @@ class _Normalizer:
         return block, valid_and_finite(block, valid)
 
     def _scale(self, plan: MirrorPlan, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        x = plan.take(block).astype(np.float32)
-        x -= self.mean
-        x *= self.inv_std
-        if not valid.all():
-            # One defined fill for every invalid pixel: 0, the normalization mean. Raw nodata
-            # values (e.g. -9999), finite values under a mask, NaN and inf all look alike to
-            # the model, so NaN never reaches it and a NaN pixel's neighbours are predicted
-            # exactly as when the same pixel is nodata by value or by mask.
-            x[:, ~plan.take(valid)] = 0.0
-        return x
+        # one defined fill for every invalid pixel: 0, the normalization mean (raw nodata
+        # values, finite values under a mask, NaN and inf all look alike to the model)
+        return self.normalization.apply(plan.take(block), plan.take(valid))

@@ -56,6 +56,7 @@ from segflow import __version__
 from segflow.atomic import write_json_atomic
 from segflow.config import DEFAULT_CLASSES, ClassDef, format_validation_error
 from segflow.errors import CheckpointError, ConfigError
+from segflow.normalization import Normalization
 from segflow.train import models as _models
 from segflow.train.models import ModelConfig, build_model, size_multiple, tile_independent
 
@@ -88,19 +89,6 @@ log = logging.getLogger(__name__)
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Normalization(_Frozen):
-    """Per-band statistics applied to inputs: ``(x - mean) / std``."""
-
-    mean: tuple[float, ...]
-    std: tuple[Annotated[float, Field(gt=0)], ...]
-
-    @model_validator(mode="after")
-    def _same_length(self) -> Normalization:
-        if len(self.mean) != len(self.std):
-            raise ValueError(f"mean ({len(self.mean)}) and std ({len(self.std)}) need one value per band")
-        return self
 
 
 class CheckpointMeta(_Frozen):
@@ -207,13 +195,13 @@ def build_meta(
         The values do not fit together (one line naming the problem).
     """
     try:
-        return CheckpointMeta(
+        return CheckpointMeta.model_validate(dict(
             model=model, classes=tuple(classes), ignore_index=ignore_index, bands=tuple(bands),
-            normalization=Normalization(mean=tuple(mean), std=tuple(std)), tile=tile,
+            normalization={"mean": tuple(mean), "std": tuple(std)}, tile=tile,
             halo=_models.halo(model) if halo is None else halo,
             size_multiple=size_multiple(model), tile_independent=tile_independent(model),
             training=dict(training or {}), metrics=dict(metrics or {}),
-        )
+        ))
     except ValidationError as err:
         raise CheckpointError(format_validation_error(err, source="checkpoint metadata")) from err
 

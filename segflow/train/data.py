@@ -43,6 +43,7 @@ from segflow.config.train import AugmentConfig, SamplingConfig, SplitConfig
 from segflow.errors import ConfigError, LabelError, StoreError
 from segflow.geometry import Window
 from segflow.io.store import SceneStore
+from segflow.normalization import Normalization
 from segflow.stats import train_mask_for_window
 from segflow.tiling import mirror_plan
 from segflow.train.augment import augment_patch
@@ -314,36 +315,6 @@ def _open(path: str) -> SceneStore:
 
 
 # --------------------------------------------------------------------------- dataset
-@dataclass(frozen=True)
-class Normalization:
-    """Per-band ``(x - mean) / std`` (the model's input normalisation, saved in checkpoints)."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        x = image.astype(np.float32)
-        m = np.asarray(self.mean, np.float32)[:, None, None]
-        s = np.asarray(self.std, np.float32)[:, None, None]
-        return np.asarray((x - m) / np.maximum(s, np.float32(1e-8)), np.float32)
-
-    @classmethod
-    def pooled(cls, parts: Sequence[tuple[int, Sequence[float], Sequence[float]]]) -> Normalization:
-        """Exact mean/std of the union of parts ``(pixels, mean, std)`` (population std)."""
-        n = np.array([p[0] for p in parts], np.float64)
-        means = np.array([p[1] for p in parts], np.float64)
-        stds = np.array([p[2] for p in parts], np.float64)
-        if n.sum() <= 0:
-            n = np.ones_like(n)
-        mean = (n[:, None] * means).sum(0) / n.sum()
-        var = (n[:, None] * (stds**2 + (means - mean) ** 2)).sum(0) / n.sum()
-        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in np.sqrt(var)))
-
-    @classmethod
-    def identity(cls, bands: int) -> Normalization:
-        return cls((0.0,) * bands, (1.0,) * bands)
-
-
 class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     """Augmented, normalised training patches by global index ``g = epoch * epoch_len + k``.
 
@@ -413,7 +384,7 @@ class PatchDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         d = self.raw_patch(epoch, k)
         rng: np.random.Generator = d["rng"]
         # invalid pixels hold 0, the normalization mean, as at inference (infer.engine)
-        image = np.where(d["valid"], self.normalization.apply(d["image"]), np.float32(0))
+        image = self.normalization.apply(d["image"], d["valid"])
         labels = d["labels"].astype(np.int64)
         labels[~d["mask"]] = self.ignore_value
         weights = d.get("weights")
