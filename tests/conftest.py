@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -115,3 +117,24 @@ def write_scene(
         store.write_window(name, whole, data)
         store.record_array(name, source="test")
     return store
+
+
+# ----------------------------------------------------------------------------- kill -9
+def kill_9(pid: int) -> None:
+    """SIGKILL the command ``pid`` mid-run, as a user's ``kill -9`` does, then stop what it
+    started (Prefect's temporary API server): a real kill -9 leaves that running (see
+    docs/troubleshooting.md), a test must not leave it behind."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    os.kill(pid, signal.SIGKILL)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()

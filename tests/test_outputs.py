@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import mounted
+from conftest import kill_9, mounted
 
 from segflow.errors import ConfigError, StoreError, describe_failure
 from segflow.outputs import (
@@ -270,7 +270,7 @@ def test_second_run_on_the_same_out_is_refused_and_a_killed_lock_does_not_block(
         second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert first.poll() is None, "the first run ended before the second was refused"
     finally:
-        first.send_signal(signal.SIGKILL)
+        kill_9(first.pid)
         first.wait()
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(lines) == 1

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import kill_9
 from rasterio.features import rasterize
 
 from segflow.config import ClassDef
@@ -312,7 +311,7 @@ def test_resume_after_kill_9(samples: Path, tmp_path: Path) -> None:
             except Exception:
                 done = set()
             if len(done) >= 10:
-                os.kill(proc.pid, signal.SIGKILL)
+                kill_9(proc.pid)
                 break
         time.sleep(0.05)
     proc.wait()
