@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev,flows]"
 	touch $(STAMP)
 
 demo: install
