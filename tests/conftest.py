@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
+import struct
 import subprocess
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -138,3 +141,56 @@ def kill_9(pid: int) -> None:
     for child in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
+
+
+# ----------------------------------------------------------------------------- files
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path (symlinks not followed): hashed
+    before and after a command, it shows that nothing there was touched."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def tiff_header_bomb(path: Path, *, side: int = 10**6, big: bool = False) -> Path:
+    """A ~1 KB deflate (Big)TIFF of one strip whose header claims ``side`` x ``side`` 8-bit
+    pixels: the header bomb the pixel budget refuses before reading."""
+    data = zlib.compress(bytes(1 << 20), 9)  # 1 MiB of zeros in about a kilobyte
+    # tag, type (3 SHORT, 4 LONG, 16 LONG8), value
+    tags = [
+        (256, 4, side),  # ImageWidth
+        (257, 4, side),  # ImageLength
+        (258, 3, 8),  # BitsPerSample
+        (259, 3, 8),  # Compression: deflate
+        (262, 3, 1),  # Photometric: min-is-black
+        (273, 16 if big else 4, 0),  # StripOffsets (patched below)
+        (277, 3, 1),  # SamplesPerPixel
+        (278, 4, side),  # RowsPerStrip: one strip
+        (279, 16 if big else 4, len(data)),  # StripByteCounts
+        (284, 3, 1),  # PlanarConfiguration
+    ]
+    fmt = {3: "H", 4: "I", 16: "Q"}
+    if big:
+        head = b"II+\x00" + struct.pack("<HHQ", 8, 0, 16)
+        data_off = 16 + 8 + 20 * len(tags) + 8
+        ifd = struct.pack("<Q", len(tags))
+        for tag, typ, value in tags:
+            value = data_off if tag == 273 else value
+            ifd += struct.pack("<HHQ", tag, typ, 1) + struct.pack("<" + fmt[typ], value).ljust(
+                8, b"\0"
+            )
+        ifd += struct.pack("<Q", 0)
+    else:
+        head = b"II*\x00" + struct.pack("<I", 8)
+        data_off = 8 + 2 + 12 * len(tags) + 4
+        ifd = struct.pack("<H", len(tags))
+        for tag, typ, value in tags:
+            value = data_off if tag == 273 else value
+            ifd += struct.pack("<HHI", tag, typ, 1) + struct.pack("<" + fmt[typ], value).ljust(
+                4, b"\0"
+            )
+        ifd += struct.pack("<I", 0)
+    path.write_bytes(head + ifd + data)
+    return path

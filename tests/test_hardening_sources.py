@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import tiff_header_bomb
 from rasterio.transform import from_origin
 from rasterio.windows import Window as RWindow
 
@@ -218,47 +219,6 @@ def test_engine_never_feeds_non_finite_values(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ pixel budget
-def _tiff_bomb(path: Path, *, big: bool = False) -> Path:
-    """A deflate TIFF with one strip whose header claims ``BOMB_SIDE`` squared 8-bit pixels."""
-    data = zlib.compress(bytes(1 << 20), 9)  # 1 MiB of zeros in about a kilobyte
-    # tag, type (3 SHORT, 4 LONG, 16 LONG8), value
-    tags = [
-        (256, 4, BOMB_SIDE),  # ImageWidth
-        (257, 4, BOMB_SIDE),  # ImageLength
-        (258, 3, 8),  # BitsPerSample
-        (259, 3, 8),  # Compression: deflate
-        (262, 3, 1),  # Photometric: min-is-black
-        (273, 16 if big else 4, 0),  # StripOffsets (patched below)
-        (277, 3, 1),  # SamplesPerPixel
-        (278, 4, BOMB_SIDE),  # RowsPerStrip: one strip
-        (279, 16 if big else 4, len(data)),  # StripByteCounts
-        (284, 3, 1),  # PlanarConfiguration
-    ]
-    fmt = {3: "H", 4: "I", 16: "Q"}
-    if big:
-        head = b"II+\x00" + struct.pack("<HHQ", 8, 0, 16)
-        data_off = 16 + 8 + 20 * len(tags) + 8
-        ifd = struct.pack("<Q", len(tags))
-        for tag, typ, value in tags:
-            value = data_off if tag == 273 else value
-            ifd += struct.pack("<HHQ", tag, typ, 1) + struct.pack("<" + fmt[typ], value).ljust(
-                8, b"\0"
-            )
-        ifd += struct.pack("<Q", 0)
-    else:
-        head = b"II*\x00" + struct.pack("<I", 8)
-        data_off = 8 + 2 + 12 * len(tags) + 4
-        ifd = struct.pack("<H", len(tags))
-        for tag, typ, value in tags:
-            value = data_off if tag == 273 else value
-            ifd += struct.pack("<HHI", tag, typ, 1) + struct.pack("<" + fmt[typ], value).ljust(
-                4, b"\0"
-            )
-        ifd += struct.pack("<I", 0)
-    path.write_bytes(head + ifd + data)
-    return path
-
-
 def _vrt_bomb(path: Path) -> Path:
     path.write_text(
         f'<VRTDataset rasterXSize="{BOMB_SIDE}" rasterYSize="{BOMB_SIDE}">\n'
@@ -282,8 +242,8 @@ def _png_bomb(path: Path) -> Path:
 
 
 BOMBS: dict[str, Callable[[Path], Path]] = {
-    "tiff": lambda d: _tiff_bomb(d / "bomb.tif"),
-    "bigtiff": lambda d: _tiff_bomb(d / "bomb_big.tif", big=True),
+    "tiff": lambda d: tiff_header_bomb(d / "bomb.tif", side=BOMB_SIDE),
+    "bigtiff": lambda d: tiff_header_bomb(d / "bomb_big.tif", side=BOMB_SIDE, big=True),
     "vrt": lambda d: _vrt_bomb(d / "bomb.vrt"),
     "png": lambda d: _png_bomb(d / "bomb.png"),
 }
@@ -332,7 +292,7 @@ def test_budget_keyword_and_environment(
     assert max_pixels() == n - 1
     with pytest.raises(SourceError, match=f"set {ENV_MAX_PIXELS}={n} "):
         open_source(tif)
-    bomb = _tiff_bomb(tmp_path / "bomb.tif")
+    bomb = tiff_header_bomb(tmp_path / "bomb.tif", side=BOMB_SIDE)
     monkeypatch.setenv(ENV_MAX_PIXELS, "1e12")  # the user vouches for it: the header passes
     with open_source(bomb) as src:
         assert (src.info.height, src.info.width) == (BOMB_SIDE, BOMB_SIDE)
@@ -343,7 +303,7 @@ def test_budget_keyword_and_environment(
 
 def test_ingest_cli_refuses_header_bomb_at_once(tmp_path: Path) -> None:
     """exit 2, one ``error:`` line, small peak memory, nothing at --out (flows/ingest.py)."""
-    bomb = _tiff_bomb(tmp_path / "bomb.tif")
+    bomb = tiff_header_bomb(tmp_path / "bomb.tif", side=BOMB_SIDE)
     out = tmp_path / "x.zarr"
     # a wrapper process, so RUSAGE_CHILDREN sees the command alone
     wrapper = (

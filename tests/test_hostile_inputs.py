@@ -14,11 +14,9 @@ process writes through permission bits, so only a read-only mount really refuses
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import mount, unmount
+from conftest import mount, tiff_header_bomb, tree_digest, unmount
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -40,37 +38,6 @@ INGEST, PREPARE, TRAIN, SEGMENT, PIPELINE = (
     str(ROOT / "flows" / f"{n}.py")
     for n in ("ingest", "prepare", "train", "segment_region", "pipeline")
 )
-
-
-def _digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (symlinks not followed)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.is_symlink():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def header_bomb(path: Path, side: int = 1_000_000) -> None:
-    """A ~10 KB little-endian TIFF whose header claims ``side`` x ``side`` uint8 pixels."""
-    data = bytes(10_000)
-    entries = [  # (tag, type, count, value): SHORT 3, LONG 4
-        (256, 4, 1, side),  # ImageWidth
-        (257, 4, 1, side),  # ImageLength
-        (258, 3, 1, 8),  # BitsPerSample
-        (259, 3, 1, 1),  # Compression: none
-        (262, 3, 1, 1),  # Photometric: min-is-black
-        (273, 4, 1, 8),  # StripOffsets: the data right after the header
-        (277, 3, 1, 1),  # SamplesPerPixel
-        (278, 4, 1, side),  # RowsPerStrip: one strip
-        (279, 4, 1, len(data)),  # StripByteCounts (far fewer than claimed)
-    ]
-    ifd = struct.pack("<H", len(entries))
-    for tag, typ, count, value in entries:
-        packed = struct.pack("<HI", value, 0)[:4] if typ == 3 else struct.pack("<I", value)
-        ifd += struct.pack("<HHI", tag, typ, count) + packed
-    ifd += struct.pack("<I", 0)
-    path.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(data)) + data + ifd)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +58,7 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (a / "fake.tif").write_text("not a tiff at all\n")
     raw = CHIP.read_bytes()
     (a / "truncated.tif").write_bytes(raw[: len(raw) // 3])
-    header_bomb(a / "bomb.tif")
+    tiff_header_bomb(a / "bomb.tif")
     (a / "a_dir").mkdir()
     (a / "a_dir" / "keep.txt").write_text("keep\n")
     torch.manual_seed(0)
@@ -563,7 +530,7 @@ def cases(a: Path) -> list[dict[str, Any]]:
 def test_hostile_command_lines(arena: Path, tmp_path: Path) -> None:
     table = cases(arena)
     assert len(table) >= 40
-    before, samples_before = _digest(arena), _digest(SAMPLES)
+    before, samples_before = tree_digest(arena), tree_digest(SAMPLES)
     (tmp_path / "cases.json").write_text(json.dumps(table))
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), SEGFLOW_DEBUG="")
     subprocess.run(
@@ -595,9 +562,9 @@ def test_hostile_command_lines(arena: Path, tmp_path: Path) -> None:
                 f"{case['id']}: exit {r['status']}, outputs left {present}, stderr:\n{r['stderr'][-2000:]}"
             )
     assert not failures, "\n\n".join(failures)
-    after = _digest(arena)
+    after = tree_digest(arena)
     changed = [k for k, v in before.items() if after.get(k) != v]
     assert not changed, f"pre-existing files changed or removed: {changed}"
     new = [k for k in after if k not in before and ".partial" not in k]
     assert not new, f"files appeared: {new}"
-    assert _digest(SAMPLES) == samples_before
+    assert tree_digest(SAMPLES) == samples_before

@@ -8,7 +8,6 @@ the next run, and a read-only input scene store is segmented without being writt
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import kill_9, mounted
+from conftest import kill_9, mounted, tree_digest
 
 from segflow.errors import ConfigError, StoreError, describe_failure
 from segflow.outputs import (
@@ -285,14 +284,6 @@ def test_second_run_on_the_same_out_is_refused_and_a_killed_lock_does_not_block(
     assert again.returncode == 0, again.stderr
 
 
-def _digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 def test_read_only_scene_store_is_segmented_without_being_written(
     tmp_path: Path, samples: Path
 ) -> None:
@@ -306,7 +297,7 @@ def test_read_only_scene_store_is_segmented_without_being_written(
     src = tmp_path / "src.zarr"
     ingest(IngestSpec(source=str(CHIP), out=str(src)))
     with mounted(tmp_path / "ro.zarr", bind=src, read_only=True) as ro:
-        before = _digest(src)
+        before = tree_digest(src)
         torch.manual_seed(0)
         ck = _checkpoint(tmp_path / "ck", build_model(CFG).eval(), mean=400.0, std=300.0)
         from_store = segment_region(
@@ -321,7 +312,7 @@ def test_read_only_scene_store_is_segmented_without_being_written(
                     image=str(ro), model=str(ck), out=str(tmp_path / "c.tif"), into_store=True
                 )
             )
-    assert _digest(src) == before
+    assert tree_digest(src) == before
     assert from_store.class_pixels == from_tiff.class_pixels
     with rasterio.open(tmp_path / "a.tif") as a, rasterio.open(tmp_path / "b.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
