@@ -91,8 +91,9 @@ def _check_directory(name: str, path: Path) -> None:
             "create it or choose another path"
         )
     # os.access says yes to root on a read-only mount: create (and remove) a probe instead
+    probe = parent / f".segflow-probe-{os.getpid()}"
     try:
-        fd = os.open(parent / f".segflow-probe-{os.getpid()}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
     except OSError as err:
@@ -102,7 +103,7 @@ def _check_directory(name: str, path: Path) -> None:
             "choose a writable directory or fix its permissions"
         ) from err
     os.close(fd)
-    os.unlink(parent / f".segflow-probe-{os.getpid()}")
+    os.unlink(probe)
 
 
 def _check_existing(

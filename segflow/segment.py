@@ -171,7 +171,7 @@ class _Input:
 
 def _open_input(path: str, level: int) -> _Input:
     p = Path(path)
-    if (p / "zarr.json").is_file():
+    if _is_scene_store(path):
         store = SceneStore.open(p)
         return _Input(
             StoreReader(store),
@@ -244,8 +244,9 @@ def plan_request(req: SegmentRequest) -> dict[str, Path]:
     )
 
 
-def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
-    """Validate everything before any output is written; returns what the run needs.
+def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, InferenceOptions]:
+    """Validate everything before any output is written; returns what the run needs: the
+    input, the region, the model and its metadata, and the engine's options.
 
     Also refuses at once (:class:`~segflow.outputs.LockedError`) while another run is
     writing the same ``out``.
@@ -255,7 +256,7 @@ def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
     return _check_inputs(req)
 
 
-def _check_inputs(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
+def _check_inputs(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, InferenceOptions]:
     if not Path(req.model).exists():
         raise CheckpointError(
             f"checkpoint not found: {req.model!r}: pass the directory flows/train.py wrote"
@@ -285,7 +286,7 @@ def _check_inputs(req: SegmentRequest) -> tuple[_Input, Window, Any, Any]:
     options = _inference_options(req, meta, region)  # its checks, before anything is written
     resolve_device(options)  # an unknown or absent device fails now, not after the set-up
     check_memory(options, bands=want, classes=len(meta.classes), region=region)
-    return inp, region, model, meta
+    return inp, region, model, meta, options
 
 
 # live float32 values per input pixel and tile of the batch: input, softmax, and a U-Net's
@@ -468,8 +469,7 @@ def segment_region(
     t0 = time.perf_counter()
     plan = plan_request(req)
     with output_lock(plan["out"]):
-        inp, region, model, meta = _check_inputs(req)
-        options = _inference_options(req, meta, region)
+        inp, region, model, meta, options = _check_inputs(req)
         report, store, view_region = _infer(req, inp, region, model, meta, options, progress)
         labels = _RegionView(store.array(LABELS), view_region)
         georef = (

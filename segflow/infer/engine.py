@@ -74,7 +74,6 @@ Examples
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -105,6 +104,7 @@ from segflow.infer.store import (
     prediction_unit,
 )
 from segflow.io.store import SceneStore
+from segflow.normalization import Normalization
 from segflow.tiling import (
     Step,
     TileLayout,
@@ -156,7 +156,8 @@ def build_layout(
 
 def _check_inputs(
     reader: WindowReader, region: Window, mean: Sequence[float], std: Sequence[float]
-) -> None:
+) -> Normalization:
+    """Refuse an empty or outside region and statistics that do not fit; the normalization."""
     if region.size == 0:
         raise RegionError(f"region {region} is empty: give a height and width > 0")
     image = Window(0, 0, reader.height, reader.width)
@@ -170,8 +171,12 @@ def _check_inputs(
             f"normalization has {len(mean)} means and {len(std)} stds but the image has "
             f"{reader.bands} bands: use the model's statistics for the same bands"
         )
-    if not all(math.isfinite(s) and s > 0 for s in std) or not all(math.isfinite(m) for m in mean):
-        raise ConfigError(f"normalization std must be finite and > 0, got mean={mean} std={std}")
+    try:
+        return Normalization(tuple(mean), tuple(std))
+    except ValueError as err:  # its rule: finite values, std > 0
+        raise ConfigError(
+            f"normalization std must be finite and > 0, got mean={mean} std={std}"
+        ) from err
 
 
 def _peak_rss() -> int | None:
@@ -276,7 +281,7 @@ def predict_region(  # noqa: C901, PLR0915 (house: to split)
     InferenceReport
     """
     t_start = time.perf_counter()
-    _check_inputs(reader, region, mean, std)
+    normalization = _check_inputs(reader, region, mean, std)
     device, amp_dtype, amp_name = resolve_device(options)
     if isinstance(out, SceneStore):
         store = out
@@ -324,7 +329,7 @@ def predict_region(  # noqa: C901, PLR0915 (house: to split)
     model.to(device)
     # class ids straight from the logits when nothing needs probabilities
     forward = _Forward(model, device, amp_dtype, _flips(options), labels_only=options.labels_only)
-    normalize = _Normalizer(reader, mean, std)
+    normalize = _Normalizer(reader, normalization)
     writer = _UnitWriter(store, options, marker, standalone)
     counts = {"tiles": 0, "pixels": 0, "units": 0, "empty": 0}
     total = len(units)
@@ -422,14 +427,14 @@ def predict_array(
     ``(classes, region.height, region.width)``, so memory grows with the region: use
     :func:`predict_region` for large ones.
     """
-    _check_inputs(reader, region, mean, std)
+    normalization = _check_inputs(reader, region, mean, std)
     device, amp_dtype, _ = resolve_device(options)
     origin = (region.row_off, region.col_off)
     layout = build_layout(options, reader.height, reader.width, origin)
     model.eval()
     model.to(device)
     forward = _Forward(model, device, amp_dtype, _flips(options))
-    normalize = _Normalizer(reader, mean, std, skip_empty=False)
+    normalize = _Normalizer(reader, normalization, skip_empty=False)
     grid = BlockGrid(region.height, region.width, options.tile)
     num_classes = _probe_classes(layout, region, normalize, forward)
     out = np.zeros((num_classes, region.height, region.width), np.float32)

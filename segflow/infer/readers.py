@@ -7,7 +7,6 @@ into the model's input.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -119,13 +118,12 @@ class _Normalizer:
     def __init__(
         self,
         reader: WindowReader,
-        mean: Sequence[float],
-        std: Sequence[float],
+        normalization: Normalization,
         *,
         skip_empty: bool = True,
     ) -> None:
         self.reader = reader
-        self.normalization = Normalization(tuple(mean), tuple(std))
+        self.normalization = normalization
         self.skip_empty = skip_empty
 
     def __call__(self, tile: Tile) -> tuple[np.ndarray | None, np.ndarray]:
