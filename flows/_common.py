@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from segflow.errors import describe_failure  # noqa: E402
+from segflow.errors import describe_failure, options_named  # noqa: E402
 from segflow.runtime import tune_malloc  # noqa: E402
 
 # every flow process (command line, Prefect worker, Dask worker importing a flow) keeps large
@@ -65,12 +65,17 @@ def _quiet_logging() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def run_cli(main: Callable[[], Any]) -> None:
-    """Run ``main``; every failure becomes one ``error:`` line (exit 2) unless ``--debug``."""
+def run_cli(main: Callable[[], Any], *, flags: Mapping[str, str] | None = None) -> None:
+    """Run ``main``; every failure becomes one ``error:`` line (exit 2) unless ``--debug``.
+
+    Library messages name options as this command's flags (``flags``: option -> flag where
+    it is not ``--option-name``).
+    """
     _quiet_logging()
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        main()
+        with options_named("cli", flags=flags):
+            main()
     except Terminated:
         print("terminated: re-run the same command to resume", file=sys.stderr)
         sys.exit(143)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import inspect
 import json
 import re
 import sys
@@ -40,6 +39,8 @@ import annotated_types as at
 from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
+from segflow.config.docs import doc_parts as _doc_parts
+from segflow.config.docs import field_docs as _param_docs
 from segflow.errors import ConfigError
 
 __all__ = [
@@ -218,41 +219,6 @@ def _allowed(tp: Any, meta: Sequence[Any] = ()) -> list[str]:
 
 
 # ------------------------------------------------------------------------ docstrings
-_SECTION_RULE = re.compile(r"^-{3,}\s*$")
-
-
-def _doc_parts(obj: Any) -> tuple[str, dict[str, str]]:
-    """(prose before the first numpydoc section, {section title: body}) of ``obj.__doc__``."""
-    doc = inspect.cleandoc(obj.__doc__ or "")
-    lines = doc.splitlines()
-    starts = [i - 1 for i in range(1, len(lines)) if _SECTION_RULE.match(lines[i])
-              and lines[i - 1].strip()]
-    intro = "\n".join(lines[: starts[0]] if starts else lines).strip()
-    parts: dict[str, str] = {}
-    for n, s in enumerate(starts):
-        stop = starts[n + 1] if n + 1 < len(starts) else len(lines)
-        parts[lines[s].strip()] = "\n".join(lines[s + 2 : stop]).strip("\n")
-    return intro, parts
-
-
-def _param_docs(model: type[BaseModel]) -> dict[str, str]:
-    """Field name -> text from the numpydoc ``Parameters``/``Attributes`` sections."""
-    _, parts = _doc_parts(model)
-    out: dict[str, str] = {}
-    for title in ("Parameters", "Attributes"):
-        entries: list[tuple[list[str], list[str]]] = []  # (names, description lines)
-        for line in parts.get(title, "").splitlines():
-            if line and not line[0].isspace():  # "name", "a, b" or "name : type"
-                entries.append(([n.strip() for n in line.split(":")[0].split(",")], []))
-            elif entries:
-                entries[-1][1].append(line.strip())
-        for names, body in entries:
-            for nm in names:
-                if nm:
-                    out.setdefault(nm, " ".join(" ".join(body).split()))
-    return out
-
-
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
 
 

@@ -16,7 +16,11 @@ chunk must be > 0, got 0: pass --chunk 512
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Literal
 
 __all__ = [
     "CheckpointError",
@@ -27,6 +31,8 @@ __all__ = [
     "SourceError",
     "StoreError",
     "describe_failure",
+    "option",
+    "options_named",
 ]
 
 
@@ -56,6 +62,61 @@ class RegionError(SegflowError, ValueError):
 
 class CheckpointError(SegflowError, ValueError):
     """A model checkpoint is missing, unsafe or inconsistent."""
+
+
+@dataclass(frozen=True)
+class _Naming:
+    """How messages name options: as command-line flags or as keys of a YAML section."""
+
+    style: Literal["cli", "yaml"] = "cli"
+    prefix: str = ""  # YAML: the section, e.g. "segment."
+    flags: Mapping[str, str] = field(default_factory=dict)  # CLI: field -> flag, if not --name
+
+
+_NAMING: ContextVar[_Naming | None] = ContextVar("segflow_option_naming", default=None)
+_UNSET = object()
+
+
+def option(name: str, value: object = _UNSET, *, flag: str | None = None) -> str:
+    """An option, or an option set to ``value``, as the user gives it: ``--tile`` and
+    ``--tile 512`` on a command line (the default), ``segment.tile`` and ``segment.tile: 512``
+    in a pipeline YAML (inside :func:`options_named`).
+
+    Library messages name options through this, so one check serves every surface. ``flag``
+    is the command line's flag where it is not ``--name`` (the command's own mapping, given
+    to :func:`options_named`, wins).
+
+    Examples
+    --------
+    >>> option("batch_size", 8)
+    '--batch-size 8'
+    >>> with options_named("yaml", prefix="segment."):
+    ...     option("batch_size", 8)
+    'segment.batch_size: 8'
+    >>> option("window", (0, 0, 256, 256))
+    '--window 0 0 256 256'
+    """
+    naming = _NAMING.get() or _Naming()
+    items = [str(v) for v in value] if isinstance(value, tuple | list) else None
+    if naming.style == "yaml":
+        key = naming.prefix + name
+        text = f"[{', '.join(items)}]" if items is not None else str(value)
+        return key if value is _UNSET else f"{key}: {text}"
+    shown = naming.flags.get(name) or flag or "--" + name.replace("_", "-")
+    text = " ".join(items) if items is not None else str(value)
+    return shown if value is _UNSET else f"{shown} {text}"
+
+
+@contextmanager
+def options_named(
+    style: Literal["cli", "yaml"], *, prefix: str = "", flags: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Within the block, :func:`option` names options in ``style``."""
+    token = _NAMING.set(_Naming(style, prefix, dict(flags or {})))
+    try:
+        yield
+    finally:
+        _NAMING.reset(token)
 
 
 # what to do about an operating-system error, by errno

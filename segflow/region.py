@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from segflow.errors import RegionError
+from segflow.errors import RegionError, option
 from segflow.geometry import Window
 from segflow.georef import GeoRef, SlideInfo
 
@@ -37,8 +37,8 @@ def window_from_pixels(col_row_width_height: Sequence[int], *, height: int, widt
     """A ``COL ROW WIDTH HEIGHT`` pixel window, clipped to the image."""
     col, row, w, h = (int(v) for v in col_row_width_height)
     if w <= 0 or h <= 0:
-        raise RegionError(f"--window width and height must be > 0, got {w} x {h}")
-    return _clip(Window(row, col, h, w), height, width, asked=f"--window {col} {row} {w} {h}")
+        raise RegionError(f"{option('window')} width and height must be > 0, got {w} x {h}")
+    return _clip(Window(row, col, h, w), height, width, asked=option("window", (col, row, w, h)))
 
 
 def window_from_bbox(
@@ -61,14 +61,14 @@ def window_from_bbox(
 
     minx, miny, maxx, maxy = (float(v) for v in bbox)
     if not (maxx > minx and maxy > miny):
-        raise RegionError(f"--bbox must have MAXX > MINX and MAXY > MINY, got {list(bbox)}")
+        raise RegionError(f"{option('bbox')} must have MAXX > MINX and MAXY > MINY, got {list(bbox)}")
     image_crs = CRS.from_wkt(georef.crs_wkt)
     if bbox_crs is not None:
         try:
             crs = CRS.from_user_input(bbox_crs)
         except CRSError:
             raise RegionError(
-                f"unknown --bbox-crs {bbox_crs!r}: give an EPSG code (EPSG:4326), a PROJ string or WKT"
+                f"unknown {option('bbox_crs')} {bbox_crs!r}: give an EPSG code (EPSG:4326), a PROJ string or WKT"
             ) from None
         if crs != image_crs:
             minx, miny, maxx, maxy = transform_bounds(
@@ -84,7 +84,7 @@ def window_from_bbox(
         Window.from_bounds(r0, c0, r1, c1),
         height,
         width,
-        asked=f"--bbox {minx:g} {miny:g} {maxx:g} {maxy:g} (image CRS)",
+        asked=option("bbox", tuple(f"{v:g}" for v in (minx, miny, maxx, maxy))) + " (image CRS)",
     )
 
 
@@ -94,18 +94,18 @@ def window_from_microns(
     """A slide region ``MINX MINY MAXX MAXY`` in microns from the slide's top-left corner."""
     if not slide.mpp_x or not slide.mpp_y:
         raise RegionError(
-            "the slide has no microns-per-pixel: give the region in pixels with --window instead"
+            f"the slide has no microns-per-pixel: give the region in pixels with {option('window')} instead"
         )
     x0, y0, x1, y1 = (float(v) for v in bbox_um)
     c0, c1 = math.floor(x0 / slide.mpp_x), math.ceil(x1 / slide.mpp_x)
     r0, r1 = math.floor(y0 / slide.mpp_y), math.ceil(y1 / slide.mpp_y)
     if c1 <= c0 or r1 <= r0:
-        raise RegionError(f"--bbox must have MAXX > MINX and MAXY > MINY, got {list(bbox_um)}")
+        raise RegionError(f"{option('bbox')} must have MAXX > MINX and MAXY > MINY, got {list(bbox_um)}")
     return _clip(
         Window.from_bounds(r0, c0, r1, c1),
         height,
         width,
-        asked=f"--bbox {x0:g} {y0:g} {x1:g} {y1:g} um",
+        asked=option("bbox", tuple(f"{v:g}" for v in (x0, y0, x1, y1))) + " um",
     )
 
 
@@ -125,7 +125,7 @@ def resolve_region(
     for a slide in microns (``bbox_crs`` must be unset or ``"um"``); for a plain image in pixels.
     """
     if bbox is not None and window is not None:
-        raise RegionError("give either --bbox or --window, not both")
+        raise RegionError(f"give either {option('bbox')} or {option('window')}, not both")
     if window is not None:
         return window_from_pixels(window, height=height, width=width)
     if bbox is None:
@@ -134,7 +134,7 @@ def resolve_region(
         return window_from_bbox(bbox, georef=georef, height=height, width=width, bbox_crs=bbox_crs)
     if bbox_crs not in (None, "um", "px"):
         raise RegionError(
-            f"--bbox-crs {bbox_crs!r} given, but the image has no map georeference: "
+            f"{option('bbox_crs')} {bbox_crs!r} given, but the image has no map georeference: "
             "use microns (um) or pixels (px) for slides and plain images"
         )
     if slide is not None and bbox_crs != "px":

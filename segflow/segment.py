@@ -15,6 +15,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,8 @@ import numpy as np
 
 from segflow.budget import ENV_MEMORY_BUDGET, format_bytes, memory_budget
 from segflow.config import ClassDef
-from segflow.errors import CheckpointError, ConfigError, SegflowError
+from segflow.config.segment import FLAGS, SegmentRequest
+from segflow.errors import CheckpointError, ConfigError, SegflowError, option
 from segflow.geometry import Window
 from segflow.infer.engine import (
     InferenceOptions,
@@ -59,60 +61,6 @@ log = logging.getLogger(__name__)
 
 LABELS = "prediction/labels"
 PROBABILITIES = "prediction/probabilities"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SegmentRequest:
-    """One segment_region job: image, model, region, options and outputs."""
-
-    image: str
-    model: str
-    out: str
-    bbox: tuple[float, float, float, float] | None = None
-    bbox_crs: str | None = None
-    window: tuple[int, int, int, int] | None = None
-    level: int = 0
-    tile: int = 512
-    mode: Literal["crop", "gaussian"] = "crop"
-    overlap: float = 0.5
-    batch_size: int = 8
-    tta_flips: bool = False
-    # with tta_flips, the flips to average over; None: those the model was trained with
-    tta_set: Literal["flips", "horizontal", "rot180"] | None = None
-    device: str | None = None
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    polygons: str | None = None
-    parquet: str | None = None
-    probabilities: str | None = None
-    quicklook: str | None = None
-    ome_tiff: str | None = None
-    qupath_geojson: str | None = None
-    work: str | None = None
-    min_area: float = 0.0
-    # write the predictions into a scene store given as ``image`` (else into ``work_store``)
-    into_store: bool = False
-    # replace existing files at output paths that this command did not write
-    overwrite: bool = False
-
-    @property
-    def work_store(self) -> Path:
-        """Where the prediction store lives (``OUT.predictions.zarr`` unless ``work``)."""
-        if self.work:
-            return Path(self.work)
-        out = Path(self.out)
-        return out.with_name(out.stem + ".predictions.zarr")
-
-    def outputs(self) -> dict[str, str | None]:
-        """Every file output by option name (``None``: not asked for)."""
-        return {
-            "out": self.out,
-            "probabilities": self.probabilities,
-            "polygons": self.polygons,
-            "parquet": self.parquet,
-            "quicklook": self.quicklook,
-            "ome_tiff": self.ome_tiff,
-            "qupath": self.qupath_geojson,
-        }
 
 
 @dataclass(frozen=True)
@@ -189,6 +137,17 @@ def _open_input(path: str, level: int) -> _Input:
 
 
 def _load_model(path: str) -> tuple[Any, Any]:
+    """The checkpoint's model and metadata, loaded once per process while its files are
+    unchanged: the command line checks a request before Prefect starts and the flow runs it,
+    and a worker serves many requests with one model."""
+    root = Path(path)
+    files = [root] if root.is_file() else [root / "checkpoint.json", root / "model.safetensors"]
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files)
+    return _load_model_cached(str(root.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model_cached(path: str, stamp: tuple[object, ...]) -> tuple[Any, Any]:
     from segflow.train.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
@@ -225,7 +184,7 @@ def plan_request(req: SegmentRequest) -> dict[str, Path]:
     if req.into_store and not _is_scene_store(req.image):
         raise ConfigError(
             f"into_store needs a scene store as the image, got {req.image!r}: "
-            "drop --into-store, or pass a store written by flows/ingest.py"
+            f"drop {option('into_store')}, or pass a store written by flows/ingest.py"
         )
     if req.into_store:
         check_output_directory("into_store", req.image)  # a read-only store fails now
@@ -233,7 +192,7 @@ def plan_request(req: SegmentRequest) -> dict[str, Path]:
     if work is not None and work.exists() and not _is_scene_store(str(work)):
         raise ConfigError(
             f"work: {str(work)!r} exists and is not a segflow prediction store: "
-            "remove it, or choose another --work or --out"
+            f"remove it, or choose another {option('work')} or {option('out')}"
         )
     return plan_outputs(
         {**req.outputs(), "work": None if work is None else str(work)},
@@ -279,9 +238,10 @@ def _check_inputs(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, Infere
             f"{len(inp.bands)} {list(inp.bands)}: use an image with the bands the model was trained on"
         )
     if req.tile % int(meta.size_multiple):
+        fit = req.tile - req.tile % meta.size_multiple or meta.size_multiple
         raise ConfigError(
-            f"--tile {req.tile} is not a multiple of {meta.size_multiple}, the input size the "
-            f"model's down-sampling needs: use --tile {req.tile - req.tile % meta.size_multiple or meta.size_multiple}"
+            f"{option('tile', req.tile)} is not a multiple of {meta.size_multiple}, the input "
+            f"size the model's down-sampling needs: use {option('tile', fit)}"
         )
     options = _inference_options(req, meta, region)  # its checks, before anything is written
     resolve_device(options)  # an unknown or absent device fails now, not after the set-up
@@ -377,10 +337,12 @@ def tta_set_for(meta: CheckpointMeta) -> Literal["flips", "horizontal", "rot180"
         return "horizontal"
     if rot90:
         return "rot180"
+    tta = option("tta_flips", flag=FLAGS["tta_flips"])
+    named = option("tta_set", "horizontal", flag=FLAGS["tta_set"])
     raise ConfigError(
-        "--tta: this checkpoint was trained without flips or quarter turns (augment.flips and "
-        "augment.rot90 false), so flipped inputs are new to it: run without --tta, or name the "
-        "flips your images and labels allow (--tta horizontal, rot180 or flips)"
+        f"{tta}: this checkpoint was trained without flips or quarter turns (augment.flips and "
+        f"augment.rot90 false), so flipped inputs are new to it: run without {tta}, or name the "
+        f"flips your images and labels allow ({named}, rot180 or flips)"
     )
 
 

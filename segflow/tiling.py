@@ -58,7 +58,7 @@ from typing import Literal
 
 import numpy as np
 
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, option
 from segflow.geometry import BlockGrid, BlockIndex, Window
 
 __all__ = [
@@ -309,7 +309,7 @@ def crop_layout(
     """
     _check_image(height, width)
     if tile <= 0:
-        raise ConfigError(f"tile must be > 0, got {tile}: use e.g. --tile 512")
+        raise ConfigError(f"tile must be > 0, got {tile}: use e.g. {option('tile', 512)}")
     if halo < 0:
         raise ConfigError(f"halo must be >= 0, got {halo}")
     if size_multiple <= 0:

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, option
 
 __all__ = [
     "BACKGROUND_CLASS",
@@ -78,12 +78,12 @@ def validate_border_params(w0: float, sigma: float, eps: float) -> None:
     """Raise :class:`ConfigError` unless ``w0 >= 0``, ``sigma > 0`` and ``0 < eps < 1``."""
     if not (isinstance(w0, int | float) and math.isfinite(w0) and w0 >= 0):
         raise ConfigError(
-            f"w0 must be a number >= 0, got {w0!r}: use e.g. --w0 10 (0 = no border term)"
+            f"w0 must be a number >= 0, got {w0!r}: use e.g. {option('w0', 10)} (0 = no border term)"
         )
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
-        raise ConfigError(f"sigma must be a number > 0 (pixels), got {sigma!r}: use e.g. --sigma 5")
+        raise ConfigError(f"sigma must be a number > 0 (pixels), got {sigma!r}: use e.g. {option('sigma', 5)}")
     if not (isinstance(eps, int | float) and 0 < eps < 1):
-        raise ConfigError(f"eps must be in (0, 1), got {eps!r}: use e.g. --eps 1e-3")
+        raise ConfigError(f"eps must be in (0, 1), got {eps!r}: use e.g. {option('eps', 1e-3)}")
 
 
 def border_radius(w0: float, sigma: float, eps: float = 1e-3) -> float:

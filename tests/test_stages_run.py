@@ -151,6 +151,23 @@ def test_a_fresh_segment_run_cleans_up_what_it_must(
     assert seen["store kept"] is same_region
 
 
+def test_a_segment_stage_error_names_the_yaml_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A region outside the image, asked for in the pipeline YAML, is named as written there."""
+    import segflow.segment
+    from segflow.errors import RegionError
+    from segflow.region import resolve_region
+
+    def fake(req: Any) -> None:
+        resolve_region(height=512, width=512, window=req.window)
+
+    monkeypatch.setattr(segflow.segment, "segment_region", fake)
+    cfg = pipeline(tmp_path, window=[600, 0, 10, 10])
+    with pytest.raises(RegionError, match=r"region segment\.window: \[600, 0, 10, 10\] lies"):
+        run_segment(run_of(StagePlan.FRESH, work=str(cfg.work_path)), cfg, "m", device=None)
+
+
 # --------------------------------------------------------------------------- flows/train.py
 def test_training_config_takes_the_pipeline_classes_and_the_overrides(tmp_path: Path) -> None:
     classes = [{"id": 0, "name": "membrane"}, {"id": 1, "name": "cell"}]

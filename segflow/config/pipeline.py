@@ -25,6 +25,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from segflow.config.base import DEFAULT_CLASSES, ClassDef, SchemaModel, format_validation_error
+from segflow.config.segment import SegmentOptions
 from segflow.config.train import TrainConfig
 from segflow.errors import ConfigError
 
@@ -186,13 +187,13 @@ class PrepareConfig(SchemaModel):
     train_region: TrainRegion | None = None
 
 
-class SegmentConfig(SchemaModel):
+class SegmentConfig(SegmentOptions):
     """segment_region inside a pipeline: which image and region, how, and which outputs.
 
     ``image`` defaults to the ingest source and the model to the pipeline's trained
     checkpoint; outputs go to the pipeline's ``work_dir``: ``prediction.tif`` (a class-id
-    Cloud-Optimized GeoTIFF) always, the others as switched on below. Only
-    ``flows/pipeline.py`` reads this section (``flows/segment_region.py`` takes options).
+    Cloud-Optimized GeoTIFF) always, the others as switched on below. The region and
+    inference options are segment_region's own (:class:`~segflow.config.segment.SegmentOptions`).
 
     Attributes
     ----------
@@ -206,40 +207,6 @@ class SegmentConfig(SchemaModel):
     model
         Checkpoint directory (as training writes, e.g. ``outputs/x/train/best``). Null:
         ``{work_dir}/train/best``, which needs a ``train`` section.
-    bbox
-        Region ``[minx, miny, maxx, maxy]``: map units of ``bbox_crs`` for georeferenced
-        images, microns from the top-left corner for slides, pixels (x = column) otherwise;
-        every pixel it touches is included. Null (with ``window`` null): the whole image.
-    bbox_crs
-        CRS of ``bbox`` (``EPSG:4326``, a PROJ string or WKT) for georeferenced images,
-        default the image's; ``um`` or ``px`` for slides and plain images.
-    window
-        Region as a pixel window ``[col, row, width, height]`` (note: not the
-        ``train_region.bbox`` order), clipped to the image; exclusive with ``bbox``.
-    tile
-        Output tile side (pixels): each model input is ``tile + 2 * halo`` (the
-        checkpoint's halo) rounded up to the model's size multiple. A multiple of that size
-        multiple, and at least ``2 * halo`` for ``crop``; larger is faster, needs more memory.
-    mode
-        ``crop``: each output pixel from exactly one tile core with real context (equals
-        whole-image inference for ``norm`` ``batch``/``none`` models); ``gaussian``:
-        overlapping windows blended by a Gaussian importance map (for instance/group norm).
-    overlap
-        ``gaussian`` only (ignored by ``crop``): overlap fraction of neighbouring windows,
-        stride ``int(window * (1 - overlap))``; more overlap smooths seams, costs tiles.
-    batch_size
-        Tiles per forward pass; raise it to fill a GPU, lower it when memory runs out.
-    tta_flips
-        Average the softmax over flipped copies of each window: the flips the model was
-        trained with (identity, left-right, up-down and both after flips and quarter turns:
-        four times the inference work; identity and left-right after flips only); refused
-        for a model trained without flips unless ``tta_set`` names the flips.
-    tta_set
-        The flips ``tta_flips`` averages over, overriding the training record: ``flips``
-        (all four), ``horizontal`` (identity and left-right) or ``rot180`` (identity and
-        both axes), for flips that keep the labels right although the model was not trained
-        with them (ISBI 2012's labels sit below the membranes, so left-right keeps them);
-        null: those the model was trained with.
     polygons
         Write ``prediction.gpkg``: polygons of every class but 0 with ``class_id``,
         ``class_name`` and ``area``, in the image's CRS (pixels without one).
@@ -261,27 +228,12 @@ class SegmentConfig(SchemaModel):
     image: str | None = None
     level: Annotated[int, Field(ge=0)] | None = None
     model: str | None = None
-    bbox: tuple[float, float, float, float] | None = None
-    bbox_crs: str | None = None
-    window: tuple[int, int, int, int] | None = None
-    tile: Annotated[int, Field(gt=0)] = 512
-    mode: Literal["crop", "gaussian"] = "crop"
-    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    tta_flips: bool = False
-    tta_set: Literal["flips", "horizontal", "rot180"] | None = None
     polygons: bool = True
     parquet: bool = True
     probabilities: bool = False
     quicklook: bool = True
     ome_tiff: bool = False
     qupath: bool = False
-
-    @model_validator(mode="after")
-    def _tta_set_needs_tta(self) -> SegmentConfig:
-        if self.tta_set is not None and not self.tta_flips:
-            raise ValueError(f"tta_set {self.tta_set!r} needs tta_flips: true (or drop tta_set)")
-        return self
 
 
 class PipelineConfig(SchemaModel):

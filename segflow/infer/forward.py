@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, option
 from segflow.geometry import Window
 from segflow.infer.options import _TTA_FLIPS, InferenceOptions
 from segflow.infer.readers import _Normalizer
@@ -40,7 +40,7 @@ def resolve_device(options: InferenceOptions) -> tuple[torch.device, torch.dtype
     except RuntimeError as err:
         raise ConfigError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available: use --device cpu")
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available: use {option('device', 'cpu')}")
     amp = options.amp
     if amp == "auto":
         if device.type != "cuda":

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from segflow.errors import ConfigError
+from segflow.config.segment import SegmentOptions, SegmentRequest
+from segflow.errors import ConfigError, option
 from segflow.tiling import round_up
 
 __all__ = ["InferenceOptions", "InferenceReport"]
@@ -20,6 +21,9 @@ _TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "horizontal": ((), (3,)),
     "rot180": ((), (2, 3)),
 }
+
+
+_USER = SegmentOptions()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,15 +62,16 @@ class InferenceOptions:
         Pixels per column strip of units (bounds memory; see the module notes).
     """
 
-    tile: int = 512
+    # the user-facing options' defaults are segment_region's (declared in segflow.config)
+    tile: int = _USER.tile
     halo: int
-    mode: Literal["crop", "gaussian"] = "crop"
-    overlap: float = 0.5
+    mode: Literal["crop", "gaussian"] = _USER.mode
+    overlap: float = _USER.overlap
     window: int | None = None
     size_multiple: int = 1
-    batch_size: int = 8
+    batch_size: int = _USER.batch_size
     device: str | None = None
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = SegmentRequest.model_fields["amp"].default
     tta_flips: bool = False
     tta_set: Literal["flips", "horizontal", "rot180"] = "flips"
     prefetch: int = 2
@@ -78,7 +83,7 @@ class InferenceOptions:
 
     def __post_init__(self) -> None:  # noqa: C901 (house: to split)
         if self.tile <= 0:
-            raise ConfigError(f"tile must be > 0, got {self.tile}: use e.g. --tile 512")
+            raise ConfigError(f"tile must be > 0, got {self.tile}: use e.g. {option('tile', 512)}")
         if self.halo < 0:
             raise ConfigError(f"halo must be >= 0, got {self.halo}: use the checkpoint's halo")
         if self.mode not in ("crop", "gaussian"):
@@ -86,7 +91,7 @@ class InferenceOptions:
         if self.mode == "crop" and self.tile < 2 * self.halo:
             raise ConfigError(
                 f"tile {self.tile} is smaller than twice the halo {self.halo}: most of each "
-                f"window would be context; use --tile {round_up(2 * self.halo, 16)} or more"
+                f"window would be context; use {option('tile', round_up(2 * self.halo, 16))} or more"
             )
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}: use e.g. 0.5")

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segflow.cluster import dask_client
+from segflow.config.segment import SegmentOptions, SegmentRequest
+from segflow.errors import options_named
 from segflow.stages.plan import StagePlan, StageRun, begin_stage, finish_stage
 
 if TYPE_CHECKING:
     from segflow.config import PipelineConfig
     from segflow.config.train import TrainConfig
-    from segflow.segment import SegmentRequest
 
 __all__ = [
     "finished_training",
@@ -149,24 +150,14 @@ def run_train(
 def segment_request(cfg: PipelineConfig, model: str, device: str | None) -> SegmentRequest:
     """The segment_region request of a pipeline: ``cfg.segment`` with its outputs in the
     work directory (``prediction.tif``, and the other files the section asks for)."""
-    from segflow.segment import SegmentRequest
-
     s, work = cfg.segment, cfg.work_path
     return SegmentRequest(
+        **s.model_dump(include=set(SegmentOptions.model_fields)),
         image=s.image or cfg.ingest.source,
         # the model was trained at ingest.level: read the ingested source at that scale
         level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
         model=model,
         out=str(work / "prediction.tif"),
-        bbox=s.bbox,
-        bbox_crs=s.bbox_crs,
-        window=s.window,
-        tile=s.tile,
-        mode=s.mode,
-        overlap=s.overlap,
-        batch_size=s.batch_size,
-        tta_flips=s.tta_flips,
-        tta_set=s.tta_set,
         device=device,
         polygons=str(work / "prediction.gpkg") if s.polygons else None,
         parquet=str(work / "prediction.parquet") if s.parquet else None,
@@ -211,7 +202,8 @@ def run_segment(
         if not prediction_store_reusable(run):
             remove_tree(req.work_store)
             remove_tree(staging_path(req.work_store))
-    r = segment_region(req).to_dict()
+    with options_named("yaml", prefix="segment."):  # the user wrote the YAML section
+        r = segment_region(req).to_dict()
     result = {
         "ran": True,
         "plan": run.plan.value,

@@ -1,0 +1,176 @@
+"""segment_region's options, declared once.
+
+:class:`SegmentOptions` holds what a pipeline's ``segment`` section and a segment_region
+request share (the region and how inference runs); :class:`SegmentRequest` is one whole
+job: the image, the model, the outputs and the options. The pipeline YAML schema, the
+command line (:mod:`segflow.config.cli`), the Prefect flow's parameters and the
+configuration reference all derive from these two declarations: each option's type, default,
+bounds and description is written here and nowhere else.
+
+Examples
+--------
+>>> SegmentRequest(image="scene.tif", model="ckpt/", out="mask.tif").tile
+512
+>>> SegmentRequest(image="scene.tif", model="ckpt/", out="mask.tif").work_store.name
+'mask.predictions.zarr'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from segflow.config.base import SchemaModel
+
+__all__ = ["FLAGS", "SegmentOptions", "SegmentRequest"]
+
+#: Command-line flags that are not ``--option-name``: ``--qupath``, and ``--tta [SET]`` for
+#: ``tta_flips`` and ``tta_set`` together.
+FLAGS = {"qupath_geojson": "--qupath", "tta_flips": "--tta", "tta_set": "--tta"}
+
+
+class SegmentOptions(SchemaModel):
+    """Where and how segment_region infers: the region, the tiling and test-time augmentation.
+
+    Attributes
+    ----------
+    bbox
+        Region ``[minx, miny, maxx, maxy]``: map units of ``bbox_crs`` for georeferenced
+        images, microns from the top-left corner for slides, pixels (x = column) otherwise;
+        every pixel it touches is included. Null (with ``window`` null): the whole image.
+    bbox_crs
+        CRS of ``bbox`` (``EPSG:4326``, a PROJ string or WKT) for georeferenced images,
+        default the image's; ``um`` or ``px`` for slides and plain images.
+    window
+        Region as a pixel window ``[col, row, width, height]`` (note: not the
+        ``train_region.bbox`` order), clipped to the image; exclusive with ``bbox``.
+    tile
+        Output tile side (pixels): each model input is ``tile + 2 * halo`` (the
+        checkpoint's halo) rounded up to the model's size multiple. A multiple of that size
+        multiple, and at least ``2 * halo`` for ``crop``; larger is faster, needs more memory.
+    mode
+        ``crop``: each output pixel from exactly one tile core with real context (equals
+        whole-image inference for ``norm`` ``batch``/``none`` models); ``gaussian``:
+        overlapping windows blended by a Gaussian importance map (for instance/group norm).
+    overlap
+        ``gaussian`` only (ignored by ``crop``): overlap fraction of neighbouring windows,
+        stride ``int(window * (1 - overlap))``; more overlap smooths seams, costs tiles.
+    batch_size
+        Tiles per forward pass; raise it to fill a GPU, lower it when memory runs out.
+    tta_flips
+        Average the softmax over flipped copies of each window: the flips the model was
+        trained with (identity, left-right, up-down and both after flips and quarter turns:
+        four times the inference work; identity and left-right after flips only); refused
+        for a model trained without flips unless ``tta_set`` names the flips.
+    tta_set
+        The flips ``tta_flips`` averages over, overriding the training record: ``flips``
+        (all four), ``horizontal`` (identity and left-right) or ``rot180`` (identity and
+        both axes), for flips that keep the labels right although the model was not trained
+        with them (ISBI 2012's labels sit below the membranes, so left-right keeps them);
+        null: those the model was trained with.
+    """
+
+    bbox: Annotated[
+        tuple[float, float, float, float] | None,
+        Field(json_schema_extra={"metavar": ["MINX", "MINY", "MAXX", "MAXY"]}),
+    ] = None
+    bbox_crs: str | None = None
+    window: Annotated[
+        tuple[int, int, int, int] | None,
+        Field(json_schema_extra={"metavar": ["COL", "ROW", "WIDTH", "HEIGHT"]}),
+    ] = None
+    tile: Annotated[int, Field(gt=0)] = 512
+    mode: Literal["crop", "gaussian"] = "crop"
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    tta_flips: bool = False
+    tta_set: Literal["flips", "horizontal", "rot180"] | None = None
+
+    @model_validator(mode="after")
+    def _tta_set_needs_tta(self) -> SegmentOptions:
+        if self.tta_set is not None and not self.tta_flips:
+            raise ValueError(f"tta_set {self.tta_set!r} needs tta_flips: true (or drop tta_set)")
+        return self
+
+
+class SegmentRequest(SegmentOptions):
+    """One segment_region job: the image, the model, the outputs, and :class:`SegmentOptions`.
+
+    Attributes
+    ----------
+    image
+        GeoTIFF/COG/VRT, SVS/OME-TIFF slide, PNG/TIFF, or a scene store directory (read
+        only: the predictions go to ``work`` unless ``into_store``).
+    model
+        Checkpoint directory written by training (e.g. ``outputs/x/train/best``).
+    out
+        Class-id Cloud-Optimized GeoTIFF to write.
+    level
+        Pyramid level of ``image`` to read (slides, GeoTIFF overviews); must be the scale
+        the model was trained at.
+    device
+        ``cpu``, ``cuda`` or ``cuda:1``; null: CUDA when available.
+    amp
+        Mixed precision of the forward pass: ``auto`` is bf16 on CUDA devices that support
+        it, else fp16, and off on CPU.
+    polygons
+        GeoPackage of predicted polygons (every class but 0, with ``class_id``,
+        ``class_name`` and ``area``), in the image's CRS.
+    parquet
+        GeoParquet of the same polygons.
+    probabilities
+        uint8 class-probability COG (``round(p * 255)``).
+    quicklook
+        PNG of the mask over the image, at most 1024 pixels a side.
+    ome_tiff
+        Pyramidal OME-TIFF label image with the slide's pixel size (slide viewers).
+    qupath_geojson
+        GeoJSON polygons in level-0 slide pixels with QuPath classification names and colours.
+    work
+        Prediction store; null: ``OUT.predictions.zarr`` beside ``out``.
+    min_area
+        Polygons smaller than this (map units squared, pixels without a CRS) are dropped.
+    into_store
+        With a scene store as ``image``: write the predictions into it (default: ``work``).
+    overwrite
+        Replace existing files at the output paths (default: only this command's own).
+    """
+
+    image: str
+    model: str
+    out: str
+    level: Annotated[int, Field(ge=0)] = 0
+    device: str | None = None
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    polygons: str | None = None
+    parquet: str | None = None
+    probabilities: str | None = None
+    quicklook: str | None = None
+    ome_tiff: str | None = None
+    qupath_geojson: str | None = None
+    work: str | None = None
+    min_area: Annotated[float, Field(ge=0)] = 0.0
+    into_store: bool = False
+    overwrite: bool = False
+
+    @property
+    def work_store(self) -> Path:
+        """Where the prediction store lives (``OUT.predictions.zarr`` unless ``work``)."""
+        if self.work:
+            return Path(self.work)
+        out = Path(self.out)
+        return out.with_name(out.stem + ".predictions.zarr")
+
+    def outputs(self) -> dict[str, str | None]:
+        """Every file output by option name (``None``: not asked for)."""
+        return {
+            "out": self.out,
+            "probabilities": self.probabilities,
+            "polygons": self.polygons,
+            "parquet": self.parquet,
+            "quicklook": self.quicklook,
+            "ome_tiff": self.ome_tiff,
+            "qupath": self.qupath_geojson,
+        }
