@@ -22,6 +22,7 @@ from segflow.infer.engine import (
     build_layout,
     open_prediction_store,
     predict_array,
+    predict_units,
     predict_region,
     prediction_unit,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "build_layout",
     "open_prediction_store",
     "predict_array",
+    "predict_units",
     "predict_region",
     "prediction_unit",
 ]

@@ -91,7 +91,7 @@ import torch
 from segflow.errors import ConfigError, RegionError
 from segflow.geometry import BlockGrid, BlockIndex, Window
 from segflow.infer.forward import _flips, _Forward, _model_hash, _probe_classes, resolve_device
-from segflow.infer.merger import _ArraySink, _Merged, _UnitWriter
+from segflow.infer.merger import _CallbackSink, _Merged, _UnitWriter
 from segflow.infer.options import InferenceOptions, InferenceReport
 from segflow.infer.readers import ArrayReader, StoreReader, WindowReader, _Normalizer
 from segflow.infer.store import (
@@ -123,6 +123,7 @@ __all__ = [
     "build_layout",
     "open_prediction_store",
     "predict_array",
+    "predict_units",
     "predict_region",
     "prediction_unit",
     "resolve_device",
@@ -421,24 +422,53 @@ def predict_array(
 ) -> np.ndarray:
     """Class probabilities of a *small* ``region`` as one in-memory float32 array.
 
+    :func:`predict_units` into one ``(classes, region.height, region.width)`` array, so memory
+    grows with the region: use :func:`predict_region` for large ones.
+    """
+    parts: list[tuple[Window, np.ndarray]] = []
+    predict_units(
+        reader, model, region, options=options, mean=mean, std=std,
+        sink=lambda w, p: parts.append((w.translate(-region.row_off, -region.col_off), p)),
+    )  # fmt: skip
+    out = np.zeros((parts[0][1].shape[0], region.height, region.width), np.float32)
+    for w, p in parts:
+        out[(slice(None), *w.slices)] = p
+    return out
+
+
+def predict_units(
+    reader: WindowReader,
+    model: torch.nn.Module,
+    region: Window,
+    *,
+    options: InferenceOptions,
+    mean: Sequence[float],
+    std: Sequence[float],
+    sink: Callable[[Window, np.ndarray], None],
+    labels: bool = False,
+) -> int:
+    """Predict ``region`` and hand it to ``sink`` unit by unit, in bounded memory.
+
     The same tiling, mirroring, batching and merging as :func:`predict_region` (tiles anchored
-    at the region's corner, like a standalone prediction store), without quantization, ``valid``
-    masking or a store: for checks, validation during training and quick looks. The result is
-    ``(classes, region.height, region.width)``, so memory grows with the region: use
-    :func:`predict_region` for large ones.
+    at the region's corner, like a standalone prediction store; units of ``options.tile``),
+    without quantization, ``valid`` masking or a store: for validation during training,
+    checks and quick looks. ``sink(window, output)`` gets each unit's window in image pixels
+    and its float32 ``(classes, y, x)`` probabilities, or with ``labels`` (``crop`` mode
+    without TTA: the argmax of the logits) its ``(y, x)`` class ids. Returns the tiles run.
     """
     normalization = _check_inputs(reader, region, mean, std)
     device, amp_dtype, _ = resolve_device(options)
     origin = (region.row_off, region.col_off)
     layout = build_layout(options, reader.height, reader.width, origin)
+    if labels and not options.labels_only:
+        raise ConfigError("labels straight from the logits need crop mode without TTA")
     model.eval()
     model.to(device)
-    forward = _Forward(model, device, amp_dtype, _flips(options))
+    forward = _Forward(model, device, amp_dtype, _flips(options), labels_only=labels)
     normalize = _Normalizer(reader, normalization, skip_empty=False)
     grid = BlockGrid(region.height, region.width, options.tile)
     num_classes = _probe_classes(layout, region, normalize, forward)
-    out = np.zeros((num_classes, region.height, region.width), np.float32)
-    _stream(
+    tiles, _ = _stream(
         layout,
         grid,
         origin,
@@ -446,11 +476,11 @@ def predict_array(
         options,
         forward,
         normalize,
-        _ArraySink(out, grid),
+        _CallbackSink(grid, origin, sink, labels=labels),
         num_classes,
         lambda sizes: None,
     )
-    return out
+    return tiles
 
 
 def reader_band(strip_width: int, workers: int, unit: int) -> int:
@@ -480,7 +510,7 @@ def _stream(  # noqa: C901, PLR0915 (house: to split)
     options: InferenceOptions,
     forward: _Forward,
     normalize: _Normalizer,
-    writer: _UnitWriter | _ArraySink,
+    writer: _UnitWriter | _CallbackSink,
     num_classes: int,
     report_done: Callable[[list[int]], None],
 ) -> tuple[int, int]:

@@ -141,17 +141,24 @@ class _UnitWriter:
         self.pool.shutdown(wait=True)
 
 
-class _ArraySink:
-    """Finishes units into an in-memory ``(class, y, x)`` float32 array (:func:`predict_array`)."""
+class _CallbackSink:
+    """Hands each finished unit to ``fn(window, output)`` (:func:`predict_units`): ``window``
+    in image pixels, ``output`` the unit's ``(class, y, x)`` float32 probabilities or, with
+    ``labels``, its ``(y, x)`` class ids."""
 
-    def __init__(self, out: np.ndarray, grid: BlockGrid) -> None:
-        self.out = out
+    def __init__(
+        self, grid: BlockGrid, origin: tuple[int, int], fn: Any, *, labels: bool = False
+    ) -> None:
         self.grid = grid
+        self.origin = origin
+        self.fn = fn
+        self.labels = labels
         self.done: list[int] = []
 
     def finish(self, unit: BlockIndex, merged: _Merged, num_classes: int) -> None:
         w = self.grid.window(unit.row, unit.col)
-        self.out[(slice(None), *w.slices)] = merged.probabilities(num_classes)
+        out = merged.labels(np.dtype(np.int64)) if self.labels else merged.probabilities(num_classes)
+        self.fn(w.translate(*self.origin), out)
         self.done.append(w.size)
 
     def collect(self, block: bool = False, keep: int = 0) -> list[int]:
