@@ -22,8 +22,8 @@ from segflow.infer.engine import (
     build_layout,
     open_prediction_store,
     predict_array,
-    predict_units,
     predict_region,
+    predict_units,
     prediction_unit,
 )
 

@@ -78,10 +78,10 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +244,7 @@ def _prepare_arrays(
     return label_dtype
 
 
-def predict_region(  # noqa: C901, PLR0915 (house: to split)
+def predict_region(
     reader: WindowReader,
     model: torch.nn.Module,
     region: Window,
@@ -284,6 +284,62 @@ def predict_region(  # noqa: C901, PLR0915 (house: to split)
     t_start = time.perf_counter()
     normalization = _check_inputs(reader, region, mean, std)
     device, amp_dtype, amp_name = resolve_device(options)
+    target = _open_target(reader, region, out, options)
+    model.eval()
+    params = _run_params(options, _model_hash(model), mean, std, target.layout, target.origin)
+    run = _start_run(target, options, params)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.to(device)
+    # class ids straight from the logits when nothing needs probabilities
+    forward = _Forward(model, device, amp_dtype, _flips(options), labels_only=options.labels_only)
+    normalize = _Normalizer(reader, normalization)
+    counts = _Counts(len(target.units) - len(run.pending), len(target.units), progress)
+    if run.pending:
+        _infer_units(target, run, options, forward, normalize, counts)
+    store_path = _finish_run(target, run, options, region)
+    rep = InferenceReport(
+        store_path=str(store_path),
+        tiles=counts.tiles,
+        units=counts.units,
+        pixels=counts.pixels,
+        skipped_units=len(target.units) - len(run.pending),
+        empty_units=counts.empty,
+        num_classes=run.num_classes,
+        seconds=time.perf_counter() - t_start,
+        seconds_in_model=forward.seconds,
+        device=str(device),
+        amp=amp_name,
+        peak_rss_bytes=_peak_rss(),
+        peak_gpu_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+    )
+    log.info(
+        "predicted %d units (%d skipped, %d empty) with %d tiles in %.1f s (model %.1f s)",
+        rep.units, rep.skipped_units, rep.empty_units, rep.tiles, rep.seconds,
+        rep.seconds_in_model,
+    )  # fmt: skip
+    return rep
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a prediction goes: the store, the image pixel of its corner, the tile layout,
+    and the store's write units that the region touches."""
+
+    store: SceneStore
+    origin: tuple[int, int]
+    layout: TileLayout
+    units: list[BlockIndex]
+
+    @property
+    def standalone(self) -> bool:
+        return bool(self.store.meta.get(_META_KEY))
+
+
+def _open_target(
+    reader: WindowReader, region: Window, out: SceneStore | str | Path, options: InferenceOptions
+) -> _Target:
+    """The store ``out`` names (created only after the layout is checked) and its units."""
     if isinstance(out, SceneStore):
         store = out
         origin = _store_origin(store, reader)
@@ -298,21 +354,35 @@ def predict_region(  # noqa: C901, PLR0915 (house: to split)
             f"region {region} is outside the prediction store's pixels "
             f"({store.height} x {store.width} from image pixel {origin}): use another output"
         )
-    grid: BlockGrid = store.grid
-    units = [idx for idx, _ in grid.blocks_touching(store_region)]
-    model.eval()
-    params = _run_params(options, _model_hash(model), mean, std, layout, origin)
+    units = [idx for idx, _ in store.grid.blocks_touching(store_region)]
+    return _Target(store, origin, layout, units)
 
+
+@dataclass
+class _Run:
+    """A prediction run's record: its parameters, class count, progress and pending units."""
+
+    params: dict[str, Any]
+    num_classes: int | None
+    names: list[str]
+    marker: Any
+    pending: list[BlockIndex]
+
+
+def _start_run(target: _Target, options: InferenceOptions, params: dict[str, Any]) -> _Run:
+    """The store's run for ``params``: its units done so far, or a fresh start (arrays and
+    progress reset) when the store holds another model's or options' predictions."""
+    store = target.store
     names = [
         n
         for n, kind in ((LABELS, "labels"), (PROBABILITIES, "probabilities"))
         if options.output in (kind, "both")
     ]
     marker = store.progress(names[0])
-    run = store.meta.get(_RUN_KEY) or {}
-    num_classes: int | None = run.get("num_classes")
-    if run.get("params") != params:
-        if run:
+    recorded = store.meta.get(_RUN_KEY) or {}
+    num_classes: int | None = recorded.get("num_classes")
+    if recorded.get("params") != params:
+        if recorded:
             log.info("prediction parameters changed: recomputing %s from scratch", store.path)
         for name in (LABELS, PROBABILITIES):
             store.forget_array(name)
@@ -320,95 +390,71 @@ def predict_region(  # noqa: C901, PLR0915 (house: to split)
         num_classes = None
         store.update_meta(**{_RUN_KEY: {"params": params, "num_classes": None}})
     done = marker.done()
-    pending = [u for u in units if u not in done]
-    skipped = len(units) - len(pending)
-    standalone = bool(store.meta.get(_META_KEY))
+    return _Run(params, num_classes, names, marker, [u for u in target.units if u not in done])
 
-    peak_gpu: int | None = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.to(device)
-    # class ids straight from the logits when nothing needs probabilities
-    forward = _Forward(model, device, amp_dtype, _flips(options), labels_only=options.labels_only)
-    normalize = _Normalizer(reader, normalization)
-    writer = _UnitWriter(store, options, marker, standalone)
-    counts = {"tiles": 0, "pixels": 0, "units": 0, "empty": 0}
-    total = len(units)
-    finished = skipped
 
-    def report_done(sizes: list[int]) -> None:
-        nonlocal finished
+class _Counts:
+    """Units, pixels, tiles and empty units done; ``progress(done, total)`` after each unit."""
+
+    def __init__(
+        self, skipped: int, total: int, progress: Callable[[int, int], None] | None
+    ) -> None:
+        self.finished, self.total, self.progress = skipped, total, progress
+        self.tiles = self.pixels = self.units = self.empty = 0
+
+    def __call__(self, sizes: list[int]) -> None:
         for size in sizes:
-            finished += 1
-            counts["pixels"] += size
-            counts["units"] += 1
-            if progress is not None:
-                progress(finished, total)
+            self.finished += 1
+            self.pixels += size
+            self.units += 1
+            if self.progress is not None:
+                self.progress(self.finished, self.total)
 
+
+def _infer_units(
+    target: _Target,
+    run: _Run,
+    options: InferenceOptions,
+    forward: _Forward,
+    normalize: _Normalizer,
+    counts: _Counts,
+) -> None:
+    """Compute and write ``run.pending``: the arrays made on a fresh run's first unit (one
+    probe forward fixes the class count), then the tiles streamed through the model."""
+    store, grid = target.store, target.store.grid
+    writer = _UnitWriter(store, options, run.marker, target.standalone)
     try:
-        if pending:
-            if num_classes is None:
-                # a fresh run: one probe forward fixes the class count before arrays are made
-                first = grid.window(pending[0].row, pending[0].col).translate(*origin)
-                num_classes = _probe_classes(layout, first, normalize, forward)
-                store.update_meta(**{_RUN_KEY: {"params": params, "num_classes": num_classes}})
-            writer.label_dtype = _prepare_arrays(store, options, num_classes)
-            counts["tiles"], counts["empty"] = _stream(
-                layout,
-                grid,
-                origin,
-                pending,
-                options,
-                forward,
-                normalize,
-                writer,
-                num_classes,
-                report_done,
-            )
-        report_done(writer.collect(block=True))
+        if run.num_classes is None:
+            first = grid.window(run.pending[0].row, run.pending[0].col).translate(*target.origin)
+            run.num_classes = _probe_classes(target.layout, first, normalize, forward)
+            store.update_meta(**{_RUN_KEY: {"params": run.params, "num_classes": run.num_classes}})
+        writer.label_dtype = _prepare_arrays(store, options, run.num_classes)
+        counts.tiles, counts.empty = _stream(
+            target.layout, grid, target.origin, run.pending, options, forward, normalize,
+            writer, run.num_classes, counts,
+        )  # fmt: skip
+        counts(writer.collect(block=True))
     finally:
         writer.close()
-    report_done(writer.collect(block=True))
+    counts(writer.collect(block=True))
 
-    complete = marker.done() >= set(units)
-    if complete:
-        for name in names:
-            store.record_array(name, **params, num_classes=num_classes, region=asdict(region))
-        if standalone:
+
+def _finish_run(target: _Target, run: _Run, options: InferenceOptions, region: Window) -> Path:
+    """Record a complete prediction (its arrays' parameters, consolidated metadata) and move
+    a standalone store from ``NAME.partial`` to ``NAME``; returns the store's path."""
+    store = target.store
+    if run.marker.done() >= set(target.units):
+        for name in run.names:
+            store.record_array(name, **run.params, num_classes=run.num_classes,
+                               region=asdict(region))  # fmt: skip
+        if target.standalone:
             store.record_array("valid", region=asdict(region))
         store.consolidate()
-    store_path = store.path
-    if standalone and complete and store_path.name.endswith(".partial"):
-        final = store_path.with_name(store_path.name[: -len(".partial")])
-        os.replace(store_path, final)
-        store_path = final
-    if device.type == "cuda":
-        peak_gpu = int(torch.cuda.max_memory_allocated(device))
-    rep = InferenceReport(
-        store_path=str(store_path),
-        tiles=counts["tiles"],
-        units=counts["units"],
-        pixels=counts["pixels"],
-        skipped_units=skipped,
-        empty_units=counts["empty"],
-        num_classes=num_classes,
-        seconds=time.perf_counter() - t_start,
-        seconds_in_model=forward.seconds,
-        device=str(device),
-        amp=amp_name,
-        peak_rss_bytes=_peak_rss(),
-        peak_gpu_bytes=peak_gpu,
-    )
-    log.info(
-        "predicted %d units (%d skipped, %d empty) with %d tiles in %.1f s (model %.1f s)",
-        rep.units,
-        rep.skipped_units,
-        rep.empty_units,
-        rep.tiles,
-        rep.seconds,
-        rep.seconds_in_model,
-    )
-    return rep
+        if target.standalone and store.path.name.endswith(".partial"):
+            final = store.path.with_name(store.path.name[: -len(".partial")])
+            os.replace(store.path, final)
+            return final
+    return store.path
 
 
 def predict_array(
@@ -502,7 +548,7 @@ def reader_band(strip_width: int, workers: int, unit: int) -> int:
     return unit * max(1, -(-units // max(1, workers)))
 
 
-def _stream(  # noqa: C901, PLR0915 (house: to split)
+def _stream(
     layout: TileLayout,
     grid: BlockGrid,
     origin: tuple[int, int],
@@ -519,94 +565,124 @@ def _stream(  # noqa: C901, PLR0915 (house: to split)
     A tile whose core has no valid pixel is not run (when ``normalize`` skips empty tiles); a
     unit that only such tiles cover is finished as nodata.
     """
-    unit_size = grid.block
-    per_strip = max(1, options.strip_width // unit_size)
-    by_col: dict[int, list[BlockIndex]] = {}
-    for u in pending:
-        by_col.setdefault(u.col, []).append(u)
-    remaining: dict[BlockIndex, int] = {}
-    open_units: dict[BlockIndex, _Merged] = {}
-    empty = 0
-
-    def unit_window(u: BlockIndex) -> Window:
-        return grid.window(u.row, u.col).translate(*origin)
-
-    def steps() -> Any:
-        for cols in strips(by_col, per_strip):
-            todo = [u for c in cols for u in by_col[c]]
-            for u in todo:
-                remaining[u] = layout.count_touching(unit_window(u))
-            yield from schedule(layout, grid, todo, origin=origin)
-
-    def add(step: Step, probs: np.ndarray | None, core_valid: np.ndarray) -> None:
-        nonlocal empty
-        tile = step.tile
-        for u in step.units:
-            uw = unit_window(u)
-            part = tile.core.intersection(uw)
-            merged = open_units.get(u)
-            if merged is None:
-                merged = open_units[u] = _Merged(uw.shape)
-            merged.add(
-                part.relative_to(uw),
-                None if probs is None else probs[(..., *part.relative_to(tile.window).slices)],
-                core_valid[part.relative_to(tile.core).slices],
-                None if probs is None else layout.weights(tile, part),
-            )
-            remaining[u] -= 1
-            if remaining[u] == 0:
-                del remaining[u]
-                merged = open_units.pop(u)
-                empty += merged.empty
-                writer.finish(u, merged, num_classes)
-
+    merging = _Merging(layout, grid, origin, pending, options, writer, num_classes)
     tiles = 0
     max_inflight = options.batch_size * (options.prefetch + 1)
-    source = iter(steps())
+    source = merging.steps()
     inflight: deque[tuple[Step, Future[tuple[np.ndarray | None, np.ndarray]]]] = deque()
-    band = reader_band(options.strip_width, options.read_workers, unit_size)
+    band = reader_band(options.strip_width, options.read_workers, grid.block)
     with ExitStack() as stack:
         pools = [
             stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix=f"segflow-read{i}"))
             for i in range(options.read_workers)
         ]
+
+        def fill() -> None:
+            while len(inflight) < max_inflight:
+                step = next(source, None)
+                if step is None:
+                    return
+                # a reader per column band: each keeps its own source handle, whose
+                # block cache then serves the tiles its neighbouring windows share
+                col = (step.tile.core.col_off - origin[1]) // band
+                pool = pools[col % len(pools)]
+                inflight.append((step, pool.submit(normalize, step.tile)))
+
         try:
-
-            def fill() -> None:
-                while len(inflight) < max_inflight:
-                    step = next(source, None)
-                    if step is None:
-                        return
-                    # a reader per column band: each keeps its own source handle, whose
-                    # block cache then serves the tiles its neighbouring windows share
-                    col = (step.tile.core.col_off - origin[1]) // band
-                    pool = pools[col % len(pools)]
-                    inflight.append((step, pool.submit(normalize, step.tile)))
-
             fill()
             while inflight:
-                batch: list[tuple[Step, np.ndarray]] = []
-                arrays: list[np.ndarray] = []
-                while inflight and len(batch) < options.batch_size:
-                    step, fut = inflight.popleft()
-                    x, core_valid = fut.result()
-                    if x is None:  # no valid pixel in the tile's core: nothing to compute
-                        add(step, None, core_valid)
-                    else:
-                        batch.append((step, core_valid))
-                        arrays.append(x)
-                    fill()
-                if batch:
-                    probs = forward(np.stack(arrays))
-                    tiles += len(batch)
-                    for (step, core_valid), p in zip(batch, probs, strict=True):
-                        add(step, p, core_valid)
+                tiles += _next_batch(inflight, fill, merging, forward, options.batch_size)
                 # keep a few finished units queued for the writer, no more (bounded memory)
                 report_done(writer.collect(block=True, keep=4))
         finally:
             for _, fut in inflight:
                 fut.cancel()
     report_done(writer.collect(block=True))
-    if remaining:  # pragma: no cover - a scheduling bug, never user input
-        raise RuntimeError(f"units left unfinished: {sorted(remaining)[:5]}")
-    return tiles, empty
+    if merging.remaining:  # pragma: no cover - a scheduling bug, never user input
+        raise RuntimeError(f"units left unfinished: {sorted(merging.remaining)[:5]}")
+    return tiles, merging.empty
+
+
+def _next_batch(
+    inflight: deque[tuple[Step, Future[tuple[np.ndarray | None, np.ndarray]]]],
+    fill: Callable[[], None],
+    merging: _Merging,
+    forward: _Forward,
+    batch_size: int,
+) -> int:
+    """Take up to ``batch_size`` read tiles, run them through the model, merge the outputs
+    (tiles without a valid pixel are merged as not run); returns the tiles run."""
+    batch: list[tuple[Step, np.ndarray]] = []
+    arrays: list[np.ndarray] = []
+    while inflight and len(batch) < batch_size:
+        step, fut = inflight.popleft()
+        x, core_valid = fut.result()
+        if x is None:  # no valid pixel in the tile's core: nothing to compute
+            merging.add(step, None, core_valid)
+        else:
+            batch.append((step, core_valid))
+            arrays.append(x)
+        fill()
+    if batch:
+        probs = forward(np.stack(arrays))
+        for (step, core_valid), p in zip(batch, probs, strict=True):
+            merging.add(step, p, core_valid)
+    return len(batch)
+
+
+class _Merging:
+    """The open units of a stream: tiles' outputs merged into them, each unit finished
+    (handed to the writer) when its last tile has arrived."""
+
+    def __init__(
+        self,
+        layout: TileLayout,
+        grid: BlockGrid,
+        origin: tuple[int, int],
+        pending: list[BlockIndex],
+        options: InferenceOptions,
+        writer: _UnitWriter | _CallbackSink,
+        num_classes: int,
+    ) -> None:
+        self.layout, self.grid, self.origin = layout, grid, origin
+        self.writer, self.num_classes = writer, num_classes
+        self.per_strip = max(1, options.strip_width // grid.block)
+        self.by_col: dict[int, list[BlockIndex]] = {}
+        for u in pending:
+            self.by_col.setdefault(u.col, []).append(u)
+        self.remaining: dict[BlockIndex, int] = {}
+        self.open_units: dict[BlockIndex, _Merged] = {}
+        self.empty = 0
+
+    def unit_window(self, u: BlockIndex) -> Window:
+        return self.grid.window(u.row, u.col).translate(*self.origin)
+
+    def steps(self) -> Iterator[Step]:
+        """The tiles strip by strip; each strip's units learn how many tiles they wait for."""
+        for cols in strips(self.by_col, self.per_strip):
+            todo = [u for c in cols for u in self.by_col[c]]
+            for u in todo:
+                self.remaining[u] = self.layout.count_touching(self.unit_window(u))
+            yield from schedule(self.layout, self.grid, todo, origin=self.origin)
+
+    def add(self, step: Step, probs: np.ndarray | None, core_valid: np.ndarray) -> None:
+        """Merge one tile's output (``None``: not run) into the units its core overlaps."""
+        tile = step.tile
+        for u in step.units:
+            uw = self.unit_window(u)
+            part = tile.core.intersection(uw)
+            merged = self.open_units.get(u)
+            if merged is None:
+                merged = self.open_units[u] = _Merged(uw.shape)
+            merged.add(
+                part.relative_to(uw),
+                None if probs is None else probs[(..., *part.relative_to(tile.window).slices)],
+                core_valid[part.relative_to(tile.core).slices],
+                None if probs is None else self.layout.weights(tile, part),
+            )
+            self.remaining[u] -= 1
+            if self.remaining[u] == 0:
+                del self.remaining[u]
+                merged = self.open_units.pop(u)
+                self.empty += merged.empty
+                self.writer.finish(u, merged, self.num_classes)
