@@ -46,21 +46,18 @@ from pydantic import ValidationError
 
 from segflow.config import PrepareConfig, TrainRegion, format_validation_error
 from segflow.errors import ConfigError, StoreError
-from segflow.geometry import BlockIndex, Window
-from segflow.io.store import SceneStore
-from segflow.outputs import check_output_directory
-from segflow.stats import (
+from segflow.fingerprint import (
     Fingerprint,
     band_histograms,
     band_moments,
-    check_train_region,
-    class_counts,
-    class_weights,
-    counts_to_dict,
     fingerprint_from_moments,
     pixel_size,
 )
-from segflow.stats import _int_hist_spec as int_hist_spec
+from segflow.fingerprint import _int_hist_spec as int_hist_spec
+from segflow.geometry import BlockIndex, Window
+from segflow.io.store import SceneStore
+from segflow.outputs import check_output_directory
+from segflow.stats import check_train_region, class_counts, class_weights, counts_to_dict
 from segflow.weights import (
     apply_class_weights,
     border_halo,

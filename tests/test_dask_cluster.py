@@ -44,10 +44,10 @@ from distributed import Client
 
 from segflow.cluster import ENV_ADDRESS, dask_client
 from segflow.config import PrepareConfig, load_config
+from segflow.fingerprint import Fingerprint
 from segflow.ingest import IngestSpec, ingest
 from segflow.io.store import SceneStore
 from segflow.prepare import is_current, prepare_store
-from segflow.stats import Fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "spacenet_atlanta_buildings.yaml"

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from segflow.config import ClassDef, PrepareConfig, TrainRegion
 from segflow.errors import ConfigError, RegionError, StoreError
+from segflow.fingerprint import Fingerprint
 from segflow.geometry import BlockIndex
 from segflow.io.store import GeoRef, SceneStore
 from segflow.prepare import (
@@ -24,7 +25,6 @@ from segflow.prepare import (
     prepare_store,
     write_weights,
 )
-from segflow.stats import Fingerprint
 from segflow.weights import border_radius, border_term, weight_map
 
 ROOT = Path(__file__).resolve().parents[1]

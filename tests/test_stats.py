@@ -11,19 +11,21 @@ import pytest
 
 from segflow.config import TrainRegion
 from segflow.errors import ConfigError, RegionError
-from segflow.geometry import Window
-from segflow.io.store import GeoRef, SlideInfo
-from segflow.stats import (
+from segflow.fingerprint import (
     FLOAT_HIST_BINS,
     Fingerprint,
     band_histograms,
     band_moments,
+    fingerprint_from_moments,
+    pixel_size,
+)
+from segflow.geometry import Window
+from segflow.io.store import GeoRef, SlideInfo
+from segflow.stats import (
     check_train_region,
     class_counts,
     class_weights,
     counts_to_dict,
-    fingerprint_from_moments,
-    pixel_size,
     train_mask_for_window,
 )
 

@@ -17,9 +17,9 @@ from segflow.config.train import (
     make_train_config,
 )
 from segflow.errors import ConfigError, LabelError, StoreError
+from segflow.fingerprint import Fingerprint
 from segflow.geometry import Window
 from segflow.io.store import SceneStore
-from segflow.stats import Fingerprint
 from segflow.tiling import mirror_indices
 from segflow.train.augment import (
     adjust_intensity,
