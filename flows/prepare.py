@@ -13,92 +13,33 @@ parameters on a finished store does nothing; a killed run resumes.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 # a loaded machine can take longer than Prefect's default 20 s to start the temporary API server
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
-from _common import run_cli
+from _common import quiet_dask_startup, run_cli
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from segflow.cluster import dask_client
 from segflow.config import PrepareConfig, load_config
-from segflow.errors import ConfigError
-from segflow.prepare import (
-    check_inputs,
-    compute_class_counts,
-    compute_class_weights,
-    compute_fingerprint,
-    ensure_instances,
-    is_current,
-    make_config,
-    open_store,
-    write_fingerprint,
-    write_weights,
-)
+from segflow.config.cli import add_options
+from segflow.prepare import check_inputs, config_with, is_current, open_store, prepare_store
+
+# the nested options have command-line forms of their own (below)
+NESTED = ("explicit_class_weights", "train_region")
+FLAGS = [name for name in PrepareConfig.model_fields if name not in NESTED]
 
 
-def _client_and_bar(show: bool) -> tuple[Any, Any]:
-    from distributed import default_client, progress
-
-    return default_client(), (lambda fut: progress(fut, notebook=False)) if show else None
-
-
-@task(name="instances", cache_policy=NO_CACHE)
-def instances_task(store_path: str, show_progress: bool) -> str:
-    client, bar = _client_and_bar(show_progress)
-    return ensure_instances(open_store(store_path), client=client, progress=bar)
-
-
-@task(name="class-weights", cache_policy=NO_CACHE)
-def class_weights_task(
-    store_path: str, config: dict[str, Any], show_progress: bool
-) -> dict[str, Any]:
-    client, bar = _client_and_bar(show_progress)
-    cfg = PrepareConfig.model_validate(config)
-    counts = compute_class_counts(open_store(store_path), cfg, client=client, progress=bar)
-    return {"counts": counts, "weights": compute_class_weights(counts, cfg)}
-
-
-@task(name="weight-map", cache_policy=NO_CACHE)
-def weight_map_task(
-    store_path: str,
-    config: dict[str, Any],
-    class_weights: dict[int, float],
-    force: bool,
-    show_progress: bool,
-) -> bool:
-    client, bar = _client_and_bar(show_progress)
-    return write_weights(
-        open_store(store_path),
-        PrepareConfig.model_validate(config),
-        class_weights,
-        client=client,
-        progress=bar,
-        force=force,
-    )
-
-
-@task(name="fingerprint", cache_policy=NO_CACHE)
-def fingerprint_task(
-    store_path: str,
-    config: dict[str, Any],
-    counts: dict[int, int],
-    class_weights: dict[int, float],
-    fingerprint_path: str | None,
-    show_progress: bool,
-) -> str:
-    client, bar = _client_and_bar(show_progress)
-    store = open_store(store_path)
-    cfg = PrepareConfig.model_validate(config)
-    fp = compute_fingerprint(store, cfg, counts, class_weights, client=client, progress=bar)
-    return str(write_fingerprint(store, fp, cfg, fingerprint_path))
+def as_task(name: str, work: Callable[[], Any]) -> Any:
+    """One step of the prepare stage as a Prefect task of its own."""
+    return task(name=name, cache_policy=NO_CACHE)(work)()
 
 
 @flow(name="prepare", log_prints=False)
@@ -112,38 +53,23 @@ def prepare_flow(
 ) -> dict[str, Any]:
     """Compute the training targets of the scene store at ``store_path``."""
     cfg = PrepareConfig.model_validate(config)
-    store = open_store(store_path)
-    check_inputs(store, cfg)
-    if not force and is_current(store, cfg):
-        return {
-            "store": store_path,
-            "skipped": True,
-            "fingerprint": store.meta["prepare"]["fingerprint_path"],
-        }
-    for name in (
-        "distributed",
-        "distributed.scheduler",
-        "distributed.worker",
-        "distributed.core",
-        "distributed.http.proxy",
-        "distributed.nanny",
-    ):
-        logging.getLogger(name).setLevel(logging.WARNING)  # cluster start-up chatter
-    with dask_client(dask_address):
-        source = instances_task(store_path, show_progress)
-        cw = class_weights_task(store_path, config, show_progress)
-        written = weight_map_task(store_path, config, cw["weights"], force, show_progress)
-        out = fingerprint_task(
-            store_path, config, cw["counts"], cw["weights"], fingerprint_path, show_progress
-        )
+    if not force and is_current(open_store(store_path), cfg):  # no cluster to start
+        r = prepare_store(store_path, cfg, fingerprint_path=fingerprint_path)
+        return {"store": store_path, "skipped": True, "fingerprint": str(r.fingerprint_path)}
+    quiet_dask_startup()
+    with dask_client(dask_address) as client:
+        from distributed import progress
+
+        bar = (lambda fut: progress(fut, notebook=False)) if show_progress else None
+        r = prepare_store(store_path, cfg, client=client, progress=bar,
+                          fingerprint_path=fingerprint_path, force=force, step=as_task)  # fmt: skip
     result = {
         "store": store_path,
         "skipped": False,
-        "instances": source,
-        "weights_written": written,
-        "class_counts": cw["counts"],
-        "class_weights": cw["weights"],
-        "fingerprint": out,
+        "instances": r.instances,
+        "class_counts": r.class_counts,
+        "class_weights": r.class_weights,
+        "fingerprint": str(r.fingerprint_path),
     }
     create_markdown_artifact(
         key="prepare-summary",
@@ -166,42 +92,16 @@ def _summary(r: dict[str, Any], cfg: PrepareConfig) -> str:
     )
 
 
-def _explicit(text: str | None) -> dict[int, float] | None:
-    if text is None:
-        return None
-    try:
-        pairs = [p.split("=") for p in text.split(",") if p.strip()]
-        return {int(k): float(v) for k, v in pairs}
-    except ValueError:
-        raise ConfigError(
-            f"--explicit-weights must be id=weight pairs separated by commas, e.g. 0=1,1=5: got {text!r}"
-        ) from None
-
-
 def build_config(args: argparse.Namespace) -> PrepareConfig:
     """Options from a pipeline config (if given), overridden by the command line."""
-    base: dict[str, Any] = {}
-    if args.config:
-        base = load_config(args.config).prepare.model_dump()
-    for key in ("w0", "sigma", "eps", "class_weights"):
-        value = getattr(args, key)
-        if value is not None:
-            base[key] = value
-    explicit = _explicit(args.explicit_weights)
-    if explicit is not None:
-        base["explicit_class_weights"] = explicit
-        if args.class_weights is None:
-            base["class_weights"] = "explicit"
-    if args.train_bbox and args.train_blocks:
-        raise ConfigError("give either --train-bbox or --train-blocks, not both")
-    if args.train_bbox:
-        base["train_region"] = {"bbox": tuple(args.train_bbox)}
-    elif args.train_blocks:
-        base["train_region"] = {
-            "block": args.train_blocks[0],
-            "holdout_every": args.train_blocks[1],
-        }
-    return make_config(**base)
+    base = load_config(args.config).prepare.model_dump() if args.config else {}
+    return config_with(
+        base,
+        overrides={name: getattr(args, name, None) for name in FLAGS},
+        explicit_weights=args.explicit_weights,
+        train_bbox=args.train_bbox,
+        train_blocks=args.train_blocks,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -210,33 +110,13 @@ def parser() -> argparse.ArgumentParser:
         description="Border-weight map, class weights and normalization fingerprint of a scene store.",
     )
     p.add_argument("store", help="scene store (STORE.zarr) written by flows/ingest.py")
-    p.add_argument("--w0", type=float, help="border weight w0 (default 10; 0 = no border term)")
-    p.add_argument("--sigma", type=float, help="border width sigma in pixels (default 5)")
-    p.add_argument("--eps", type=float, help="cut the border term off below eps (default 1e-3)")
-    p.add_argument(
-        "--class-weights",
-        choices=["none", "inverse", "median", "explicit"],
-        help="class weight mode (default none: w_c = 1)",
-    )
+    add_options(p, PrepareConfig, skip=NESTED)  # --w0, --sigma, --eps, --class-weights
     p.add_argument("--explicit-weights", help="explicit class weights, e.g. 0=1,1=5")
-    p.add_argument(
-        "--train-bbox",
-        type=int,
-        nargs=4,
-        metavar=("R0", "C0", "R1", "C1"),
-        help="training region: pixel rows [R0, R1) and columns [C0, C1)",
-    )
-    p.add_argument(
-        "--train-blocks",
-        type=int,
-        nargs=2,
-        metavar=("BLOCK", "EVERY"),
-        help="training region: hold out every EVERY-th block of BLOCK pixels",
-    )
-    p.add_argument(
-        "--fingerprint",
-        help="where to write the fingerprint JSON (default: beside the store, NAME.fingerprint.json)",
-    )
+    p.add_argument("--train-bbox", type=int, nargs=4, metavar=("R0", "C0", "R1", "C1"),
+                   help="training region: pixel rows [R0, R1) and columns [C0, C1)")  # fmt: skip
+    p.add_argument("--train-blocks", type=int, nargs=2, metavar=("BLOCK", "EVERY"),
+                   help="training region: hold out every EVERY-th block of BLOCK pixels")  # fmt: skip
+    p.add_argument("--fingerprint", help="fingerprint JSON to write (default: NAME.fingerprint.json)")
     p.add_argument("--config", help="pipeline YAML whose 'prepare' section to start from")
     p.add_argument(
         "--dask-address", help="Dask scheduler (default: $SEGFLOW_DASK_ADDRESS or a local cluster)"

@@ -35,17 +35,17 @@ Examples
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
 
 from segflow.config import PrepareConfig, TrainRegion, format_validation_error
-from segflow.errors import ConfigError, StoreError
+from segflow.errors import ConfigError, StoreError, option
 from segflow.fingerprint import (
     Fingerprint,
     band_histograms,
@@ -72,6 +72,7 @@ __all__ = [
     "FINGERPRINT_SUFFIX",
     "PrepareResult",
     "check_inputs",
+    "config_with",
     "compute_class_counts",
     "compute_fingerprint",
     "default_fingerprint_path",
@@ -79,6 +80,7 @@ __all__ = [
     "is_current",
     "make_config",
     "open_store",
+    "parse_explicit_weights",
     "prepare_store",
     "request_of",
     "write_fingerprint",
@@ -111,6 +113,11 @@ class PrepareResult:
     fingerprint_path: Path
 
 
+
+T = TypeVar("T")
+#: Runs one named step of :func:`prepare_store`: ``step(name, work) -> work()``.
+Step = Callable[[str, Callable[[], Any]], Any]
+
 # --------------------------------------------------------------------------- validation
 def make_config(**options: Any) -> PrepareConfig:
     """A :class:`PrepareConfig` from keyword options; bad values raise :class:`ConfigError`.
@@ -124,6 +131,50 @@ def make_config(**options: Any) -> PrepareConfig:
         return PrepareConfig.model_validate(options)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source="prepare options")) from None
+
+
+def parse_explicit_weights(text: str) -> dict[int, float]:
+    """``"0=1,1=5"`` -> ``{0: 1.0, 1: 5.0}`` (the command line's form of explicit weights).
+
+    >>> parse_explicit_weights("0=1, 1=5")
+    {0: 1.0, 1: 5.0}
+    """
+    try:
+        pairs = [p.split("=") for p in text.split(",") if p.strip()]
+        return {int(k): float(v) for k, v in pairs}
+    except ValueError:
+        raise ConfigError(
+            f"{option('explicit_weights')} must be id=weight pairs separated by commas, e.g. "
+            f"0=1,1=5: got {text!r}"
+        ) from None
+
+
+def config_with(
+    base: Mapping[str, Any],
+    *,
+    overrides: Mapping[str, Any],
+    explicit_weights: str | None = None,
+    train_bbox: Sequence[int] | None = None,
+    train_blocks: Sequence[int] | None = None,
+) -> PrepareConfig:
+    """``base`` options (e.g. a pipeline's ``prepare`` section) with ``overrides`` and the
+    command line's forms of the nested options: explicit weights switch the mode to
+    ``explicit`` unless a mode is given; ``train_bbox`` (R0 C0 R1 C1) or ``train_blocks``
+    (BLOCK EVERY) set the training region."""
+    options = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    if explicit_weights is not None:
+        options["explicit_class_weights"] = parse_explicit_weights(explicit_weights)
+        if overrides.get("class_weights") is None:
+            options["class_weights"] = "explicit"
+    if train_bbox and train_blocks:
+        raise ConfigError(
+            f"give either {option('train_bbox')} or {option('train_blocks')}, not both"
+        )
+    if train_bbox:
+        options["train_region"] = {"bbox": tuple(train_bbox)}
+    elif train_blocks:
+        options["train_region"] = {"block": train_blocks[0], "holdout_every": train_blocks[1]}
+    return make_config(**options)
 
 
 def open_store(path: str | Path) -> SceneStore:
@@ -559,8 +610,13 @@ def prepare_store(
     progress: Progress | None = None,
     fingerprint_path: str | Path | None = None,
     force: bool = False,
+    step: Step | None = None,
 ) -> PrepareResult:
     """Run the whole prepare stage on the store at ``path`` (see the module docstring).
+
+    ``step(name, work)`` runs each of the four steps (``instances``, ``class-weights``,
+    ``weight-map``, ``fingerprint``; ``work`` takes no argument); the default calls it, a
+    Prefect flow makes each a task.
 
     Returns
     -------
@@ -583,10 +639,20 @@ def prepare_store(
         log.info("prepare of %s is current: nothing to do", store.path)
         source = (store.array_params("instances") or {}).get("derived_from", "instances")
         return PrepareResult(store.path, True, source, fp.class_counts, fp.class_weights, fp, out)
-    source = ensure_instances(store, client=client, progress=progress)
-    counts = compute_class_counts(store, config, client=client, progress=progress)
+    run = step or _call
+    kw: dict[str, Any] = {"client": client, "progress": progress}
+    source = run("instances", lambda: ensure_instances(store, **kw))
+    counts = run("class-weights", lambda: compute_class_counts(store, config, **kw))
     weights = compute_class_weights(counts, config)
-    write_weights(store, config, weights, client=client, progress=progress, force=force)
-    fp = compute_fingerprint(store, config, counts, weights, client=client, progress=progress)
-    out = write_fingerprint(store, fp, config, fingerprint_path)
+    run("weight-map", lambda: write_weights(store, config, weights, force=force, **kw))
+
+    def fingerprint() -> tuple[Fingerprint, Path]:
+        fp = compute_fingerprint(store, config, counts, weights, **kw)
+        return fp, write_fingerprint(store, fp, config, fingerprint_path)
+
+    fp, out = run("fingerprint", fingerprint)
     return PrepareResult(store.path, False, source, counts, weights, fp, out)
+
+
+def _call(name: str, work: Callable[[], T]) -> T:
+    return work()

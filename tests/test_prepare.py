@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from segflow.fingerprint import Fingerprint
 from segflow.geometry import BlockIndex
 from segflow.io.store import GeoRef, SceneStore
 from segflow.prepare import (
+    config_with,
     is_current,
     make_config,
     prepare_store,
@@ -372,3 +374,37 @@ def test_flow_end_to_end(tmp_path: Path, dsb_scene: dict[str, np.ndarray]) -> No
     assert store.has("weights") and store.meta["fingerprint"]["train_region"]["block"] == 64
     r = run_cli(str(path), "--class-weights", "inverse", "--train-blocks", "64", "3")
     assert r.returncode == 0 and "up to date" in r.stdout
+
+
+def test_steps_run_in_order_through_the_hook(tmp_path: Path, rng: np.random.Generator) -> None:
+    """prepare_store hands each step to ``step`` (the flow makes each a Prefect task)."""
+    labels = (rng.random((64, 64)) > 0.7).astype(np.uint8)
+    make_store(tmp_path / "s.zarr", rng.integers(0, 255, (1, 64, 64), dtype=np.uint8),
+               labels=labels, chunk=32)  # fmt: skip
+    names: list[str] = []
+
+    def step(name: str, work: Any) -> Any:
+        names.append(name)
+        return work()
+
+    direct = prepare_store(tmp_path / "s.zarr", PrepareConfig(class_weights="inverse"),
+                           step=step, force=True)  # fmt: skip
+    assert names == ["instances", "class-weights", "weight-map", "fingerprint"]
+    again = prepare_store(tmp_path / "s.zarr", PrepareConfig(class_weights="inverse"), force=True)
+    assert (direct.class_counts, direct.class_weights) == (again.class_counts, again.class_weights)
+    assert direct.fingerprint == again.fingerprint
+
+
+def test_command_line_forms_of_the_nested_options() -> None:
+    base = PrepareConfig(sigma=3.0).model_dump()
+    cfg = config_with(base, overrides={"w0": 5.0, "sigma": None}, explicit_weights="0=1,1=4",
+                      train_blocks=(64, 3))  # fmt: skip
+    assert (cfg.w0, cfg.sigma, cfg.class_weights) == (5.0, 3.0, "explicit")
+    assert cfg.explicit_class_weights == {0: 1.0, 1: 4.0}
+    assert cfg.train_region == TrainRegion(block=64, holdout_every=3)
+    kept = config_with({}, overrides={"class_weights": "none"}, explicit_weights="0=1")
+    assert kept.class_weights == "none"  # an explicit mode wins over the weights' implied one
+    with pytest.raises(ConfigError, match="give either --train-bbox or --train-blocks"):
+        config_with({}, overrides={}, train_bbox=(0, 0, 8, 8), train_blocks=(8, 2))
+    with pytest.raises(ConfigError, match="--explicit-weights must be id=weight pairs"):
+        config_with({}, overrides={}, explicit_weights="one=1")
