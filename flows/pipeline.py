@@ -5,21 +5,12 @@
 Outputs go to the config's ``work_dir`` (default ``outputs/NAME``): the scene store, the
 fingerprint, the checkpoint and training curve (``train/``), the COG, polygons and quick-look.
 
-Each stage has a key (:mod:`segflow.stages`): a SHA-256 over the upstream stages' keys, its
-parameters, the content of its input files and the code it runs. A stage whose key equals the
-one recorded in ``<work>/stages/<stage>.json`` when it last finished, and whose recorded
-outputs all exist, is skipped; so a re-run finishes in seconds, a changed segment option
-re-runs only segment_region, a changed prepare option re-runs prepare, train and
-segment_region. A stage killed part-way resumes its own partial work when re-run with the same
-key (ingest units, prepare units, the training state, inference units) and starts clean
-with another key.
-
-Prefect sees the same key: every task's ``cache_key_fn`` is the stage key and its result is
-persisted (JSON) under ``<work>/.prefect-results``, so the UI shows a current stage as
-Cached. The stage records stay the source of truth: Prefect's cache knows nothing of deleted
-outputs (it would return the old result and never re-make a deleted COG) nor of a stage
-started clean under another key, so the flow refreshes the cache whenever the records say
-a stage must run, and a stage whose cached result is missing checks its record itself.
+Each stage has a key (:mod:`segflow.stages`: upstream keys, parameters, input contents,
+code); a stage whose key and outputs match its record in ``<work>/stages/`` is skipped, one
+killed part-way resumes its own work, and one with another key starts clean. Prefect's cache
+(``cache_key_fn`` = the stage key, results under ``<work>/.prefect-results``) shows a current
+stage as Cached; the stage records stay the source of truth, so the cache is refreshed
+whenever they say a stage must run (Prefect knows nothing of deleted outputs).
 """
 
 from __future__ import annotations
@@ -36,10 +27,10 @@ from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from segflow.config import PipelineConfig, load_config
-from segflow.errors import ConfigError
 from segflow.stages import (
     StagePlan,
     StageRun,
+    check_pipeline_inputs,
     model_path,
     plan_ingest,
     plan_prepare,
@@ -49,6 +40,7 @@ from segflow.stages import (
     run_prepare,
     run_segment,
     run_train,
+    summary,
 )
 
 RESULTS_DIR = ".prefect-results"
@@ -126,35 +118,6 @@ def pipeline_flow(
     return stages
 
 
-def stage_status(name: str, st: dict[str, Any]) -> str:
-    """``ran in X s`` (with what training did) or ``skipped (current)``."""
-    if not st["ran"]:
-        return "skipped (current)"
-    status = f"ran in {st.get('seconds', '?')} s"
-    if st.get("plan") == StagePlan.RESUME.value:
-        status += " (resumed)"
-    if name == "train" and st.get("steps") is not None:
-        best = st.get("best_metric")
-        status += f", {st['steps']} steps"
-        if best is not None:
-            status += f", best {st['metric']} {best:.4f}"
-    return status
-
-
-def summary(cfg: PipelineConfig, stages: dict[str, Any]) -> str:
-    lines = [f"### segflow pipeline `{cfg.name}`", "", "| stage | status |", "|---|---|"]
-    for name, st in stages.items():
-        lines.append(f"| {name} | {stage_status(name, st)} |")
-    seg = stages["segment_region"]
-    outputs = dict(seg.get("outputs") or {})
-    if "train" in stages:
-        outputs["training curve"] = str(cfg.work_path / "train" / "curve.png")
-        outputs["model"] = str(cfg.work_path / "train" / "best")
-    lines += ["", *[f"- {k}: `{v}`" for k, v in outputs.items()]]
-    lines += [f"- {k}: {v} px" for k, v in (seg.get("class_pixels") or {}).items()]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python flows/pipeline.py", description=__doc__.split("\n\n")[0]
@@ -166,10 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", help="training and inference device (default: CUDA when available)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)  # fail fast, before Prefect starts
-    if not Path(cfg.ingest.source).exists():
-        raise ConfigError(
-            f"ingest.source not found: {cfg.ingest.source!r} (paths are relative to the working directory)"
-        )
+    check_pipeline_inputs(cfg)
     stages = pipeline_flow(args.config, args.dask_address, args.device)
     print(summary(cfg, stages))
 

@@ -198,3 +198,26 @@ def test_a_listed_store_is_ingested_like_the_template_but_with_its_own_image() -
     assert (other.source, other.labels, other.instances) == ("b.png", "lb.png", None)
     with pytest.raises(ValueError, match="no source"):
         store_ingest_config(cfg, StoreRef(store="c.zarr"))
+
+
+def test_the_summary_says_what_each_stage_did(tmp_path: Path) -> None:
+    from segflow.stages import check_pipeline_inputs, stage_status, summary
+
+    cfg = pipeline(tmp_path)
+    stages = {
+        "ingest": {"ran": False},
+        "prepare": {"ran": True, "seconds": 2.5, "plan": "resume"},
+        "train": {"ran": True, "seconds": 9, "plan": "fresh", "steps": 40, "metric": "mean_iou",
+                  "best_metric": 0.71234},
+        "segment_region": {"ran": True, "seconds": 1, "plan": "fresh",
+                           "outputs": {"out": "p.tif"}, "class_pixels": {"cell": 12}},
+    }  # fmt: skip
+    assert stage_status("ingest", stages["ingest"]) == "skipped (current)"
+    assert stage_status("prepare", stages["prepare"]) == "ran in 2.5 s (resumed)"
+    assert stage_status("train", stages["train"]) == "ran in 9 s, 40 steps, best mean_iou 0.7123"
+    text = summary(cfg, stages)
+    assert "| segment_region | ran in 1 s |" in text and "- out: `p.tif`" in text
+    assert "- cell: 12 px" in text and "- model: `" in text
+    missing = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": "no.tif"})})
+    with pytest.raises(ConfigError, match="ingest.source not found: 'no.tif'"):
+        check_pipeline_inputs(missing)

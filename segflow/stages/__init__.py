@@ -14,6 +14,7 @@ from segflow.stages.plan import (
     StageRun,
     begin_stage,
     canonical_json,
+    check_pipeline_inputs,
     code_version,
     finish_stage,
     known_inputs,
@@ -36,6 +37,7 @@ from segflow.stages.plan import (
     write_record,
     write_started,
 )
+from segflow.stages.report import stage_status, summary
 from segflow.stages.run import (
     finished_training,
     prediction_store_reusable,
@@ -51,6 +53,7 @@ from segflow.stages.training import build_training_stores, store_ingest_config, 
 __all__ = [
     "build_training_stores",
     "store_ingest_config",
+    "summary",
     "training_config",
     "RECORD_VERSION",
     "STAGE_CODE",
@@ -59,6 +62,7 @@ __all__ = [
     "StageRun",
     "begin_stage",
     "canonical_json",
+    "check_pipeline_inputs",
     "code_version",
     "finish_stage",
     "finished_training",
@@ -83,6 +87,7 @@ __all__ = [
     "run_train",
     "segment_request",
     "skipped",
+    "stage_status",
     "stage_code",
     "stage_key",
     "started_path",

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import segflow
 from segflow.atomic import write_json_atomic
-from segflow.errors import CheckpointError, SourceError
+from segflow.errors import CheckpointError, ConfigError, SourceError
 
 if TYPE_CHECKING:
     from segflow.config import PipelineConfig
@@ -70,6 +70,7 @@ __all__ = [
     "module_closure",
     "outputs_exist",
     "path_identity",
+    "check_pipeline_inputs",
     "plan_ingest",
     "plan_prepare",
     "plan_run",
@@ -577,6 +578,15 @@ def _identity(path: str | Path, name: str, known: Mapping[str, Any]) -> dict[str
     prev = known.get(name)
     prev = prev if isinstance(prev, Mapping) and prev.get("path") == str(path) else None
     return {"path": str(path), **path_identity(path, prev)}
+
+
+def check_pipeline_inputs(cfg: PipelineConfig) -> None:
+    """Refuse a pipeline whose ingest source is missing, in a second, before anything starts."""
+    if not Path(cfg.ingest.source).exists():
+        raise ConfigError(
+            f"ingest.source not found: {cfg.ingest.source!r} (paths are relative to the "
+            "working directory)"
+        )
 
 
 def plan_ingest(cfg: PipelineConfig) -> StageRun:

@@ -1,0 +1,41 @@
+"""The pipeline's summary: one line per stage (ran, resumed, skipped; what training did) and
+the outputs, as Markdown (the Prefect artifact and the command line's last words)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from segflow.config import PipelineConfig
+from segflow.stages.plan import StagePlan
+
+__all__ = ["stage_status", "summary"]
+
+
+def stage_status(name: str, st: dict[str, Any]) -> str:
+    """``ran in X s`` (with what training did) or ``skipped (current)``."""
+    if not st["ran"]:
+        return "skipped (current)"
+    status = f"ran in {st.get('seconds', '?')} s"
+    if st.get("plan") == StagePlan.RESUME.value:
+        status += " (resumed)"
+    if name == "train" and st.get("steps") is not None:
+        best = st.get("best_metric")
+        status += f", {st['steps']} steps"
+        if best is not None:
+            status += f", best {st['metric']} {best:.4f}"
+    return status
+
+
+def summary(cfg: PipelineConfig, stages: dict[str, Any]) -> str:
+    """The Markdown summary of a pipeline run's ``stages`` results."""
+    lines = [f"### segflow pipeline `{cfg.name}`", "", "| stage | status |", "|---|---|"]
+    for name, st in stages.items():
+        lines.append(f"| {name} | {stage_status(name, st)} |")
+    seg = stages["segment_region"]
+    outputs = dict(seg.get("outputs") or {})
+    if "train" in stages:
+        outputs["training curve"] = str(cfg.work_path / "train" / "curve.png")
+        outputs["model"] = str(cfg.work_path / "train" / "best")
+    lines += ["", *[f"- {k}: `{v}`" for k, v in outputs.items()]]
+    lines += [f"- {k}: {v} px" for k, v in (seg.get("class_pixels") or {}).items()]
+    return "\n".join(lines) + "\n"
