@@ -434,11 +434,7 @@ def segment_region(
         inp, region, model, meta, options = _check_inputs(req)
         report, store, view_region = _infer(req, inp, region, model, meta, options, progress)
         labels = _RegionView(store.array(LABELS), view_region)
-        georef = (
-            GeoRef(inp.georef.crs_wkt, inp.georef.epsg, inp.georef.window_geotransform(region))
-            if inp.georef
-            else None
-        )
+        georef = inp.georef[region] if inp.georef else None
         classes: tuple[ClassDef, ...] = tuple(meta.classes)
         counter = _ClassCounter(classes)
         outputs = _export(req, inp, store, labels, view_region, region, georef, classes, counter)

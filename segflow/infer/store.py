@@ -104,11 +104,7 @@ def open_prediction_store(
         dtype="uint8",
         chunk=chunk,
         shard=shard,
-        georef=(
-            GeoRef(georef.crs_wkt, georef.epsg, georef.window_geotransform(region))
-            if georef
-            else None
-        ),
+        georef=georef[region] if georef else None,
         slide=slide,
         source=source,
         classes=classes,

@@ -9,19 +9,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from segflow.config import ClassDef
-from segflow.errors import LabelError, RegionError
+from segflow.errors import LabelError
 from segflow.geometry import Window
-from segflow.io.store import GeoRef
-
-if TYPE_CHECKING:
-    import pyproj
-    from affine import Affine
-
+from segflow.georef import PixelGrid, _fmt_bounds  # noqa: F401 (the readers use both)
 
 __all__ = ["LabelBlock", "LabelReader", "PixelGrid", "label_dtype"]
 
@@ -31,75 +26,6 @@ _MAX_INSTANCE = np.iinfo(np.uint32).max
 
 
 # --------------------------------------------------------------------------- value objects
-@dataclass(frozen=True, slots=True)
-class PixelGrid:
-    """The target grid: an image's level-0 pixels, with its georeference if it has one.
-
-    ``georef`` None means a plain pixel grid (slides, PNGs): pixel (row, col) covers
-    x in [col, col + 1), y in [row, row + 1).
-    """
-
-    height: int
-    width: int
-    georef: GeoRef | None = None
-
-    def __post_init__(self) -> None:
-        if self.height <= 0 or self.width <= 0:
-            raise LabelError(
-                f"label grid must have a positive size, got {self.height} x {self.width} pixels"
-            )
-
-    @property
-    def transform(self) -> Affine:
-        """Pixel -> grid coordinates (the identity for a plain pixel grid)."""
-        from affine import Affine
-
-        return self.georef.affine() if self.georef else Affine.identity()
-
-    @property
-    def crs(self) -> pyproj.CRS | None:
-        """The grid's CRS (None for a plain pixel grid)."""
-        import pyproj
-
-        return pyproj.CRS.from_wkt(self.georef.crs_wkt) if self.georef else None
-
-    def bounds(self, window: Window | None = None) -> tuple[float, float, float, float]:
-        """``(xmin, ymin, xmax, ymax)`` of the grid, or of ``window``, in grid coordinates."""
-        w = window or Window(0, 0, self.height, self.width)
-        t = self.transform
-        cols = np.array([w.col_off, w.col_stop, w.col_off, w.col_stop], float)
-        rows = np.array([w.row_off, w.row_off, w.row_stop, w.row_stop], float)
-        xs, ys = t.a * cols + t.b * rows + t.c, t.d * cols + t.e * rows + t.f
-        return (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
-
-    def window_transform(self, window: Window) -> Affine:
-        """Pixel -> grid coordinates of ``window``'s own pixels."""
-        from affine import Affine
-
-        if self.georef is None:
-            return Affine.translation(window.col_off, window.row_off)
-        return Affine.from_gdal(*self.georef.window_geotransform(window))
-
-    def describe(self) -> str:
-        """``"H x W pixels, bounds (...) in CRS"`` for messages."""
-        where = (
-            f"EPSG:{self.georef.epsg}"
-            if self.georef and self.georef.epsg
-            else ("a custom CRS" if self.georef else "pixel coordinates")
-        )
-        return (
-            f"{self.height} x {self.width} pixels, bounds {_fmt_bounds(self.bounds())} in {where}"
-        )
-
-    def check_window(self, window: Window) -> None:
-        """Raise :class:`~segflow.errors.RegionError` unless ``window`` lies inside the grid."""
-        if not Window(0, 0, self.height, self.width).contains(window):
-            raise RegionError(
-                f"label window {window} is outside the {self.height} x {self.width} grid: "
-                "read windows inside the image"
-            )
-
-
 @dataclass(frozen=True, slots=True)
 class LabelBlock:
     """The labels of one window: class ids ``(h, w)`` and/or instance ids ``(h, w)`` uint32."""
@@ -161,10 +87,6 @@ def _table_text(classes: Sequence[ClassDef]) -> str:
 # --------------------------------------------------------------------------- small helpers
 def _boxes_intersect(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
-
-
-def _fmt_bounds(b: tuple[float, ...]) -> str:
-    return "(" + ", ".join(f"{v:.10g}" for v in b) + ")"
 
 
 def _crs_text(crs: Any) -> str:

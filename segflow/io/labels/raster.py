@@ -17,6 +17,7 @@ import numpy as np
 from segflow.config import ClassDef
 from segflow.errors import LabelError
 from segflow.geometry import Window
+from segflow.georef import _fmt_bounds
 from segflow.io.labels.base import (
     _MAX_INSTANCE,
     LabelBlock,
@@ -26,7 +27,6 @@ from segflow.io.labels.base import (
     _class_ids,
     _crs_text,
     _file_key,
-    _fmt_bounds,
     _table_text,
     label_dtype,
 )
