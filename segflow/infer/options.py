@@ -24,6 +24,14 @@ _TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
 
 
 _USER = SegmentOptions()
+# the values each choice option allows (checked in order: mode first)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("crop", "gaussian"),
+    "tta_set": tuple(_TTA_FLIPS),
+    "amp": ("auto", "off", "bf16", "fp16"),
+    "output": ("probabilities", "labels", "both"),
+    "probability_dtype": ("uint8", "float16"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,13 +89,25 @@ class InferenceOptions:
     label_nodata: int = 255
     strip_width: int = 8192
 
-    def __post_init__(self) -> None:  # noqa: C901 (house: to split)
+    def __post_init__(self) -> None:
+        self._check_geometry()
+        for name in ("size_multiple", "batch_size", "prefetch", "read_workers", "strip_width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if not 0 <= self.label_nodata <= 65535:
+            raise ConfigError(f"label_nodata must be in [0, 65535], got {self.label_nodata}")
+
+    def _check_geometry(self) -> None:
+        """Tile, halo, window and overlap: sizes that make sense together."""
         if self.tile <= 0:
             raise ConfigError(f"tile must be > 0, got {self.tile}: use e.g. {option('tile', 512)}")
         if self.halo < 0:
             raise ConfigError(f"halo must be >= 0, got {self.halo}: use the checkpoint's halo")
-        if self.mode not in ("crop", "gaussian"):
-            raise ConfigError(f"mode must be 'crop' or 'gaussian', got {self.mode!r}")
         if self.mode == "crop" and self.tile < 2 * self.halo:
             raise ConfigError(
                 f"tile {self.tile} is smaller than twice the halo {self.halo}: most of each "
@@ -102,21 +122,6 @@ class InferenceOptions:
                 f"window={self.window} applies to mode 'gaussian' only; in 'crop' mode the "
                 "model input is tile + 2 * halo: leave window unset"
             )
-        for name in ("size_multiple", "batch_size", "prefetch", "read_workers", "strip_width"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.tta_set not in _TTA_FLIPS:
-            raise ConfigError(f"tta_set must be one of {sorted(_TTA_FLIPS)}, got {self.tta_set!r}")
-        if self.amp not in ("auto", "off", "bf16", "fp16"):
-            raise ConfigError(f"amp must be auto, off, bf16 or fp16, got {self.amp!r}")
-        if self.output not in ("probabilities", "labels", "both"):
-            raise ConfigError(f"output must be probabilities, labels or both, got {self.output!r}")
-        if self.probability_dtype not in ("uint8", "float16"):
-            raise ConfigError(
-                f"probability_dtype must be uint8 or float16, got {self.probability_dtype!r}"
-            )
-        if not 0 <= self.label_nodata <= 65535:
-            raise ConfigError(f"label_nodata must be in [0, 65535], got {self.label_nodata}")
 
     @property
     def window_size(self) -> int:
