@@ -32,10 +32,11 @@ from _common import run_cli
 
 from segflow.config import PipelineConfig, load_config
 from segflow.config.train import TrainConfig, make_train_config
-from segflow.io.store import SceneStore
-from segflow.outputs import check_output_directory
-from segflow.stages.training import build_training_stores, training_config
-from segflow.train.loop import resolve_device
+from segflow.stages.training import (
+    build_training_stores,
+    check_training_request,
+    training_config,
+)
 
 
 def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[dict[str, Any]]:
@@ -74,14 +75,7 @@ def run_training(tcfg: TrainConfig, out: Path, *, resume: bool, device: str | No
     res = train(tcfg, out_dir=out, resume=resume, device=device, progress=progress)
     if bar is not None:
         bar.close()
-    return {
-        "out_dir": str(res.out_dir), "steps": res.steps, "total_steps": res.total_steps,
-        "stopped_early": res.stopped_early, "best_step": res.best_step,
-        "best_metric": res.best_metric, "wall_s": round(res.wall_s, 1),
-        "best_checkpoint": str(res.best_checkpoint) if res.best_checkpoint else None,
-        "last_checkpoint": str(res.last_checkpoint) if res.last_checkpoint else None,
-        "final": {k: v for k, v in res.final_metrics.items() if not isinstance(v, list)},
-    }
+    return res.summary()
 
 
 def _markdown(r: dict[str, Any], metric: str) -> str:
@@ -150,13 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     # fail in a second, before Prefect starts
     tcfg = training_config(cfg, steps=args.steps, time_limit_s=args.time_limit, source=args.config)
     out = Path(args.out) if args.out else cfg.work_path / "train"
-    stores = [r.store for r in (*tcfg.stores.train, *tcfg.stores.val)]
-    check_output_directory("out", out, inputs=stores)
-    for ref in (*tcfg.stores.train, *tcfg.stores.val):
-        if ref.source is None:
-            SceneStore.open(ref.store)  # a missing store without a source fails here
-    if not args.prepare_only:
-        resolve_device(args.device)  # an unknown device fails here, before Prefect starts
+    check_training_request(tcfg, out, device=args.device, prepare_only=args.prepare_only)
     show = not args.no_progress and sys.stderr.isatty()
     if args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

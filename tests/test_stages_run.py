@@ -219,5 +219,5 @@ def test_the_summary_says_what_each_stage_did(tmp_path: Path) -> None:
     assert "| segment_region | ran in 1 s |" in text and "- out: `p.tif`" in text
     assert "- cell: 12 px" in text and "- model: `" in text
     missing = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": "no.tif"})})
-    with pytest.raises(ConfigError, match="ingest.source not found: 'no.tif'"):
+    with pytest.raises(ConfigError, match=r"ingest\.source not found: 'no\.tif'"):
         check_pipeline_inputs(missing)

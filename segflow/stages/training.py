@@ -17,7 +17,12 @@ from segflow.config import IngestConfig, PipelineConfig
 from segflow.config.train import StoreRef, TrainConfig, make_train_config
 from segflow.errors import ConfigError
 
-__all__ = ["build_training_stores", "store_ingest_config", "training_config"]
+__all__ = [
+    "build_training_stores",
+    "check_training_request",
+    "store_ingest_config",
+    "training_config",
+]
 
 
 def training_config(
@@ -47,6 +52,26 @@ def training_config(
     if not update:
         return cfg.train
     return make_train_config({**cfg.train.model_dump(), **update}, source=f"{source}: train")
+
+
+def check_training_request(
+    tcfg: TrainConfig, out: Path, *, device: str | None, prepare_only: bool
+) -> None:
+    """Refuse, in a second and before anything starts: an output directory that is an input
+    or not writable, a listed store that is missing and has no ``source`` to build it from,
+    an unknown or absent device (unless only the stores are built)."""
+    from segflow.io.store import SceneStore
+    from segflow.outputs import check_output_directory
+
+    refs = (*tcfg.stores.train, *tcfg.stores.val)
+    check_output_directory("out", out, inputs=[r.store for r in refs])
+    for ref in refs:
+        if ref.source is None:
+            SceneStore.open(ref.store)  # a missing store without a source fails here
+    if not prepare_only:
+        from segflow.train.distributed import resolve_device
+
+        resolve_device(device)
 
 
 def store_ingest_config(cfg: PipelineConfig, ref: StoreRef) -> IngestConfig:

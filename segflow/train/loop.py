@@ -124,6 +124,17 @@ class TrainResult:
     resumed_from: int | None = None
     model: torch.nn.Module | None = field(default=None, repr=False)
 
+    def summary(self) -> dict[str, Any]:
+        """The result as JSON-ready values (no model; final metrics without lists)."""
+        return {
+            "out_dir": str(self.out_dir), "steps": self.steps, "total_steps": self.total_steps,
+            "stopped_early": self.stopped_early, "best_step": self.best_step,
+            "best_metric": self.best_metric, "wall_s": round(self.wall_s, 1),
+            "best_checkpoint": str(self.best_checkpoint) if self.best_checkpoint else None,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "final": {k: v for k, v in self.final_metrics.items() if not isinstance(v, list)},
+        }  # fmt: skip
+
 
 def lr_factor(schedule: ScheduleConfig, step: int, total: int) -> float:
     """The learning-rate multiplier for 0-based ``step`` of ``total`` (pure).
