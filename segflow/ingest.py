@@ -386,7 +386,7 @@ def ingest(
         return _ingest(spec, executor=executor, progress=progress, on_start=on_start)
 
 
-def _ingest(  # noqa: C901 (house: to split)
+def _ingest(
     spec: IngestSpec,
     *,
     executor: Executor | None,
@@ -400,33 +400,11 @@ def _ingest(  # noqa: C901 (house: to split)
     info = source.info
     source_hash = source_sha256(spec.source)
     run_key = _run_key(spec, source_hash, _input_hashes(spec))
-
     if out.exists():
-        if _store_key(out) != run_key:
-            raise StoreError(
-                f"a different store already exists at {str(out)!r}: remove it or choose another --out"
-            )
-        log.info("%s is complete for these inputs: nothing to do", out)
-        done_store = SceneStore.open(out)
-        return _report(
-            done_store,
-            units_written=0,
-            units_skipped=len(done_store.grid),
-            t0=t0,
-            already_complete=True,
-        )
+        return _already_complete(out, run_key, t0)
 
     staging = staging_path(out)
-    if staging.exists() and _store_key(staging) != run_key:
-        log.warning("discarding unfinished store %s made from other inputs", staging)
-        remove_tree(staging)
-    fresh = not staging.exists()
-    try:
-        labels, instances = _open_labels(spec, info, staging / "_segflow" / "labels")
-    except SegflowError:
-        if fresh:
-            remove_tree(staging)
-        raise
+    labels, instances = _open_staging_labels(spec, info, staging, run_key)
     store = _open_or_create_staging(spec, info, staging, run_key, source_hash, labels, instances)
 
     done = store.progress("ingest").done()
@@ -437,21 +415,68 @@ def _ingest(  # noqa: C901 (house: to split)
     log.info(
         "ingest %s -> %s: %d units to write, %d already done", spec.source, out, n_todo, len(done)
     )
+    task_kwargs = {
+        "source": source,
+        "labels": labels,
+        "instances": instances,
+        "store_path": str(store.path),  # absolute: workers may run elsewhere
+        "ingest_key": run_key,
+    }
+    _run_tasks(tasks, task_kwargs, store, staging, executor=executor, progress=progress)
+    _finalize(store, spec)
+    os.replace(staging, out)
+    return _report(SceneStore.open(out), units_written=n_todo, units_skipped=len(done), t0=t0)
 
+
+def _already_complete(out: Path, run_key: str, t0: float) -> IngestReport:
+    """The report on the finished store ``out``, if these inputs made it (else an error)."""
+    if _store_key(out) != run_key:
+        raise StoreError(
+            f"a different store already exists at {str(out)!r}: remove it or choose another --out"
+        )
+    log.info("%s is complete for these inputs: nothing to do", out)
+    done_store = SceneStore.open(out)
+    return _report(
+        done_store,
+        units_written=0,
+        units_skipped=len(done_store.grid),
+        t0=t0,
+        already_complete=True,
+    )
+
+
+def _open_staging_labels(
+    spec: IngestSpec, info: SourceInfo, staging: Path, run_key: str
+) -> tuple[LabelReader | None, LabelReader | None]:
+    """Open the label inputs into ``staging``, first discarding one made from other inputs.
+
+    Bad labels remove a staging store this call started, and leave a resumable one alone.
+    """
+    if staging.exists() and _store_key(staging) != run_key:
+        log.warning("discarding unfinished store %s made from other inputs", staging)
+        remove_tree(staging)
+    fresh = not staging.exists()
+    try:
+        return _open_labels(spec, info, staging / "_segflow" / "labels")
+    except SegflowError:
+        if fresh:
+            remove_tree(staging)
+        raise
+
+
+def _run_tasks(
+    tasks: Sequence[_Task],
+    task_kwargs: Mapping[str, Any],
+    store: SceneStore,
+    staging: Path,
+    *,
+    executor: Executor | None,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Run ``tasks`` on ``executor`` (default: one thread per core), recording finished units."""
     own_pool = executor is None
     pool: Executor = executor or ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-    futures = [
-        pool.submit(
-            _ingest_task,
-            t,
-            source=source,
-            labels=labels,
-            instances=instances,
-            store_path=str(store.path),  # absolute: workers may run elsewhere
-            ingest_key=run_key,
-        )
-        for t in tasks
-    ]
+    futures = [pool.submit(_ingest_task, t, **task_kwargs) for t in tasks]
     marks = store.progress("ingest")
     try:
         for fut in as_completed(futures):
@@ -470,10 +495,6 @@ def _ingest(  # noqa: C901 (house: to split)
         raise
     if own_pool:
         pool.shutdown(wait=True)
-
-    _finalize(store, spec)
-    os.replace(staging, out)
-    return _report(SceneStore.open(out), units_written=n_todo, units_skipped=len(done), t0=t0)
 
 
 def _open_or_create_staging(

@@ -398,16 +398,8 @@ def receptive_field(
     size = max(size, 8 * block)
     size += -size % (2 * block)
     while True:
-        radius = 0
-        for axis in (0, 1):
-            extent = _support_extent(net, in_channels, size, block, axis, trials, gen)
-            if extent is None:
-                continue
-            lo, hi, c0 = extent
-            if lo == 0 or hi == size - 1:
-                break
-            radius = max(radius, c0 - lo, hi - (c0 + block - 1))
-        else:
+        radius = _strip_radius(net, in_channels, size, block, trials, gen)
+        if radius is not None:
             return radius
         if size * 2 > max_size:
             raise ConfigError(
@@ -416,6 +408,26 @@ def receptive_field(
                 f"max_size (got {max_size}) or use a local network"
             )
         size *= 2
+
+
+def _strip_radius(
+    net: nn.Module, in_channels: int, size: int, block: int, trials: int, gen: torch.Generator
+) -> int | None:
+    """The halo measured on strips of length ``size``, or ``None`` if that is too short.
+
+    Too short: the dependence reaches an end of a strip (the other axis is then not
+    measured, so ``gen`` draws exactly the inputs it always did).
+    """
+    radius = 0
+    for axis in (0, 1):
+        extent = _support_extent(net, in_channels, size, block, axis, trials, gen)
+        if extent is None:
+            continue
+        lo, hi, c0 = extent
+        if lo == 0 or hi == size - 1:
+            return None
+        radius = max(radius, c0 - lo, hi - (c0 + block - 1))
+    return radius
 
 
 def _support_extent(

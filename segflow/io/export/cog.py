@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,16 +32,14 @@ from segflow.errors import ConfigError
 from segflow.geometry import Window
 from segflow.io.export._common import (
     ClassTable,
-    IdChecker,
     atomic_output,
-    check_integer_dtype,
     check_labels,
-    check_nodata,
     downsample_mode2,
     iter_windows,
     read_window,
     scratch_path,
 )
+from segflow.io.export._inputs import ClassRaster, check_class_raster
 from segflow.io.store import GeoRef
 from segflow.tiling import round_up
 
@@ -202,130 +201,267 @@ def _env(cache_mb: int, threads: int | str) -> Any:
     )
 
 
-def _stream_to_cog(  # noqa: C901, PLR0913 (house: to split)
-    src: Any,
-    path: str | Path,
-    *,
-    shape: tuple[int, ...],
-    dtype: np.dtype[Any],
-    georef: GeoRef | None,
-    nodata: float | None,
-    block: int,
-    read_size: int,
-    resampling: str,
-    compress: str,
-    level: int | None,
-    predictor: int,
-    cache_mb: int,
-    threads: int | str,
-    colormap: Mapping[int, tuple[int, int, int, int]] | None,
-    tags: Mapping[str, str],
-    band_tags: Mapping[int, Mapping[str, str]],
-    descriptions: Iterable[str],
-    check: Any = None,
-) -> Path:
-    import rasterio
-    import rasterio.shutil
-    from rasterio.enums import Resampling
-    from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.windows import Window as RioWindow
+_Hook = Callable[[np.ndarray, Window], None]
 
-    level_options = _level_options(compress, level)  # checked before anything is written
+
+@dataclass(frozen=True)
+class _CogOptions:
+    """How a COG is tiled, compressed and written (values already checked).
+
+    ``compress`` is GDAL's codec name (upper case), ``level`` its level (``None``: GDAL's
+    default); ``predictor`` is the TIFF predictor: 1 none (class ids), 2 horizontal
+    differencing (integer scores), 3 floating point.
+    """
+
+    block: int
+    resampling: str
+    compress: str
+    level: int | None
+    read_size: int
+    cache_mb: int
+    threads: int | str
+    predictor: int = 1
+
+
+@dataclass(frozen=True)
+class _CogContent:
+    """What a COG holds: the raster's shape, dtype, georeference and nodata, and its metadata."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    georef: GeoRef | None
+    nodata: float | None
+    tags: Mapping[str, str]
+    band_tags: Mapping[int, Mapping[str, str]]
+    descriptions: Sequence[str]
+    colormap: Mapping[int, tuple[int, int, int, int]] | None = None
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """Layout of the staging file: bands, size, overview factors and read windows."""
+
+    count: int
+    height: int
+    width: int
+    factors: list[int]
+    own_overviews: bool  # voted while streaming (mode of one band), not built by GDAL
+    read_size: int
+
+
+def _plan_staging(shape: tuple[int, ...], options: _CogOptions) -> _Staging:
+    """The staging layout of a ``(y, x)`` or ``(band, y, x)`` raster of ``shape``."""
     count = shape[0] if len(shape) == 3 else 1
     height, width = shape[-2], shape[-1]
-    factors = overview_factors(height, width, block)
-    own_overviews = resampling == "mode" and count == 1 and bool(factors)
+    factors = overview_factors(height, width, options.block)
+    own_overviews = options.resampling == "mode" and count == 1 and bool(factors)
     # windows aligned on every overview factor, so each maps to whole overview pixels
-    align = math.lcm(block, max(factors)) if own_overviews else block
-    read_size = round_up(max(read_size, block), align)
-    profile: dict[str, Any] = {
+    align = math.lcm(options.block, max(factors)) if own_overviews else options.block
+    read_size = round_up(max(options.read_size, options.block), align)
+    return _Staging(count, height, width, factors, own_overviews, read_size)
+
+
+def _staging_profile(content: _CogContent, plan: _Staging, block: int) -> dict[str, Any]:
+    """The rasterio profile of the tiled, fast-compressed BigTIFF staging file."""
+    return {
         "driver": "GTiff",
-        "width": width,
-        "height": height,
-        "count": count,
-        "dtype": dtype.name,
-        "nodata": nodata,
+        "width": plan.width,
+        "height": plan.height,
+        "count": plan.count,
+        "dtype": content.dtype.name,
+        "nodata": content.nodata,
         "tiled": True,
         "blockxsize": block,
         "blockysize": block,
         "compress": _STAGING_COMPRESS,
         "zstd_level": 1,
-        "interleave": "pixel" if count > 1 else "band",
+        "interleave": "pixel" if plan.count > 1 else "band",
         "BIGTIFF": "YES",
-        **_georef_profile(georef),
+        **_georef_profile(content.georef),
     }
+
+
+def _pyramid(
+    staging: Path, plan: _Staging, profile: Mapping[str, Any]
+) -> _ModePyramid | nullcontext[None]:
+    """The overview levels voted while streaming, or nothing where GDAL builds them."""
+    return _ModePyramid(staging, plan.factors, profile) if plan.own_overviews else nullcontext()
+
+
+def _loader(src: Any, dtype: np.dtype[Any], check: _Hook | None) -> Callable[[Window], np.ndarray]:
+    """A function reading (and checking) one window of ``src`` as ``(band, y, x)`` ``dtype``."""
+
+    def load(win: Window) -> np.ndarray:
+        data = read_window(src, win)
+        if check is not None:
+            check(data, win)
+        if data.dtype != dtype:
+            data = data.astype(dtype)
+        return data if data.ndim == 3 else data[None]
+
+    return load
+
+
+def _write_windows(
+    dst: Any,
+    plan: _Staging,
+    load: Callable[[Window], np.ndarray],
+    pool: ThreadPoolExecutor,
+    pyramid: _ModePyramid | None,
+) -> int:
+    """Stream every window of the raster into ``dst`` and ``pyramid``; the number of windows.
+
+    Three stages on three threads, each in window order: read (+ checks) one window ahead,
+    write the staging tile here, vote the overviews behind it.
+    """
+    from rasterio.windows import Window as RioWindow
+
+    voting: Future[None] | None = None
+    n = 0
+    for win, data in _read_ahead(pool, iter_windows(plan.height, plan.width, plan.read_size), load):
+        dst.write(data, window=RioWindow(win.col_off, win.row_off, win.width, win.height))
+        if pyramid is not None:
+            if voting is not None:
+                voting.result()
+            voting = pool.submit(pyramid.add, data[0], win)
+        n += 1
+    if voting is not None:
+        voting.result()
+    return n
+
+
+def _write_metadata(dst: Any, content: _CogContent) -> None:
+    """The colour table, band descriptions, dataset tags and band tags of ``content``."""
+    if content.colormap is not None:
+        dst.write_colormap(1, dict(content.colormap))
+    for i, desc in enumerate(content.descriptions, start=1):
+        dst.set_band_description(i, desc)
+    dst.update_tags(**content.tags)
+    for band, btags in content.band_tags.items():
+        dst.update_tags(band, **btags)
+
+
+def _write_overviews(dst: Any, plan: _Staging, resampling: str) -> None:
+    """Record the overview resampling; build the overviews unless they were voted already."""
+    from rasterio.enums import Resampling
+
+    if plan.factors:
+        dst.update_tags(ns="rio_overview", resampling=resampling)
+        if not plan.own_overviews:
+            dst.build_overviews(plan.factors, Resampling[resampling])
+
+
+def _copy_to_cog(
+    source: Path,
+    target: Path,
+    options: _CogOptions,
+    level_options: Mapping[str, str],
+    factors: list[int],
+) -> None:
+    """Copy the staged ``source`` and its overviews as a COG to ``target``."""
+    import rasterio.shutil
+
+    rasterio.shutil.copy(
+        source,
+        target,
+        driver="COG",
+        BLOCKSIZE=options.block,
+        COMPRESS=options.compress,
+        **level_options,
+        PREDICTOR="YES" if options.predictor > 1 else "NO",
+        BIGTIFF="IF_SAFER",
+        OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
+        OVERVIEW_RESAMPLING=options.resampling.upper(),
+        NUM_THREADS=str(options.threads),
+    )
+
+
+def _stream_to_cog(
+    src: Any,
+    path: str | Path,
+    content: _CogContent,
+    options: _CogOptions,
+    check: _Hook | None = None,
+) -> Path:
+    """Stream ``src`` into a staging file, build its overviews, copy it as the COG ``path``."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    # checked before anything is written
+    level_options = _level_options(options.compress, options.level)
+    plan = _plan_staging(content.shape, options)
+    profile = _staging_profile(content, plan, options.block)
     out = Path(path)
     with (
         atomic_output(out) as tmp_cog,
         scratch_path(out, ".tif") as staging,
         scratch_path(out, ".vrt") as vrt,
-        _env(cache_mb, threads),
+        _env(options.cache_mb, options.threads),
         warnings.catch_warnings(),
     ):
-        if georef is None:
+        if content.georef is None:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-
-        def load(win: Window) -> np.ndarray:
-            data = read_window(src, win)
-            if check is not None:
-                check(data, win)
-            if data.dtype != dtype:
-                data = data.astype(dtype)
-            return data if data.ndim == 3 else data[None]
-
         with (
-            _ModePyramid(staging, factors, profile) if own_overviews else nullcontext() as pyramid,
+            _pyramid(staging, plan, profile) as pyramid,
             ThreadPoolExecutor(2, thread_name_prefix="segflow-cog") as pool,
         ):
             with rasterio.open(staging, "w", **profile) as dst:
-                # three stages on three threads, each in window order: read (+ checks) one
-                # window ahead, write the staging tile here, vote the overviews behind it
-                voting: Future[None] | None = None
-                n = 0
-                for win, data in _read_ahead(pool, iter_windows(height, width, read_size), load):
-                    dst.write(
-                        data, window=RioWindow(win.col_off, win.row_off, win.width, win.height)
-                    )
-                    if pyramid is not None:
-                        if voting is not None:
-                            voting.result()
-                        voting = pool.submit(pyramid.add, data[0], win)
-                    n += 1
-                if voting is not None:
-                    voting.result()
-                log.debug("staged %d windows of %d px into %s", n, read_size, staging)
-                if colormap is not None:
-                    dst.write_colormap(1, dict(colormap))
-                for i, desc in enumerate(descriptions, start=1):
-                    dst.set_band_description(i, desc)
-                dst.update_tags(**tags)
-                for band, btags in band_tags.items():
-                    dst.update_tags(band, **btags)
-                if factors:
-                    dst.update_tags(ns="rio_overview", resampling=resampling)
-                    if pyramid is None:
-                        dst.build_overviews(factors, Resampling[resampling])
+                n = _write_windows(dst, plan, _loader(src, content.dtype, check), pool, pyramid)
+                log.debug("staged %d windows of %d px into %s", n, plan.read_size, staging)
+                _write_metadata(dst, content)
+                _write_overviews(dst, plan, options.resampling)
             source = staging
-            if pyramid is not None:
+            if pyramid is not None:  # the COG driver copies the VRT's overviews as they are
                 pyramid.close()
                 source = pyramid.vrt(staging, vrt)
-            rasterio.shutil.copy(
-                source,
-                tmp_cog,
-                driver="COG",
-                BLOCKSIZE=block,
-                COMPRESS=compress,
-                **level_options,
-                PREDICTOR="YES" if predictor > 1 else "NO",
-                BIGTIFF="IF_SAFER",
-                OVERVIEWS="FORCE_USE_EXISTING" if factors else "NONE",
-                OVERVIEW_RESAMPLING=resampling.upper(),
-                NUM_THREADS=str(threads),
-            )
+            _copy_to_cog(source, tmp_cog, options, level_options, plan.factors)
     return out
 
 
-def write_cog(  # noqa: PLR0913 (house: to split)
+def _chain_hooks(*hooks: _Hook | None) -> _Hook | None:
+    """One hook calling each of ``hooks`` that is not ``None``, in order (``None`` if none)."""
+    active = [h for h in hooks if h is not None]
+    if not active:
+        return None
+
+    def check(data: np.ndarray, win: Window) -> None:
+        for hook in active:
+            hook(data, win)
+
+    return check
+
+
+def _check_label_overviews(resampling: str, raster: ClassRaster) -> None:
+    """Overviews of class ids must hold class ids, and the ids must fit the labels' dtype."""
+    if resampling not in ("mode", "nearest"):
+        raise ConfigError(
+            f"overview_resampling for class ids must be 'mode' or 'nearest', got "
+            f"{resampling!r}: averaging would invent class ids"
+        )
+    top = max(raster.table.ids)
+    if top > np.iinfo(raster.dtype).max:
+        raise ConfigError(f"class ids up to {top} do not fit the labels' {raster.dtype.name}")
+
+
+def _label_content(raster: ClassRaster, georef: GeoRef | None) -> _CogContent:
+    """Class ids: one band ``"class"``, the class table as tags and as the colour table."""
+    table = raster.table
+    colormap: dict[int, tuple[int, int, int, int]] = {c.id: (*c.rgb, 255) for c in table.classes}
+    if raster.nodata is not None:
+        colormap[raster.nodata] = (0, 0, 0, 0)
+    return _CogContent(
+        shape=raster.shape,
+        dtype=raster.dtype,
+        georef=georef,
+        nodata=raster.nodata,
+        tags={**table.tags(), "SEGFLOW_KIND": "labels"},
+        band_tags={1: table.tags()},
+        descriptions=("class",),
+        colormap=colormap,
+    )
+
+
+def write_cog(  # noqa: PLR0913 (public writer: its keyword options are its interface)
     labels: Any,
     path: str | Path,
     *,
@@ -394,49 +530,48 @@ def write_cog(  # noqa: PLR0913 (house: to split)
     >>> p.name
     'm.tif'
     """
-    shape = check_labels(labels)
-    dtype = check_integer_dtype(labels.dtype, what="labels", allowed=_LABEL_DTYPES)
-    table = ClassTable(classes)
-    nodata = check_nodata(nodata, dtype, table)
+    raster = check_class_raster(labels, classes, nodata, allowed=_LABEL_DTYPES)
     block = _check_block(block)
-    if overview_resampling not in ("mode", "nearest"):
+    _check_label_overviews(overview_resampling, raster)
+    options = _CogOptions(
+        block, overview_resampling, _compress(compress), level, read_size, cache_mb, threads
+    )
+    check = _chain_hooks(raster.checker(check_classes), observe)
+    return _stream_to_cog(labels, path, _label_content(raster, georef), options, check)
+
+
+def _probability_dtype(dtype: Any) -> np.dtype[Any]:
+    """The COG dtype of scores of ``dtype``: float16 widened to float32 (no half floats)."""
+    out = np.dtype(dtype)
+    if out == np.float16:
+        out = np.dtype("float32")
+    if out.name not in ("uint8", "uint16", "float32"):
         raise ConfigError(
-            f"overview_resampling for class ids must be 'mode' or 'nearest', got "
-            f"{overview_resampling!r}: averaging would invent class ids"
+            f"probabilities dtype must be uint8, uint16 or float16/32, got {out.name}"
         )
-    big = max(table.ids) > np.iinfo(dtype).max
-    if big:
-        raise ConfigError(f"class ids up to {max(table.ids)} do not fit the labels' {dtype.name}")
-    checker = IdChecker(table, dtype, nodata) if check_classes else None
-    hooks = [h for h in (checker, observe) if h is not None]
+    return out
 
-    def check(data: np.ndarray, win: Window) -> None:
-        for hook in hooks:
-            hook(data, win)
 
-    colormap: dict[int, tuple[int, int, int, int]] = {c.id: (*c.rgb, 255) for c in table.classes}
-    if nodata is not None:
-        colormap[nodata] = (0, 0, 0, 0)
-    return _stream_to_cog(
-        labels,
-        path,
+def _probability_content(
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    georef: GeoRef | None,
+    nodata: float | None,
+    table: ClassTable,
+) -> _CogContent:
+    """Class scores: one band per class, named and tagged by its class, and their scale."""
+    scale = "255" if dtype == np.uint8 else ("65535" if dtype == np.uint16 else "1")
+    return _CogContent(
         shape=shape,
         dtype=dtype,
         georef=georef,
         nodata=nodata,
-        block=block,
-        read_size=read_size,
-        resampling=overview_resampling,
-        compress=_compress(compress),
-        level=level,
-        predictor=1,
-        cache_mb=cache_mb,
-        threads=threads,
-        colormap=colormap,
-        tags={**table.tags(), "SEGFLOW_KIND": "labels"},
-        band_tags={1: table.tags()},
-        descriptions=["class"],
-        check=check if hooks else None,
+        tags={**table.tags(), "SEGFLOW_KIND": "probabilities", "SEGFLOW_SCALE": scale},
+        band_tags={
+            i: {"CLASS_ID": str(c.id), "CLASS_NAME": c.name}
+            for i, c in enumerate(table.classes, start=1)
+        },
+        descriptions=[c.name for c in table.classes],
     )
 
 
@@ -481,43 +616,19 @@ def write_probability_cog(
             f"probabilities have {shape[0]} class bands but the class table has "
             f"{len(table.classes)} classes: pass the table the model was trained with"
         )
-    dtype = np.dtype(probs.dtype)
-    if dtype == np.float16:
-        dtype = np.dtype("float32")
-    if dtype.name not in ("uint8", "uint16", "float32"):
-        raise ConfigError(
-            f"probabilities dtype must be uint8, uint16 or float16/32, got {dtype.name}"
-        )
+    dtype = _probability_dtype(probs.dtype)
     block = _check_block(block)
     if overview_resampling not in ("average", "bilinear", "nearest", "mode"):
         raise ConfigError(f"unknown overview_resampling {overview_resampling!r}")
-    names = [c.name for c in table.classes]
-    return _stream_to_cog(
-        probs,
-        path,
-        shape=shape,
-        dtype=dtype,
-        georef=georef,
-        nodata=nodata,
+    options = _CogOptions(
         block=block,
-        read_size=read_size,
         resampling=overview_resampling,
         compress=_compress(compress),
         level=level,
-        predictor=3 if dtype.kind == "f" else 2,
+        read_size=read_size,
         cache_mb=cache_mb,
         threads=threads,
-        colormap=None,
-        tags={
-            **table.tags(),
-            "SEGFLOW_KIND": "probabilities",
-            "SEGFLOW_SCALE": "255"
-            if dtype == np.uint8
-            else ("65535" if dtype == np.uint16 else "1"),
-        },
-        band_tags={
-            i: {"CLASS_ID": str(c.id), "CLASS_NAME": c.name}
-            for i, c in enumerate(table.classes, start=1)
-        },
-        descriptions=names,
+        predictor=3 if dtype.kind == "f" else 2,
     )
+    content = _probability_content(shape, dtype, georef, nodata, table)
+    return _stream_to_cog(probs, path, content, options)

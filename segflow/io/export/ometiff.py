@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,17 +23,14 @@ from segflow.config import ClassDef
 from segflow.errors import ConfigError
 from segflow.geometry import Window
 from segflow.io.export._common import (
-    ClassTable,
     IdChecker,
     atomic_output,
-    check_integer_dtype,
-    check_labels,
-    check_nodata,
     downsample_mode2,
     iter_windows,
     read_window,
     scratch_path,
 )
+from segflow.io.export._inputs import ClassRaster, check_class_raster
 from segflow.tiling import round_up
 
 __all__ = ["downsample_mode2", "write_ome_tiff_labels"]
@@ -69,7 +67,7 @@ def _iter_tiles(
                 yield strip[:, c0 : c0 + tile]
 
 
-def write_ome_tiff_labels(  # noqa: C901, PLR0913 (house: to split)
+def write_ome_tiff_labels(  # noqa: PLR0913 (public writer: its keyword options are its interface)
     labels: Any,
     path: str | Path,
     *,
@@ -121,13 +119,39 @@ def write_ome_tiff_labels(  # noqa: C901, PLR0913 (house: to split)
     ...     [lvl.shape for lvl in tif.series[0].levels]
     [(100, 80), (50, 40), (25, 20)]
     """
-    import tifffile
-    import zarr
+    raster = check_class_raster(labels, classes, nodata, allowed=_DTYPES)
+    _check_options(tile, levels, method, mpp_x, mpp_y)
+    layout = _plan_levels(raster.shape, tile, levels, window)
+    checker = raster.checker(check_classes)
+    out = Path(path)
+    with atomic_output(out) as tmp, scratch_path(out, ".zarr") as scratch:
+        # 1. lower levels into a scratch store, each from the previous one, window by window
+        pyramid = _lower_levels(labels, scratch, layout, raster, method, checker)
+        if len(layout.shapes) == 1 and checker is not None:
+            height, width = raster.shape
+            for win in iter_windows(height, width, layout.window):
+                checker(read_window(labels, win), win)
+        # 2. the TIFF: level 0 with SubIFDs for the lower levels, tile by tile
+        metadata = _ome_metadata(name, raster, mpp_x, mpp_y)
+        _write_tiff(tmp, pyramid, layout, raster.dtype, compression, metadata, mpp_x, mpp_y)
+    log.debug("wrote OME-TIFF %s with %d levels", out, len(layout.shapes))
+    return out
 
-    shape = check_labels(labels)
-    dtype = check_integer_dtype(labels.dtype, what="labels", allowed=_DTYPES)
-    table = ClassTable(classes)
-    nodata = check_nodata(nodata, dtype, table)
+
+@dataclass(frozen=True)
+class _Levels:
+    """The pyramid's level shapes, its tile side and the sizes it is read in."""
+
+    shapes: list[tuple[int, int]]
+    tile: int
+    window: int  # side of the windows read to build lower levels (a multiple of 2 * tile)
+    strip_cols: int  # width of the strips the tiles of a level are read in
+
+
+def _check_options(
+    tile: int, levels: int | None, method: str, mpp_x: float | None, mpp_y: float | None
+) -> None:
+    """Tile side, number of levels, downsampling method and pixel sizes must be usable."""
     if tile < 16 or tile % 16:
         raise ConfigError(f"tile must be a multiple of 16 and >= 16, got {tile}: use 512")
     if levels is not None and levels < 1:
@@ -137,81 +161,131 @@ def write_ome_tiff_labels(  # noqa: C901, PLR0913 (house: to split)
     for label, v in (("mpp_x", mpp_x), ("mpp_y", mpp_y)):
         if v is not None and not v > 0:
             raise ConfigError(f"{label} must be > 0 micrometres, got {v}")
-    height, width = shape
-    shapes = _level_shapes(height, width, tile, levels)
-    window = round_up(max(window, 2 * tile), 2 * tile)
-    checker = IdChecker(table, dtype, nodata) if check_classes else None
-    strip_cols = round_up(max(window, tile), tile)
 
-    out = Path(path)
-    with atomic_output(out) as tmp, scratch_path(out, ".zarr") as scratch:
-        # 1. lower levels into a scratch store, each from the previous one, window by window
-        pyramid: list[Any] = [labels]
-        for k, (h, w) in enumerate(shapes[1:], start=1):
-            arr = zarr.create_array(
-                store=str(scratch),
-                name=f"{k}",
+
+def _plan_levels(shape: tuple[int, ...], tile: int, levels: int | None, window: int) -> _Levels:
+    """The levels of a ``shape`` image and the window and strip sizes they are read in."""
+    height, width = shape
+    window = round_up(max(window, 2 * tile), 2 * tile)
+    strip_cols = round_up(max(window, tile), tile)
+    return _Levels(_level_shapes(height, width, tile, levels), tile, window, strip_cols)
+
+
+def _lower_levels(
+    labels: Any,
+    scratch: Path,
+    layout: _Levels,
+    raster: ClassRaster,
+    method: Literal["mode", "nearest"],
+    checker: IdChecker | None,
+) -> list[Any]:
+    """``labels`` and its lower levels, each halved from the one above into ``scratch``.
+
+    ``checker`` sees every window of ``labels`` as the first lower level is built.
+    """
+    import zarr
+
+    pyramid: list[Any] = [labels]
+    for k, (h, w) in enumerate(layout.shapes[1:], start=1):
+        arr = zarr.create_array(
+            store=str(scratch),
+            name=f"{k}",
+            shape=(h, w),
+            dtype=raster.dtype,
+            chunks=(min(layout.tile, h), min(layout.tile, w)),
+            fill_value=0,
+            zarr_format=3,
+        )
+        above = layout.shapes[k - 1]
+        check = checker if k == 1 else None
+        _halve(pyramid[-1], arr, above, layout.window, method, raster.nodata, check)
+        pyramid.append(arr)
+    return pyramid
+
+
+def _halve(
+    src: Any,
+    dst: Any,
+    shape: tuple[int, int],
+    window: int,
+    method: Literal["mode", "nearest"],
+    nodata: int | None,
+    checker: IdChecker | None,
+) -> None:
+    """Write ``src`` (of ``shape``) halved into ``dst``, window by window (checked if asked)."""
+    ph, pw = shape
+    for win in iter_windows(ph, pw, window):
+        block = read_window(src, win)
+        if checker is not None:
+            checker(block, win)
+        small = downsample_mode2(block, method, nodata=nodata)
+        dst[
+            win.row_off // 2 : win.row_off // 2 + small.shape[0],
+            win.col_off // 2 : win.col_off // 2 + small.shape[1],
+        ] = small
+
+
+def _ome_metadata(
+    name: str, raster: ClassRaster, mpp_x: float | None, mpp_y: float | None
+) -> dict[str, Any]:
+    """The OME metadata of level 0: name, class table (as JSON) and pixel sizes."""
+    metadata: dict[str, Any] = {
+        "axes": "YX",
+        "Name": name,
+        "Description": json.dumps(
+            {
+                "segflow": {
+                    "kind": "labels",
+                    "nodata": raster.nodata,
+                    "classes": [c.model_dump() for c in raster.table.classes],
+                }
+            }
+        ),
+    }
+    if mpp_x:
+        metadata.update(PhysicalSizeX=float(mpp_x), PhysicalSizeXUnit="µm")
+    if mpp_y:
+        metadata.update(PhysicalSizeY=float(mpp_y), PhysicalSizeYUnit="µm")
+    return metadata
+
+
+def _resolution(k: int, mpp_x: float | None, mpp_y: float | None) -> dict[str, Any]:
+    """TIFF resolution tags of level ``k`` (pixels per cm), where both pixel sizes are known."""
+    if not (mpp_x and mpp_y):
+        return {}
+    scale = 2**k
+    return {
+        "resolution": (1e4 / (mpp_x * scale), 1e4 / (mpp_y * scale)),
+        "resolutionunit": "CENTIMETER",
+    }
+
+
+def _write_tiff(
+    path: Path,
+    pyramid: list[Any],
+    layout: _Levels,
+    dtype: np.dtype[Any],
+    compression: str,
+    metadata: dict[str, Any],
+    mpp_x: float | None,
+    mpp_y: float | None,
+) -> None:
+    """Level 0 of ``pyramid`` with the lower levels as SubIFDs, tile by tile."""
+    import tifffile
+
+    shapes = layout.shapes
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        for k, (h, w) in enumerate(shapes):
+            tif.write(
+                _iter_tiles(pyramid[k], h, w, layout.tile, layout.strip_cols),
                 shape=(h, w),
                 dtype=dtype,
-                chunks=(min(tile, h), min(tile, w)),
-                fill_value=0,
-                zarr_format=3,
+                tile=(layout.tile, layout.tile),
+                compression=compression,
+                photometric="minisblack",
+                subifds=len(shapes) - 1 if k == 0 else None,
+                subfiletype=1 if k else 0,
+                metadata=metadata if k == 0 else None,
+                maxworkers=1,
+                **_resolution(k, mpp_x, mpp_y),
             )
-            prev = pyramid[-1]
-            ph, pw = shapes[k - 1]
-            for win in iter_windows(ph, pw, window):
-                block = read_window(prev, win)
-                if k == 1 and checker is not None:
-                    checker(block, win)
-                small = downsample_mode2(block, method, nodata=nodata)
-                arr[
-                    win.row_off // 2 : win.row_off // 2 + small.shape[0],
-                    win.col_off // 2 : win.col_off // 2 + small.shape[1],
-                ] = small
-            pyramid.append(arr)
-        if len(shapes) == 1 and checker is not None:
-            for win in iter_windows(height, width, window):
-                checker(read_window(labels, win), win)
-
-        # 2. the TIFF: level 0 with SubIFDs for the lower levels, tile by tile
-        metadata: dict[str, Any] = {
-            "axes": "YX",
-            "Name": name,
-            "Description": json.dumps(
-                {
-                    "segflow": {
-                        "kind": "labels",
-                        "nodata": nodata,
-                        "classes": [c.model_dump() for c in table.classes],
-                    }
-                }
-            ),
-        }
-        if mpp_x:
-            metadata.update(PhysicalSizeX=float(mpp_x), PhysicalSizeXUnit="µm")
-        if mpp_y:
-            metadata.update(PhysicalSizeY=float(mpp_y), PhysicalSizeYUnit="µm")
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
-            for k, (h, w) in enumerate(shapes):
-                res: dict[str, Any] = {}
-                if mpp_x and mpp_y:
-                    scale = 2**k
-                    res = {
-                        "resolution": (1e4 / (mpp_x * scale), 1e4 / (mpp_y * scale)),
-                        "resolutionunit": "CENTIMETER",
-                    }
-                tif.write(
-                    _iter_tiles(pyramid[k], h, w, tile, strip_cols),
-                    shape=(h, w),
-                    dtype=dtype,
-                    tile=(tile, tile),
-                    compression=compression,
-                    photometric="minisblack",
-                    subifds=len(shapes) - 1 if k == 0 else None,
-                    subfiletype=1 if k else 0,
-                    metadata=metadata if k == 0 else None,
-                    maxworkers=1,
-                    **res,
-                )
-    log.debug("wrote OME-TIFF %s with %d levels", out, len(shapes))
-    return out

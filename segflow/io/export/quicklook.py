@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -130,51 +130,82 @@ def quicklook_png(
 
     lshape = check_labels(labels)
     table = ClassTable(classes)
+    _check_look(max_size, alpha)
+    if image is not None:
+        _check_same_grid(image, lshape)
+    height, width = lshape
+    step = max(1, math.ceil(max(height, width) / max_size))
+    lab = decimate(labels, step)
+    out_shape = lab.shape
+    if image is not None:
+        rgb = _image_rgb(image, step, out_shape, bands, image_nodata, percentiles)
+    else:
+        rgb = np.zeros((*out_shape, 3), dtype="float32")
+    _overlay(rgb, lab, table, {int(c) for c in skip_classes}, nodata, alpha)
+    png = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    with atomic_output(path) as tmp:
+        png.save(tmp, format="PNG", optimize=True)
+    log.debug("wrote quick-look %s (%d x %d, step %d)", path, out_shape[1], out_shape[0], step)
+    return Path(path)
+
+
+def _check_look(max_size: int, alpha: float) -> None:
+    """The PNG size and the opacity of the class colours must be usable."""
     if max_size < 1:
         raise ConfigError(f"max_size must be >= 1, got {max_size}")
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be between 0 and 1, got {alpha}")
-    height, width = lshape
-    if image is not None:
-        ishape = tuple(
-            int(s)
-            for s in (
-                (image.count, image.height, image.width)
-                if hasattr(image, "count") and hasattr(image, "read")
-                else image.shape
-            )
+
+
+def _check_same_grid(image: Any, lshape: tuple[int, ...]) -> None:
+    """``image`` (an array-like or a rasterio dataset) must have the labels' ``(y, x)`` size."""
+    ishape = tuple(
+        int(s)
+        for s in (
+            (image.count, image.height, image.width)
+            if hasattr(image, "count") and hasattr(image, "read")
+            else image.shape
         )
-        if ishape[-2:] != lshape:
-            raise ConfigError(
-                f"image {ishape[-2:]} and labels {lshape} are not on the same pixel grid: "
-                "pass the image of the region that was segmented"
-            )
-    step = max(1, math.ceil(max(height, width) / max_size))
-    lab = decimate(labels, step)
-    out_shape = lab.shape
+    )
+    if ishape[-2:] != lshape:
+        raise ConfigError(
+            f"image {ishape[-2:]} and labels {lshape} are not on the same pixel grid: "
+            "pass the image of the region that was segmented"
+        )
 
-    if image is not None:
-        img = _read_image(image, step, out_shape)
-        if bands is None:
-            bands = (0, 1, 2) if img.shape[0] >= 3 else (0, 0, 0)
-        if len(bands) != 3 or any(not 0 <= b < img.shape[0] for b in bands):
-            raise ConfigError(f"bands must be three band indices below {img.shape[0]}, got {bands}")
-        valid = None
-        if image_nodata is not None:
-            valid = ~np.all(img == image_nodata, axis=0)
-        rgb = stretch(img[list(bands)], percentiles, valid).transpose(1, 2, 0).astype("float32")
-    else:
-        rgb = np.zeros((*out_shape, 3), dtype="float32")
 
-    skip = {int(c) for c in skip_classes}
+def _image_rgb(
+    image: Any,
+    step: int,
+    out_shape: tuple[int, int],
+    bands: Sequence[int] | None,
+    image_nodata: float | None,
+    percentiles: tuple[float, float],
+) -> np.ndarray:
+    """``image`` decimated by ``step`` as contrast-stretched ``(y, x, 3)`` float32 RGB."""
+    img = _read_image(image, step, out_shape)
+    if bands is None:
+        bands = (0, 1, 2) if img.shape[0] >= 3 else (0, 0, 0)
+    if len(bands) != 3 or any(not 0 <= b < img.shape[0] for b in bands):
+        raise ConfigError(f"bands must be three band indices below {img.shape[0]}, got {bands}")
+    valid = None
+    if image_nodata is not None:
+        valid = ~np.all(img == image_nodata, axis=0)
+    return stretch(img[list(bands)], percentiles, valid).transpose(1, 2, 0).astype("float32")
+
+
+def _overlay(
+    rgb: np.ndarray,
+    lab: np.ndarray,
+    table: ClassTable,
+    skip: Set[int],
+    nodata: int | None,
+    alpha: float,
+) -> None:
+    """Blend the class colours into ``rgb`` in place (not ``skip`` classes nor ``nodata``)."""
     for c in table.classes:
         if c.id in skip or c.id == nodata:
             continue
         sel = lab == c.id
         if sel.any():
             rgb[sel] = (1.0 - alpha) * rgb[sel] + alpha * np.array(c.rgb, dtype="float32")
-    png = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
-    with atomic_output(path) as tmp:
-        png.save(tmp, format="PNG", optimize=True)
-    log.debug("wrote quick-look %s (%d x %d, step %d)", path, out_shape[1], out_shape[0], step)
-    return Path(path)

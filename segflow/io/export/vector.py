@@ -43,12 +43,10 @@ from segflow.io.export._common import (
     ClassTable,
     IdChecker,
     atomic_output,
-    check_integer_dtype,
-    check_labels,
-    check_nodata,
     iter_windows,
     read_window,
 )
+from segflow.io.export._inputs import ClassRaster, check_class_raster
 from segflow.io.store import GeoRef, SlideInfo
 
 __all__ = ["LAYER", "VectorizeResult", "vectorize"]
@@ -92,6 +90,8 @@ class _Frame:
         downsample: float,
     ) -> None:
         self.georef = georef
+        self.origin = origin  # used by the pixel-coordinate outputs
+        self.downsample = downsample
         self.geod: Any = None
         self.crs: Any = None
         if georef is not None:
@@ -362,7 +362,7 @@ def _clean(geom: Any) -> Any:
     return shapely.simplify(geom, 0.0, preserve_topology=True)
 
 
-def vectorize(  # noqa: C901, PLR0913, PLR0915 (house: to split)
+def vectorize(  # noqa: PLR0913 (public writer: its keyword options are its interface)
     labels: Any,
     *,
     classes: Iterable[ClassDef | Mapping[str, Any]],
@@ -431,104 +431,183 @@ def vectorize(  # noqa: C901, PLR0913, PLR0915 (house: to split)
     >>> r.n_features, r.total_area, r.area_unit
     (1, 16.0, 'px^2')
     """
-    shape = check_labels(labels)
-    dtype = check_integer_dtype(labels.dtype, what="labels", allowed=_VECTOR_DTYPES)
-    table = ClassTable(classes)
-    nodata = check_nodata(nodata, dtype, table)
+    raster = check_class_raster(labels, classes, nodata, allowed=_VECTOR_DTYPES)
+    _check_vector_options(window, min_area, batch_size)
+    skip = frozenset(int(c) for c in skip_classes)
+    frame = _Frame(georef, slide, origin, _level0_downsample(downsample, slide))
+    checker = raster.checker(check_classes)
+    job = _VectorJob(raster, frame, skip, window, min_area, batch_size, checker)
+    result = _vectorize(labels, job, _OutPaths(out_gpkg, out_parquet, out_geojson_pixels))
+    _log_summary(result, raster.table)
+    return result
+
+
+# ---------------------------------------------------------------------------- steps
+@dataclass(frozen=True)
+class _VectorJob:
+    """The checked settings of one :func:`vectorize` call."""
+
+    raster: ClassRaster
+    frame: _Frame
+    skip: frozenset[int]
+    window: int
+    min_area: float
+    batch_size: int
+    checker: IdChecker | None
+
+    def vectorized(self) -> np.ndarray:
+        """The class ids that are polygonized: the table's, less ``skip``."""
+        return np.array(sorted(set(self.raster.table.ids) - self.skip), dtype="int64")
+
+
+@dataclass(frozen=True)
+class _OutPaths:
+    """The requested outputs (``None``: not written)."""
+
+    gpkg: str | Path | None
+    parquet: str | Path | None
+    geojson_pixels: str | Path | None
+
+
+def _check_vector_options(window: int, min_area: float, batch_size: int) -> None:
+    """Window side, minimum area and batch size must be usable."""
     if window < 2:
         raise ConfigError(f"window must be >= 2 pixels, got {window}: use e.g. 1024")
     if min_area < 0:
         raise ConfigError(f"min_area must be >= 0, got {min_area}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    skip = {int(c) for c in skip_classes}
+
+
+def _level0_downsample(downsample: float | None, slide: SlideInfo | None) -> float:
+    """Level-0 pixels per labels pixel: as given, else the slide's, else 1."""
     if downsample is None:
         downsample = float(slide.downsample) if slide is not None else 1.0
     if downsample <= 0:
         raise ConfigError(f"downsample must be > 0, got {downsample}")
-    height, width = shape
-    frame = _Frame(georef, slide, origin, downsample)
-    checker = IdChecker(table, dtype, nodata) if check_classes else None
-    vectorized = np.array(sorted(set(table.ids) - skip), dtype="int64")
+    return downsample
 
-    result = VectorizeResult(
-        area_unit=frame.area_unit, crs_wkt=georef.crs_wkt if georef is not None else None
-    )
-    meta = {
+
+def _metadata(job: _VectorJob) -> dict[str, str]:
+    """The ``segflow`` metadata item of the GeoPackage and GeoParquet outputs."""
+    return {
         "segflow": json.dumps(
             {
                 "kind": "predictions",
-                "area_unit": frame.area_unit,
-                "coordinates": "crs" if georef is not None else "pixels",
-                "classes": [c.model_dump() for c in table.classes],
-                "nodata": nodata,
-                "skip_classes": sorted(skip),
+                "area_unit": job.frame.area_unit,
+                "coordinates": "crs" if job.frame.georef is not None else "pixels",
+                "classes": [c.model_dump() for c in job.raster.table.classes],
+                "nodata": job.raster.nodata,
+                "skip_classes": sorted(job.skip),
             }
         )
     }
 
-    with contextlib.ExitStack() as stack:
-        sinks: list[Any] = []
-        qupath: _QuPathSink | None = None
-        if out_gpkg is not None:
-            tmp = stack.enter_context(atomic_output(out_gpkg))
-            sinks.append(_GpkgSink(tmp, frame.crs.to_wkt() if frame.crs else None, meta))
-            result.outputs["gpkg"] = Path(out_gpkg)
-        if out_parquet is not None:
-            tmp = stack.enter_context(atomic_output(out_parquet))
-            psink = _ParquetSink(tmp, frame.crs, meta)
-            stack.callback(_close_quietly, psink.writer)
-            sinks.append(psink)
-            result.outputs["parquet"] = Path(out_parquet)
-        if out_geojson_pixels is not None:
-            tmp = stack.enter_context(atomic_output(out_geojson_pixels))
-            qupath = _QuPathSink(tmp, table, origin, downsample)
-            stack.callback(qupath.abort)
-            result.outputs["geojson_pixels"] = Path(out_geojson_pixels)
-        emit = _Emitter(table, frame, min_area, batch_size, sinks, qupath, result)
 
-        pending: dict[int, list[Any]] = defaultdict(list)  # carried across the row seam
-        row_pieces: dict[int, list[Any]] = defaultdict(list)
-        row_stop = 0
-        for win in iter_windows(height, width, window):
-            if win.row_stop != row_stop:
-                if row_stop:
-                    _close_row(row_pieces, pending, row_stop, height, emit)
-                row_stop = win.row_stop
-            result.windows += 1
-            data = read_window(labels, win)
-            if checker is not None:
-                checker(data, win)
-            mask = np.isin(data, vectorized)
-            if not mask.any():
-                continue
-            internal = (
-                win.col_off if win.col_off > 0 else None,
-                win.col_stop if win.col_stop < width else None,
-                win.row_off if win.row_off > 0 else None,
-                win.row_stop if win.row_stop < height else None,
-            )
-            for geom, value in _shapes(data, mask, win):
-                x0, y0, x1, y1 = geom.bounds
-                if x0 == internal[0] or x1 == internal[1] or y0 == internal[2] or y1 == internal[3]:
-                    row_pieces[value].append(geom)
-                else:
-                    emit.add(geom, value)
-            held = sum(map(len, row_pieces.values())) + sum(map(len, pending.values()))
-            result.max_pending_pieces = max(result.max_pending_pieces, held)
-        _close_row(row_pieces, pending, height, height, emit)
+def _open_sinks(
+    stack: contextlib.ExitStack, paths: _OutPaths, job: _VectorJob, result: VectorizeResult
+) -> tuple[list[Any], _QuPathSink | None]:
+    """The requested outputs, opened under temporary names moved into place by ``stack``."""
+    frame, meta = job.frame, _metadata(job)
+    sinks: list[Any] = []
+    qupath: _QuPathSink | None = None
+    if paths.gpkg is not None:
+        tmp = stack.enter_context(atomic_output(paths.gpkg))
+        sinks.append(_GpkgSink(tmp, frame.crs.to_wkt() if frame.crs else None, meta))
+        result.outputs["gpkg"] = Path(paths.gpkg)
+    if paths.parquet is not None:
+        tmp = stack.enter_context(atomic_output(paths.parquet))
+        psink = _ParquetSink(tmp, frame.crs, meta)
+        stack.callback(_close_quietly, psink.writer)
+        sinks.append(psink)
+        result.outputs["parquet"] = Path(paths.parquet)
+    if paths.geojson_pixels is not None:
+        tmp = stack.enter_context(atomic_output(paths.geojson_pixels))
+        qupath = _QuPathSink(tmp, job.raster.table, frame.origin, frame.downsample)
+        stack.callback(qupath.abort)
+        result.outputs["geojson_pixels"] = Path(paths.geojson_pixels)
+    return sinks, qupath
+
+
+def _vectorize(labels: Any, job: _VectorJob, paths: _OutPaths) -> VectorizeResult:
+    """Polygonize ``labels`` into the outputs at ``paths``; what was written."""
+    frame = job.frame
+    result = VectorizeResult(
+        area_unit=frame.area_unit,
+        crs_wkt=frame.georef.crs_wkt if frame.georef is not None else None,
+    )
+    with contextlib.ExitStack() as stack:
+        sinks, qupath = _open_sinks(stack, paths, job, result)
+        table = job.raster.table
+        emit = _Emitter(table, frame, job.min_area, job.batch_size, sinks, qupath, result)
+        _polygonize(labels, job, emit)
         emit.flush()
         for sink in sinks:
             sink.close()
         if qupath is not None:
             qupath.close()
+    return result
+
+
+def _polygonize(labels: Any, job: _VectorJob, emit: _Emitter) -> None:
+    """Polygonize ``labels`` window by window, a row of windows at a time, into ``emit``."""
+    height, width = job.raster.shape
+    vectorized = job.vectorized()
+    result = emit.result
+    pending: dict[int, list[Any]] = defaultdict(list)  # carried across the row seam
+    row_pieces: dict[int, list[Any]] = defaultdict(list)
+    row_stop = 0
+    for win in iter_windows(height, width, job.window):
+        if win.row_stop != row_stop:
+            if row_stop:
+                _close_row(row_pieces, pending, row_stop, height, emit)
+            row_stop = win.row_stop
+        result.windows += 1
+        data = read_window(labels, win)
+        if job.checker is not None:
+            job.checker(data, win)
+        mask = np.isin(data, vectorized)
+        if not mask.any():
+            continue
+        seams = _internal_edges(win, height, width)
+        _route(_shapes(data, mask, win), seams, row_pieces, emit)
+        held = sum(map(len, row_pieces.values())) + sum(map(len, pending.values()))
+        result.max_pending_pieces = max(result.max_pending_pieces, held)
+    _close_row(row_pieces, pending, height, height, emit)
+
+
+def _internal_edges(win: Window, height: int, width: int) -> tuple[int | None, ...]:
+    """``(left, right, top, bottom)`` edges of ``win`` inside the raster (``None``: its edge)."""
+    return (
+        win.col_off if win.col_off > 0 else None,
+        win.col_stop if win.col_stop < width else None,
+        win.row_off if win.row_off > 0 else None,
+        win.row_stop if win.row_stop < height else None,
+    )
+
+
+def _route(
+    polygons: Iterable[tuple[Any, int]],
+    internal: tuple[int | None, ...],
+    row_pieces: dict[int, list[Any]],
+    emit: _Emitter,
+) -> None:
+    """Emit the polygons that touch no ``internal`` edge; keep the others as seam pieces."""
+    for geom, value in polygons:
+        x0, y0, x1, y1 = geom.bounds
+        if x0 == internal[0] or x1 == internal[1] or y0 == internal[2] or y1 == internal[3]:
+            row_pieces[value].append(geom)
+        else:
+            emit.add(geom, value)
+
+
+def _log_summary(result: VectorizeResult, table: ClassTable) -> None:
     log.info(
         "vectorized %d polygons in %d windows (%s)",
         result.n_features,
         result.windows,
         ", ".join(f"{table.name(k)}: {v}" for k, v in sorted(result.count_by_class.items())),
     )
-    return result
 
 
 def _close_quietly(writer: Any) -> None:

@@ -175,13 +175,38 @@ def prepare_vector_labels(
         Unreadable file, missing field, classes outside the table, no CRS where the grid
         has one, or features whose total bounds miss the grid.
     """
-    import geopandas as gpd
-    import shapely
-
     src = Path(path)
     ids = _class_ids(classes, ignore_index)
     dtype = label_dtype(classes, ignore_index)
     fill = ignore_index if background is None else background
+    _check_burn_classes(classes, ids, background, ignore_index, class_field, class_value)
+    gdf = _numbered(_read_vector(src, class_field, layer), src)
+    gdf = _to_grid(gdf, grid, src)
+    gdf["class_id"] = _feature_classes(gdf, class_field, class_value, classes, ids, src)
+    out = _normalized(gdf, dtype, grid)
+    target = _write_features(out, Path(workdir))
+    log.info("prepared %d label features from %s into %s", len(out), src, target)
+    return VectorLabels(
+        features=target.resolve(),
+        grid=grid,
+        dtype=dtype.name,
+        fill=fill,
+        source=str(src),
+        count=len(out),
+        class_field=class_field,
+        class_value=class_value,
+    )
+
+
+def _check_burn_classes(
+    classes: Sequence[ClassDef],
+    ids: list[int],
+    background: int | None,
+    ignore_index: int,
+    class_field: str | None,
+    class_value: int,
+) -> None:
+    """The background class, and ``class_value`` where it is burnt, must be in the table."""
     if background is not None and background not in ids:
         raise LabelError(
             f"background class {background} is not in the class table {_table_text(classes)}: "
@@ -194,7 +219,9 @@ def prepare_vector_labels(
             "pass one of its ids as --class-value, or name the class field with --class-field"
         )
 
-    gdf = _read_vector(src, class_field, layer)
+
+def _numbered(gdf: gpd.GeoDataFrame, src: Path) -> gpd.GeoDataFrame:
+    """The features with a geometry, numbered 1, 2, ... in ``instance_id`` (file order)."""
     keep = ~(gdf.geometry.isna() | gdf.geometry.is_empty).to_numpy()
     if not keep.any():
         raise LabelError(
@@ -205,11 +232,15 @@ def prepare_vector_labels(
     if len(gdf) > _MAX_INSTANCE:
         raise LabelError(f"labels file {str(src)!r} has {len(gdf)} features, more than uint32 ids")
     gdf["instance_id"] = np.arange(1, len(gdf) + 1, dtype=np.uint32)
+    return gdf
 
-    gdf = _to_grid(gdf, grid, src)
-    gdf["class_id"] = _feature_classes(gdf, class_field, class_value, classes, ids, src)
 
-    out = gpd.GeoDataFrame(
+def _normalized(gdf: gpd.GeoDataFrame, dtype: np.dtype[Any], grid: PixelGrid) -> gpd.GeoDataFrame:
+    """What is written: 2-D geometries in grid coordinates, ``class_id``, ``instance_id``."""
+    import geopandas as gpd
+    import shapely
+
+    return gpd.GeoDataFrame(
         {
             "class_id": gdf["class_id"].to_numpy(dtype),
             "instance_id": gdf["instance_id"].to_numpy(np.uint32),
@@ -217,7 +248,10 @@ def prepare_vector_labels(
         geometry=shapely.force_2d(np.asarray(gdf.geometry.array, dtype=object)),
         crs=grid.crs,
     )
-    workdir = Path(workdir)
+
+
+def _write_features(out: gpd.GeoDataFrame, workdir: Path) -> Path:
+    """Write ``out`` as ``workdir/labels.parquet`` (atomically); its path."""
     workdir.mkdir(parents=True, exist_ok=True)
     target = workdir / FEATURES_FILE
     fd, tmp_name = tempfile.mkstemp(prefix=f".{FEATURES_FILE}.", suffix=".partial", dir=workdir)
@@ -228,17 +262,7 @@ def prepare_vector_labels(
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    log.info("prepared %d label features from %s into %s", len(out), src, target)
-    return VectorLabels(
-        features=target.resolve(),
-        grid=grid,
-        dtype=dtype.name,
-        fill=fill,
-        source=str(src),
-        count=len(out),
-        class_field=class_field,
-        class_value=class_value,
-    )
+    return target
 
 
 def _read_vector(src: Path, class_field: str | None, layer: str | int | None) -> gpd.GeoDataFrame:
