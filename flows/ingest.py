@@ -10,7 +10,6 @@ Killed runs resume: run the same command again.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,12 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from segflow.cluster import dask_client
-from segflow.config import DEFAULT_CLASSES, ClassDef, load_config
-from segflow.errors import ConfigError
+from segflow.config import IngestConfig, load_config
+from segflow.config.cli import add_options
 from segflow.ingest import IngestReport, IngestSpec, check_inputs, ingest
+
+# the ingest section's options, as flags (the class map has a JSON form of its own)
+FLAGS = [name for name in IngestConfig.model_fields if name != "class_map"]
 
 
 @task(name="ingest-scene", retries=0)
@@ -71,52 +73,15 @@ def _summary(r: dict[str, Any]) -> str:
     )
 
 
-def _parse_json(text: str | None, what: str) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--{what} is not valid JSON ({err.msg}): got {text!r}") from err
-
-
 def build_spec(args: argparse.Namespace) -> IngestSpec:
     """Turn command-line arguments (and an optional pipeline config) into a validated spec."""
-    classes: tuple[ClassDef, ...] = DEFAULT_CLASSES
-    ignore_index = 255
-    if args.config:
-        cfg = load_config(args.config)
-        classes, ignore_index = cfg.classes, cfg.ignore_index
-    raw_classes = _parse_json(args.classes, "classes")
-    if raw_classes is not None:
-        try:
-            classes = tuple(ClassDef.model_validate(c) for c in raw_classes)
-        except Exception as err:
-            raise ConfigError(
-                f"--classes must be a JSON list of {{id, name, color}}: {err}"
-            ) from err
-    class_map = _parse_json(args.class_map, "class-map")
-    if class_map is not None:
-        try:
-            class_map = {int(k): int(v) for k, v in class_map.items()}
-        except (AttributeError, ValueError) as err:
-            raise ConfigError(
-                f'--class-map must map raw values to class ids, e.g. {{"0": 1, "255": 0}}: got {args.class_map!r}'
-            ) from err
-    return IngestSpec(
-        source=args.source,
+    return IngestSpec.from_command_line(
         out=args.out,
-        labels=args.labels,
-        instances=args.instances,
-        class_field=args.class_field,
-        class_value=args.class_value,
-        class_map=class_map,
-        chunk=args.chunk,
-        shard=args.shard,
-        level=args.level,
-        classes=classes,
-        ignore_index=ignore_index,
-    ).validated()
+        options={name: getattr(args, name, None) for name in FLAGS},
+        classes_json=args.classes,
+        class_map_json=args.class_map,
+        pipeline=load_config(args.config) if args.config else None,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -126,23 +91,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="image to ingest")
     p.add_argument("--out", required=True, help="scene store to write (STORE.zarr)")
-    p.add_argument("--labels", help="vector (GeoJSON/GPKG/SHP/GeoParquet) or raster class labels")
-    p.add_argument("--instances", help="instance-id raster (0 = background)")
-    p.add_argument("--class-field", help="vector attribute holding the class id")
-    p.add_argument(
-        "--class-value",
-        type=int,
-        default=1,
-        help="class of every vector feature when no --class-field (default 1)",
-    )
+    add_options(p, IngestConfig, skip=("source", "class_map"))  # --labels, --chunk, ...
     p.add_argument(
         "--class-map", help='raw label value -> class id, JSON, e.g. \'{"0": 1, "255": 0}\''
     )
     p.add_argument("--classes", help='class table, JSON list of {"id", "name", "color"}')
     p.add_argument("--config", help="pipeline YAML whose class table to use")
-    p.add_argument("--chunk", type=int, default=512, help="chunk size in pixels (default 512)")
-    p.add_argument("--shard", type=int, help="shard size in pixels (a multiple of --chunk)")
-    p.add_argument("--level", type=int, default=0, help="pyramid level of a slide (default 0)")
     p.add_argument(
         "--dask-address",
         help="Dask scheduler address (default: $SEGFLOW_DASK_ADDRESS or a local cluster)",

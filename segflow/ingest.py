@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from segflow import __version__
-from segflow.config import DEFAULT_CLASSES, ClassDef, IngestConfig
-from segflow.errors import ConfigError, LabelError, SegflowError, StoreError
+from segflow.config import DEFAULT_CLASSES, ClassDef, IngestConfig, PipelineConfig
+from segflow.errors import ConfigError, LabelError, SegflowError, StoreError, option
 from segflow.geometry import BlockGrid, BlockIndex, Window
 from segflow.io.labels import (
     LabelReader,
@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 VECTOR_SUFFIXES = {".geojson", ".json", ".gpkg", ".shp", ".parquet", ".geoparquet", ".fgb"}
 
 
+# the options' defaults are the ingest section's (declared once, in segflow.config)
+_OPTION = IngestConfig.model_fields
+
+
 @dataclass(frozen=True, slots=True)
 class IngestSpec:
     """Everything that determines a scene store (its content depends on nothing else)."""
@@ -66,12 +70,12 @@ class IngestSpec:
     labels: str | None = None
     instances: str | None = None
     class_field: str | None = None
-    class_value: int = 1
+    class_value: int = _OPTION["class_value"].default
     class_map: Mapping[int, int] | None = None
-    chunk: int = 512
+    chunk: int = _OPTION["chunk"].default
     shard: int | None = None
-    level: int = 0
-    compression_level: int = 3
+    level: int = _OPTION["level"].default
+    compression_level: int = _OPTION["compression_level"].default
     classes: tuple[ClassDef, ...] = DEFAULT_CLASSES
     ignore_index: int = 255
     #: pixel budget of the source (None: ``$SEGFLOW_MAX_PIXELS`` or the default, see
@@ -105,6 +109,43 @@ class IngestSpec:
             ignore_index=ignore_index,
         )
 
+    @classmethod
+    def from_command_line(
+        cls,
+        *,
+        out: str,
+        options: Mapping[str, Any],
+        classes_json: str | None = None,
+        class_map_json: str | None = None,
+        pipeline: PipelineConfig | None = None,
+    ) -> IngestSpec:
+        """A validated spec from a command line's options (the ingest section's fields) and
+        its JSON forms of the class table and class map; the class table and ignore index
+        default to ``pipeline``'s when one is given."""
+        classes: tuple[ClassDef, ...] = pipeline.classes if pipeline else DEFAULT_CLASSES
+        raw = _parse_json(classes_json, "classes")
+        if raw is not None:
+            try:
+                classes = tuple(ClassDef.model_validate(c) for c in raw)
+            except Exception as err:
+                raise ConfigError(
+                    f"{option('classes')} must be a JSON list of {{id, name, color}}: {err}"
+                ) from err
+        class_map = _parse_json(class_map_json, "class_map")
+        if class_map is not None:
+            try:
+                class_map = {int(k): int(v) for k, v in class_map.items()}
+            except (AttributeError, ValueError) as err:
+                raise ConfigError(
+                    f"{option('class_map')} must map raw values to class ids, e.g. "
+                    f'{{"0": 1, "255": 0}}: got {class_map_json!r}'
+                ) from err
+        given = {k: v for k, v in options.items() if v is not None}
+        return cls(
+            out=out, class_map=class_map, classes=classes,
+            ignore_index=pipeline.ignore_index if pipeline else 255, **given,
+        ).validated()  # fmt: skip
+
     def validated(self) -> IngestSpec:
         """Check the parameters with the config schema (one clear error line)."""
         from pydantic import ValidationError
@@ -127,6 +168,15 @@ class IngestSpec:
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, source="ingest")) from err
         return self
+
+
+def _parse_json(text: str | None, name: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{option(name)} is not valid JSON ({err.msg}): got {text!r}") from err
 
 
 @dataclass(frozen=True, slots=True)

@@ -412,3 +412,28 @@ def test_arrays_added_after_ingest_are_visible(samples: Path, tmp_path: Path) ->
     assert again.has("weights") and again.progress("weights").done() == {BlockIndex(0, 0)}
     ds = _open_xr(out)
     assert float(ds["weights"][:256, :256].sum()) == 256 * 256
+
+
+def test_a_command_lines_options_make_the_spec_the_pipeline_would() -> None:
+    """Flags, JSON forms and a pipeline's class table, into one spec; defaults from the schema."""
+    from segflow.config import IngestConfig, PipelineConfig
+
+    pipeline = PipelineConfig.model_validate(
+        {"name": "p", "ignore_index": 99, "ingest": {"source": "a.tif"},
+         "classes": [{"id": 0, "name": "bg"}, {"id": 1, "name": "roof"}]}
+    )  # fmt: skip
+    spec = IngestSpec.from_command_line(
+        out="s.zarr", options={"source": "a.tif", "chunk": 256, "shard": None},
+        class_map_json='{"0": 0, "255": 1}', pipeline=pipeline,
+    )  # fmt: skip
+    ref = IngestSpec.from_config(
+        IngestConfig(source="a.tif", chunk=256, class_map={0: 0, 255: 1}),
+        out="s.zarr", classes=pipeline.classes, ignore_index=99,
+    )  # fmt: skip
+    assert spec == ref and spec.level == IngestConfig.model_fields["level"].default
+    with pytest.raises(ConfigError, match="--classes must be a JSON list"):
+        IngestSpec.from_command_line(out="s.zarr", options={"source": "a.tif"},
+                                     classes_json='[{"name": 3}]')  # fmt: skip
+    with pytest.raises(ConfigError, match="--class-map is not valid JSON"):
+        IngestSpec.from_command_line(out="s.zarr", options={"source": "a.tif"},
+                                     class_map_json="{0: 1")  # fmt: skip
