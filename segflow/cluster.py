@@ -33,7 +33,7 @@ from contextlib import contextmanager
 
 from distributed import Client, LocalCluster
 
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, option
 
 __all__ = [
     "DEFAULT_HOST",
@@ -134,7 +134,14 @@ def dask_client(
     address = address or os.environ.get(ENV_ADDRESS) or None
     if address:
         log.info("connecting to Dask scheduler at %s", address)
-        with Client(address) as client:
+        try:
+            client = Client(address)
+        except (OSError, TimeoutError) as err:  # refused, unknown host, timed out
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {address!r} ({err}): start it, or "
+                f"check {option('dask_address')} and ${ENV_ADDRESS}"
+            ) from None
+        with client:
             yield client
         return
     host, dashboard = local_cluster_addresses(host, dashboard_address)

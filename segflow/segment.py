@@ -15,10 +15,12 @@ Examples
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import dataclasses
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from segflow.budget import ENV_MEMORY_BUDGET, format_bytes, memory_budget
+from segflow.cluster import ENV_ADDRESS, dask_client
 from segflow.config import ClassDef
 from segflow.config.segment import FLAGS, SegmentRequest
 from segflow.errors import CheckpointError, ConfigError, SegflowError, option
@@ -33,7 +36,9 @@ from segflow.geometry import Window
 from segflow.infer.engine import (
     InferenceOptions,
     InferenceReport,
+    SourceReader,
     StoreReader,
+    UnitRunner,
     open_prediction_store,
     predict_region,
     prediction_unit,
@@ -55,7 +60,13 @@ from segflow.tiling import round_up
 if TYPE_CHECKING:
     from segflow.train.checkpoint import CheckpointMeta
 
-__all__ = ["SegmentReport", "SegmentRequest", "SourceReader", "check_request", "segment_region"]
+__all__ = [
+    "SegmentReport",
+    "SegmentRequest",
+    "SourceReader",
+    "check_request",
+    "segment_region",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +90,6 @@ class SegmentReport:
         d = asdict(self)
         d["region"] = asdict(self.region)
         return d
-
-
-class SourceReader:
-    """A :class:`~segflow.infer.engine.WindowReader` over a :class:`~segflow.io.sources.Source`."""
-
-    def __init__(self, source: Source) -> None:
-        self.source = source
-
-    @property
-    def height(self) -> int:
-        return self.source.info.height
-
-    @property
-    def width(self) -> int:
-        return self.source.info.width
-
-    @property
-    def bands(self) -> int:
-        return len(self.source.info.bands)
-
-    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        return self.source.read_with_valid(window)
 
 
 @dataclass(frozen=True)
@@ -137,20 +126,9 @@ def _open_input(path: str, level: int) -> _Input:
 
 
 def _load_model(path: str) -> tuple[Any, Any]:
-    """The checkpoint's model and metadata, loaded once per process while its files are
-    unchanged: the command line checks a request before Prefect starts and the flow runs it,
-    and a worker serves many requests with one model."""
-    root = Path(path)
-    files = [root] if root.is_file() else [root / "checkpoint.json", root / "model.safetensors"]
-    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files)
-    return _load_model_cached(str(root.resolve()), stamp)
+    from segflow.train.checkpoint import load_checkpoint_cached
 
-
-@functools.lru_cache(maxsize=2)
-def _load_model_cached(path: str, stamp: tuple[object, ...]) -> tuple[Any, Any]:
-    from segflow.train.checkpoint import load_checkpoint
-
-    return load_checkpoint(path)
+    return load_checkpoint_cached(path)
 
 
 def _is_scene_store(path: str) -> bool:
@@ -212,10 +190,12 @@ def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, Infere
     """
     plan_request(req)
     check_unlocked(req.out)
-    return _check_inputs(req)
+    return _check_inputs(req, local=cluster_address(req) is None and not req.workers)
 
 
-def _check_inputs(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, InferenceOptions]:
+def _check_inputs(
+    req: SegmentRequest, *, local: bool = True
+) -> tuple[_Input, Window, Any, Any, InferenceOptions]:
     if not Path(req.model).exists():
         raise CheckpointError(
             f"checkpoint not found: {req.model!r}: pass the directory flows/train.py wrote"
@@ -244,7 +224,8 @@ def _check_inputs(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, Infere
             f"size the model's down-sampling needs: use {option('tile', fit)}"
         )
     options = _inference_options(req, meta, region)  # its checks, before anything is written
-    resolve_device(options)  # an unknown or absent device fails now, not after the set-up
+    if local:  # on a cluster, the workers' devices count (each task checks its own)
+        resolve_device(options)  # an unknown or absent device fails now, not after the set-up
     check_memory(options, bands=want, classes=len(meta.classes), region=region)
     return inp, region, model, meta, options
 
@@ -430,9 +411,12 @@ def segment_region(
     """
     t0 = time.perf_counter()
     plan = plan_request(req)
-    with output_lock(plan["out"]):
-        inp, region, model, meta, options = _check_inputs(req)
-        report, store, view_region = _infer(req, inp, region, model, meta, options, progress)
+    with output_lock(plan["out"]), _cluster(req) as client:  # reached before anything is written
+        inp, region, model, meta, options = _check_inputs(req, local=client is None)
+        runner = None if client is None else _cluster_runner(req, client)
+        report, store, view_region = _infer(
+            req, inp, region, model, meta, options, progress, runner
+        )
         labels = _RegionView(store.array(LABELS), view_region)
         georef = inp.georef[region] if inp.georef else None
         classes: tuple[ClassDef, ...] = tuple(meta.classes)
@@ -452,6 +436,35 @@ def segment_region(
     )
 
 
+def cluster_address(req: SegmentRequest) -> str | None:
+    """The Dask scheduler ``req`` runs on: ``dask_address``, else ``$SEGFLOW_DASK_ADDRESS``
+    unless ``workers`` asks for an embedded cluster."""
+    if req.dask_address:
+        return req.dask_address
+    return None if req.workers else os.environ.get(ENV_ADDRESS) or None
+
+
+@contextlib.contextmanager
+def _cluster(req: SegmentRequest) -> Iterator[Any]:
+    """A Dask client when ``req`` asks for a cluster (None: infer in this process)."""
+    address = cluster_address(req)
+    if address is None and not req.workers:
+        yield None
+        return
+    threads = max(1, (os.cpu_count() or 1) // (req.workers or 1))
+    with dask_client(address, n_workers=req.workers, threads_per_worker=threads,
+                     processes=True) as client:  # fmt: skip
+        yield client
+
+
+def _cluster_runner(req: SegmentRequest, client: Any) -> UnitRunner:
+    from segflow.infer.cluster import cluster_runner
+
+    # workers may run elsewhere in the file system tree: absolute paths
+    return cluster_runner(client, image=str(Path(req.image).resolve()), level=req.level,
+                          model=str(Path(req.model).resolve()), device=req.device)  # fmt: skip
+
+
 def _infer(
     req: SegmentRequest,
     inp: _Input,
@@ -460,6 +473,7 @@ def _infer(
     meta: CheckpointMeta,
     options: InferenceOptions,
     progress: Callable[[int, int], None] | None,
+    runner: UnitRunner | None = None,
 ) -> tuple[InferenceReport, SceneStore, Window]:
     """Predict ``region`` into the prediction store; returns it and the region's view of it."""
     classes: tuple[ClassDef, ...] = tuple(meta.classes)
@@ -496,9 +510,12 @@ def _infer(
                 kind=inp.source.info.kind if inp.source else "store",
             ),
         )
+    if runner is not None:  # the workers use options.device; this process only probes
+        options = dataclasses.replace(options, device="cpu")
     report: InferenceReport = predict_region(
-        inp.reader, model, region, out_store, options=options, mean=mean, std=std, progress=progress
-    )
+        inp.reader, model, region, out_store, options=options, mean=mean, std=std,
+        progress=progress, runner=runner,
+    )  # fmt: skip
     return report, SceneStore.open(report.store_path, mode="r+"), view_region
 
 

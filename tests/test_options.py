@@ -48,8 +48,12 @@ def _tile_declarations() -> list[str]:
             elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 args = node.args
                 named = [*args.posonlyargs, *args.args]
-                pairs = list(zip(named[len(named) - len(args.defaults) :], args.defaults, strict=True))
-                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d]
+                pairs = list(
+                    zip(named[len(named) - len(args.defaults) :], args.defaults, strict=True)
+                )
+                pairs += [
+                    (a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d
+                ]
                 found += [
                     f"{path.relative_to(ROOT)}:{node.lineno}"
                     for a, d in pairs

@@ -21,8 +21,11 @@ def doc_parts(obj: Any) -> tuple[str, dict[str, str]]:
     """(prose before the first numpydoc section, {section title: body}) of ``obj.__doc__``."""
     doc = inspect.cleandoc(obj.__doc__ or "")
     lines = doc.splitlines()
-    starts = [i - 1 for i in range(1, len(lines)) if _SECTION_RULE.match(lines[i])
-              and lines[i - 1].strip()]
+    starts = [
+        i - 1
+        for i in range(1, len(lines))
+        if _SECTION_RULE.match(lines[i]) and lines[i - 1].strip()
+    ]
     intro = "\n".join(lines[: starts[0]] if starts else lines).strip()
     parts: dict[str, str] = {}
     for n, s in enumerate(starts):

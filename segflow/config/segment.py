@@ -136,6 +136,14 @@ class SegmentRequest(SegmentOptions):
         With a scene store as ``image``: write the predictions into it (default: ``work``).
     overwrite
         Replace existing files at the output paths (default: only this command's own).
+    dask_address
+        Dask scheduler to run the inference on (``tcp://host:8786``): groups of write units
+        become tasks of its workers, which read ``image`` and ``model`` from the same paths.
+        Null: ``$SEGFLOW_DASK_ADDRESS``, else ``workers``, else this process.
+    workers
+        Without a scheduler: run the inference on an embedded Dask cluster of this many
+        worker processes (the cores shared among them). Null: in this process, which is
+        faster on one machine (``benchmarks/bench_segment_distributed.py``).
     """
 
     image: str
@@ -154,6 +162,8 @@ class SegmentRequest(SegmentOptions):
     min_area: Annotated[float, Field(ge=0)] = 0.0
     into_store: bool = False
     overwrite: bool = False
+    dask_address: str | None = None
+    workers: Annotated[int, Field(ge=1)] | None = None
 
     @property
     def work_store(self) -> Path:

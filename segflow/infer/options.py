@@ -162,3 +162,5 @@ class InferenceReport:
     amp: str
     peak_rss_bytes: int | None
     peak_gpu_bytes: int | None
+    # on a Dask cluster: per worker address, its units, tiles, pixels and seconds
+    workers: dict[str, dict[str, float]] | None = None

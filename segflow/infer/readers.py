@@ -7,7 +7,8 @@ into the model's input.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,7 +19,10 @@ from segflow.normalization import Normalization
 from segflow.stats import valid_and_finite
 from segflow.tiling import MirrorPlan, Tile, mirror_plan
 
-__all__ = ["ArrayReader", "StoreReader", "WindowReader"]
+if TYPE_CHECKING:
+    from segflow.io.sources import Source
+
+__all__ = ["ArrayReader", "SourceReader", "StoreReader", "WindowReader", "open_reader"]
 
 
 # ----------------------------------------------------------------------------- readers
@@ -99,6 +103,39 @@ class StoreReader:
     def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         pixels = np.asarray(self._image[(slice(None), *window.slices)])
         return pixels, np.asarray(self._valid[window.slices], dtype=bool)
+
+
+class SourceReader:
+    """A :class:`WindowReader` over a :class:`~segflow.io.sources.Source`."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    @property
+    def height(self) -> int:
+        return self.source.info.height
+
+    @property
+    def width(self) -> int:
+        return self.source.info.width
+
+    @property
+    def bands(self) -> int:
+        return len(self.source.info.bands)
+
+    def read_with_valid(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.read_with_valid(window)
+
+
+def open_reader(path: str | Path, level: int = 0) -> WindowReader:
+    """The :class:`WindowReader` of an image path: a scene store's ``image`` (``level``
+    ignored: a store holds one), or a source read at pyramid ``level``."""
+    from segflow.io.sources import open_source
+
+    p = Path(path)
+    if (p / "zarr.json").is_file():
+        return StoreReader(SceneStore.open(p))
+    return SourceReader(open_source(p, level=level))
 
 
 class _Normalizer:

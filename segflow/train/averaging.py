@@ -55,8 +55,13 @@ def recalibrate_batchnorm(
 
 
 def recalibration_batches(
-    sampler: PatchSampler, *, patches: int, patch: int, batch_size: int,
-    normalization: Normalization, layout: torch.memory_format,
+    sampler: PatchSampler,
+    *,
+    patches: int,
+    patch: int,
+    batch_size: int,
+    normalization: Normalization,
+    layout: torch.memory_format,
 ) -> Iterator[torch.Tensor]:
     """The un-augmented training patches :func:`recalibrate_batchnorm` averages over.
 
@@ -64,7 +69,11 @@ def recalibration_batches(
     class mix, as inference sees them), epoch 0: the same patches on every rank and in a
     resumed run.
     """
-    dataset = PatchDataset(PatchSampler(sampler.scenes, SamplingConfig(), sampler.seed),
-                           patch=patch, epoch_len=patches, normalization=normalization)
+    dataset = PatchDataset(
+        PatchSampler(sampler.scenes, SamplingConfig(), sampler.seed),
+        patch=patch,
+        epoch_len=patches,
+        normalization=normalization,
+    )
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         yield batch["image"].contiguous(memory_format=layout)

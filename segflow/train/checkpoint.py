@@ -72,6 +72,7 @@ __all__ = [
     "check_halo",
     "halo_cache_dir",
     "load_checkpoint",
+    "load_checkpoint_cached",
     "read_meta",
     "save_checkpoint",
 ]
@@ -549,3 +550,22 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         check_halo(meta, directory)
     model.load_state_dict(tensors, strict=True)
     return model.to(map_location).eval(), meta
+
+
+def load_checkpoint_cached(path: str | os.PathLike[str]) -> tuple[nn.Module, CheckpointMeta]:
+    """:func:`load_checkpoint`, once per process while the checkpoint's files are unchanged.
+
+    The command line checks a request before Prefect starts and the flow then runs it; a Dask
+    worker serves many tasks with one model, loaded from its path (nothing is pickled over
+    the wire). The cache holds two checkpoints; the model is shared, so callers must not
+    change its weights.
+    """
+    root = Path(path)
+    files = [root] if root.is_file() else [root / META_FILE, root / WEIGHTS_FILE]
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files)
+    return _load_cached(str(root.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, stamp: tuple[object, ...]) -> tuple[nn.Module, CheckpointMeta]:
+    return load_checkpoint(path)

@@ -47,12 +47,19 @@ def setup_inputs(cfg: TrainConfig) -> TrainInputs:
         )
     need_w = needs_pixel_weights(cfg.loss)
     for s, weights in [*((s, need_w) for s in stores), *((s, False) for s in vstores)]:
-        check_store(s, in_channels=cfg.model.in_channels, classes=classes,
-                    out_channels=cfg.model.out_channels, need_weights=weights)
+        check_store(
+            s,
+            in_channels=cfg.model.in_channels,
+            classes=classes,
+            out_channels=cfg.model.out_channels,
+            need_weights=weights,
+        )
     ignores = {s.ignore_index for s in (*stores, *vstores)}
     if len(ignores) > 1:
-        raise ConfigError(f"the stores use different ignore_index values {sorted(ignores)}: "
-                          "re-ingest them with one value")
+        raise ConfigError(
+            f"the stores use different ignore_index values {sorted(ignores)}: "
+            "re-ingest them with one value"
+        )
     return TrainInputs(
         train_paths, validation_regions(cfg, stores, vstores), tuple(classes),
         tuple(stores[0].meta.get("bands", [])), ignores.pop(), _normalization(cfg, stores),
@@ -68,8 +75,10 @@ def _normalization(cfg: TrainConfig, stores: list[SceneStore]) -> Normalization:
     for s in stores:
         fp = s.meta.get("fingerprint")
         if not fp:
-            raise StoreError(f"store {str(s.path)!r} has no fingerprint: run flows/prepare.py "
-                             "on it (or set normalization: none)")
+            raise StoreError(
+                f"store {str(s.path)!r} has no fingerprint: run flows/prepare.py "
+                "on it (or set normalization: none)"
+            )
         parts.append((int(fp.get("train_pixels", 1)), fp["mean"], fp["std"]))
     return Normalization.pooled(parts)
 

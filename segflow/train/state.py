@@ -60,8 +60,13 @@ class LoopState:
 def config_hash(cfg: TrainConfig) -> str:
     """The hash of what a resumed run must not change (not intervals, workers or limits)."""
     d = cfg.model_dump(mode="json")
-    for k in ("val_interval", "checkpoint_interval", "num_workers", "time_limit_s",
-              "early_stopping"):
+    for k in (
+        "val_interval",
+        "checkpoint_interval",
+        "num_workers",
+        "time_limit_s",
+        "early_stopping",
+    ):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -79,13 +84,14 @@ def _flatten_optimizer(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
-                         ) -> dict[str, Any]:
+def _unflatten_optimizer(
+    tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
+) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if not key.startswith("optim."):
             continue
-        pid, name = key[len("optim."):].split(".", 1)
+        pid, name = key[len("optim.") :].split(".", 1)
         state.setdefault(int(pid), {})[name] = v
     for key, v in doc["scalars"].items():
         pid, name = key.split(".", 1)
@@ -149,8 +155,10 @@ def load_state(out_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] 
             except (ValueError, UnicodeDecodeError) as err:
                 raise _corrupt_state(d, err) from err
             if version != STATE_VERSION:
-                raise CheckpointError(f"training state {str(d)!r} has version {version}"
-                                      f", expected {STATE_VERSION}: start a new run")
+                raise CheckpointError(
+                    f"training state {str(d)!r} has version {version}"
+                    f", expected {STATE_VERSION}: start a new run"
+                )
             try:  # safetensors only: a planted pickle fails to parse, it never runs
                 return load_file(str(d / "state.safetensors")), doc
             except Exception as err:  # safetensors raises its own SafetensorError
@@ -185,18 +193,24 @@ def restore_state(
         return None
     tensors, doc = saved
     if not resume:
-        raise ConfigError(f"{str(out)!r} holds a training state (step "
-                          f"{doc['loop']['step']}): pass {option('resume')} to continue it or "
-                          f"choose another {option('out')}")
+        raise ConfigError(
+            f"{str(out)!r} holds a training state (step "
+            f"{doc['loop']['step']}): pass {option('resume')} to continue it or "
+            f"choose another {option('out')}"
+        )
     if doc["config_hash"] != chash:
-        raise ConfigError(f"the training config changed since the state in {str(out)!r} was "
-                          f"written: resume with the same config or choose another {option('out')}")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
-                           if k.startswith("model.")})
+        raise ConfigError(
+            f"the training config changed since the state in {str(out)!r} was "
+            f"written: resume with the same config or choose another {option('out')}"
+        )
+    model.load_state_dict(
+        {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    )
     optimizer.load_state_dict(_unflatten_optimizer(tensors, doc["optimizer"]))
     if ema is not None:
-        ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items()
-                             if k.startswith("ema.")})
+        ema.load_state_dict(
+            {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+        )
     if scaler is not None and doc.get("scaler"):
         scaler.load_state_dict(doc["scaler"])
     torch.set_rng_state(tensors["rng.torch"])

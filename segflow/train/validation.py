@@ -104,7 +104,8 @@ def select(loop: LoopState, row: Mapping[str, Any], cfg: TrainConfig) -> tuple[b
     value = row.get(cfg.select_metric)
     if value is not None:
         better = loop.best_metric is None or (
-            value < loop.best_metric if cfg.select_mode == "min" else value > loop.best_metric)
+            value < loop.best_metric if cfg.select_mode == "min" else value > loop.best_metric
+        )
         if better:
             loop.best_metric, loop.best_step = float(value), loop.step
     es = cfg.early_stopping
@@ -114,8 +115,9 @@ def select(loop: LoopState, row: Mapping[str, Any], cfg: TrainConfig) -> tuple[b
         prev = [float(r[es.metric]) for r in loop.history[:-1] if r.get(es.metric) is not None]
         if prev:
             best_prev = min(prev) if es.mode == "min" else max(prev)
-            improved = (v < best_prev - es.min_delta if es.mode == "min"
-                        else v > best_prev + es.min_delta)
+            improved = (
+                v < best_prev - es.min_delta if es.mode == "min" else v > best_prev + es.min_delta
+            )
             loop.bad_validations = 0 if improved else loop.bad_validations + 1
         stop = loop.bad_validations >= es.patience
     return better, stop
