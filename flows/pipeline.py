@@ -75,9 +75,9 @@ def train_stage(run: StageRun, cfg: PipelineConfig, out: str, device: str | None
 
 @task(name="segment_region", **_STAGE)  # type: ignore[call-overload]
 def segment_stage(
-    run: StageRun, cfg: PipelineConfig, model: str, device: str | None
+    run: StageRun, cfg: PipelineConfig, model: str, device: str | None, dask_address: str | None
 ) -> dict[str, Any]:
-    return run_segment(run, cfg, model, device=device)
+    return run_segment(run, cfg, model, device=device, dask_address=dask_address)
 
 
 def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[str, Any]:
@@ -111,7 +111,9 @@ def pipeline_flow(
         train = plan_train(cfg, store, ingest, prepare)
         stages["train"] = _call(train_stage, train, cfg, str(work / "train"), device)
     segment = plan_segment(cfg, store, ingest, prepare, train)  # after training: keys the model
-    stages["segment_region"] = _call(segment_stage, segment, cfg, str(model_path(cfg)), device)
+    stages["segment_region"] = _call(
+        segment_stage, segment, cfg, str(model_path(cfg)), device, dask_address
+    )
     create_markdown_artifact(
         key="pipeline-summary", markdown=summary(cfg, stages), description=f"pipeline {cfg.name}"
     )

@@ -86,6 +86,10 @@ def summary(r: dict[str, Any]) -> str:
     ]
     lines += [f"| {name} | {px} px |" for name, px in r["class_pixels"].items()]
     lines += [f"| {k} | `{v}` |" for k, v in r["outputs"].items()]
+    lines += [  # on a Dask cluster: each worker's share and throughput
+        f"| worker `{w}` | {s['units']} units, {s['pixels'] / max(s['seconds'], 1e-9) / 1e6:.2f} Mpx/s |"
+        for w, s in (inf.get("workers") or {}).items()
+    ]
     if r.get("outputs", {}).get("quicklook"):
         lines += ["", f"![quick-look]({Path(r['outputs']['quicklook']).resolve().as_uri()})"]
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from distributed import Client, LocalCluster
 
@@ -41,6 +42,8 @@ __all__ = [
     "ENV_DASHBOARD",
     "ENV_HOST",
     "dask_client",
+    "gpu_client",
+    "gpu_worker_specs",
     "local_cluster_addresses",
 ]
 
@@ -163,4 +166,54 @@ def dask_client(
         Client(cluster) as client,
     ):
         log.info("embedded Dask cluster: dashboard on %s", dashboard)
+        yield client
+
+
+def gpu_worker_specs(gpus: int, threads: int, host: str) -> dict[str, dict[str, Any]]:
+    """One worker process per GPU for an embedded cluster (without dask-cuda): each sees only
+    its own device (``CUDA_VISIBLE_DEVICES``) and declares ``GPU=1``, the resource a CUDA
+    segment_region task asks for; ``threads`` feed it.
+
+    Examples
+    --------
+    >>> specs = gpu_worker_specs(2, 4, "127.0.0.1")
+    >>> specs["gpu1"]["options"]["env"], specs["gpu1"]["options"]["resources"]
+    ({'CUDA_VISIBLE_DEVICES': '1'}, {'GPU': 1})
+    """
+    from distributed import Nanny
+
+    return {
+        f"gpu{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": threads,
+                "env": {"CUDA_VISIBLE_DEVICES": str(i)},
+                "resources": {"GPU": 1},
+                "host": host,
+                "dashboard_address": f"{host}:0",
+            },
+        }
+        for i in range(gpus)
+    }
+
+
+@contextmanager
+def gpu_client(gpus: int, *, threads: int, host: str | None = None) -> Iterator[Client]:
+    """An embedded cluster of one worker per GPU: dask-cuda's ``LocalCUDACluster`` where it
+    is installed, else worker processes from :func:`gpu_worker_specs`; on loopback."""
+    from distributed import Scheduler, SpecCluster
+
+    host, dashboard = local_cluster_addresses(host, None)
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        cluster: Any = LocalCUDACluster(
+            n_workers=gpus, threads_per_worker=threads, resources={"GPU": 1}, host=host,
+            dashboard_address=dashboard,
+        )  # fmt: skip
+    except ImportError:
+        scheduler = {"cls": Scheduler, "options": {"host": host, "dashboard_address": dashboard}}
+        cluster = SpecCluster(workers=gpu_worker_specs(gpus, threads, host), scheduler=scheduler)
+    with cluster, Client(cluster) as client:
+        log.info("embedded GPU cluster: %d workers, dashboard on %s", gpus, dashboard)
         yield client

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from segflow.budget import ENV_MEMORY_BUDGET, format_bytes, memory_budget
-from segflow.cluster import ENV_ADDRESS, dask_client
+from segflow.cluster import ENV_ADDRESS, dask_client, gpu_client
 from segflow.config import ClassDef
 from segflow.config.segment import FLAGS, SegmentRequest
 from segflow.errors import CheckpointError, ConfigError, SegflowError, option
@@ -452,9 +452,24 @@ def _cluster(req: SegmentRequest) -> Iterator[Any]:
         yield None
         return
     threads = max(1, (os.cpu_count() or 1) // (req.workers or 1))
+    gpus = _local_gpus(req) if address is None else 0
+    if gpus:  # one worker per GPU (at most --workers), the cores shared among them
+        with gpu_client(gpus, threads=max(1, (os.cpu_count() or 1) // gpus)) as client:
+            yield client
+        return
     with dask_client(address, n_workers=req.workers, threads_per_worker=threads,
                      processes=True) as client:  # fmt: skip
         yield client
+
+
+def _local_gpus(req: SegmentRequest) -> int:
+    """The GPUs an embedded cluster for ``req`` uses (0: CPU workers)."""
+    import torch
+
+    cuda = req.device is None or str(req.device).startswith("cuda")
+    if not (cuda and torch.cuda.is_available()):
+        return 0
+    return min(req.workers or 1, torch.cuda.device_count())
 
 
 def _cluster_runner(req: SegmentRequest, client: Any) -> UnitRunner:

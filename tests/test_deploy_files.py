@@ -104,3 +104,38 @@ def test_sbatch_requeues_and_traps_the_warning_signal() -> None:
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_sbatch_is_valid_bash() -> None:
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+
+
+# ----------------------------------------------------------------------------- GPU workers
+GPU_NODE = ROOT / "deploy" / "dask" / "gpu-node.sh"
+KUBERNETES = ROOT / "deploy" / "dask" / "kubernetes.yaml"
+
+
+def _dask_worker_options() -> set[str]:
+    from distributed.cli.dask_worker import main as dask_worker
+
+    return {opt for p in dask_worker.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_node_script_is_valid_bash_with_one_gpu_worker_per_device() -> None:
+    subprocess.run(["bash", "-n", str(GPU_NODE)], check=True)
+    text = GPU_NODE.read_text()
+    line = next(ln for ln in text.splitlines() if "dask worker" in ln and "CUDA_VISIBLE" in ln)
+    line += " " + text.splitlines()[text.splitlines().index(line) + 1]
+    tokens = shlex.split(line.replace("\\", ""), comments=True)
+    flags = {t for t in tokens if t.startswith("--")}
+    assert flags <= _dask_worker_options(), flags - _dask_worker_options()
+    assert "CUDA_VISIBLE_DEVICES=$i" in tokens and tokens[tokens.index("--resources") + 1] == "GPU=1"
+
+
+def test_kubernetes_gpu_workers_declare_the_gpu_resource() -> None:
+    import yaml
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(KUBERNETES.read_text())}
+    (container,) = docs["DaskWorkerGroup"]["spec"]["worker"]["spec"]["containers"]
+    args = [str(a) for a in container["args"]]
+    assert args[:2] == ["dask", "worker"] and args[args.index("--resources") + 1] == "GPU=1"
+    assert {a for a in args if a.startswith("--")} <= _dask_worker_options()
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert docs["DaskWorkerGroup"]["spec"]["cluster"] == docs["DaskCluster"]["metadata"]["name"]

@@ -73,6 +73,18 @@ def mosaic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _flow_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "segflow_flow_segment_region_cluster", ROOT / "flows" / "segment_region.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _request(image: Path, model: Path, out: Path, **kw: Any) -> SegmentRequest:
     out.mkdir(parents=True, exist_ok=True)
     return SegmentRequest(
@@ -112,6 +124,8 @@ def test_two_workers_through_the_address_equal_the_in_process_run(
     ):
         np.testing.assert_array_equal(a.read(), b.read())
     workers = far.inference["workers"]
+    text = _flow_module().summary(far.to_dict())
+    assert all(f"| worker `{w}` |" in text for w in workers)  # the Prefect summary's lines
     assert len(workers) == 2 and all(w["units"] > 0 for w in workers.values())
     assert sum(w["units"] for w in workers.values()) == far.inference["units"]
     after = {n: s.executed for n, s in cluster.stats().items()}
@@ -182,6 +196,7 @@ def test_a_killed_coordinator_resumes_without_recomputing_recorded_units(
     assert proc.poll() is None, "the coordinator finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
     # the tasks already running on the workers finish and record their units: wait for them
     def executing(dask_worker: Any) -> int:
         return len(dask_worker.state.executing)
@@ -214,20 +229,33 @@ def test_an_unreachable_scheduler_is_one_line_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_worker_that_cannot_read_the_source_names_itself_and_records_nothing(
-    cluster: LoopbackCluster, model: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("image", "device", "expected"),
+    [
+        ("gone.tif", "cpu", r"worker tcp://127\.0\.0\.1:\d+: .*gone\.tif"),
+        (None, "cuda", r"worker tcp://127\.0\.0\.1:\d+: device 'cuda' asked for but CUDA is not"),
+    ],
+)
+def test_a_worker_that_cannot_run_the_task_names_itself_and_records_nothing(
+    cluster: LoopbackCluster,
+    model: Path,
+    tmp_path: Path,
+    image: str | None,
+    device: str,
+    expected: str,
 ) -> None:
-    """The task fails on the worker before any unit is written: one line, nothing marked."""
+    """An unreadable source, or a CUDA run on a worker without a GPU: the task fails on the
+    worker before any unit is written; one line naming it, nothing recorded."""
     cluster.ensure_workers(2)
     ok = segment_region(_request(CHIP, model, tmp_path / "ok"))
     store = SceneStore.open(ok.inference["store_path"], mode="r+")
     store.progress(ARRAYS[0]).reset()
     job = UnitJob(
-        image=str(tmp_path / "gone.tif"),
+        image=str(tmp_path / image) if image else str(CHIP),
         level=0,
         model=str(model),
         store=str(store.path),
-        options=InferenceOptions(tile=128, halo=ok.inference.get("halo", 0) or 8, device="cpu"),
+        options=InferenceOptions(tile=128, halo=8, device=device),
         mean=(120.0,),
         std=(60.0,),
         origin=(0, 0),
@@ -236,7 +264,7 @@ def test_a_worker_that_cannot_read_the_source_names_itself_and_records_nothing(
         label_dtype="|u1",
         standalone=True,
     )
-    with pytest.raises(WorkerError, match=r"worker tcp://127\.0\.0\.1:\d+: .*gone\.tif"):
+    with pytest.raises(WorkerError, match=expected):
         cluster.client.submit(run_units, job, pure=False).result()
     assert store.progress(ARRAYS[0]).done() == set()
 
@@ -250,3 +278,24 @@ def test_unit_groups_cover_every_unit_once_in_compact_blocks() -> None:
         assert len({u.col // 4 for u in g}) == 1  # one column strip
         rows = sorted({u.row for u in g})
         assert rows == list(range(rows[0], rows[-1] + 1))  # contiguous rows
+
+
+def test_an_embedded_gpu_cluster_has_one_worker_per_device_with_the_gpu_resource() -> None:
+    """Without dask-cuda: worker processes that each see one device and declare GPU=1 (on this
+    CPU machine the devices do not exist; the wiring is what is checked)."""
+    from segflow.cluster import gpu_client
+
+    def seen() -> tuple[str, str]:
+        from distributed import get_worker
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES", ""), str(get_worker().name)
+
+    with gpu_client(2, threads=1) as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert sorted(w["resources"].get("GPU") for w in workers) == [1, 1]
+        futures = [client.submit(seen, pure=False, resources={"GPU": 1}) for _ in range(4)]
+        assert {tuple(f.result()) for f in futures} <= {("0", "gpu0"), ("1", "gpu1")}
+        assert all(
+            h.startswith("127.0.0.1") or "127.0.0.1" in h
+            for h in [w["host"] for w in client.scheduler_info()["workers"].values()]
+        )

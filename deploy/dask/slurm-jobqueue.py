@@ -4,6 +4,13 @@
     python deploy/dask/slurm-jobqueue.py --jobs 8 &
     export SEGFLOW_DASK_ADDRESS=$(cat dask-scheduler-address.txt)
     python flows/pipeline.py pipelines/NAME.yaml
+
+GPU inference (segment_region): ``--gpu`` makes each job one worker on one GPU
+(``--gres=gpu:1``), declaring the ``GPU=1`` resource that segment_region's tasks ask for:
+
+    python deploy/dask/slurm-jobqueue.py --gpu --jobs 16 --cores 8 --memory 64GB &
+    python flows/segment_region.py --dask-address $(cat dask-scheduler-address.txt) \
+        --device cuda --image /shared/mosaic.vrt --model /shared/model/best --out /shared/mask.tif
 """
 
 from __future__ import annotations
@@ -22,11 +29,15 @@ def main() -> None:
     ap.add_argument("--memory", default="32GB")
     ap.add_argument("--queue", default=None)
     ap.add_argument("--walltime", default="04:00:00")
+    ap.add_argument("--gpu", action="store_true", help="one GPU per job (segment_region)")
     args = ap.parse_args()
+    # a GPU job shares its node: one GPU, its cores; a CPU job takes the whole node
+    extra = ["--gres=gpu:1"] if args.gpu else ["--exclusive"]
     cluster = SLURMCluster(
         cores=args.cores, processes=1, memory=args.memory, queue=args.queue,
         walltime=args.walltime, local_directory="$TMPDIR",
-        job_extra_directives=["--exclusive"],
+        job_extra_directives=extra,
+        worker_extra_args=["--resources", "GPU=1"] if args.gpu else [],
     )
     cluster.scale(jobs=args.jobs)
     Path("dask-scheduler-address.txt").write_text(cluster.scheduler_address)

@@ -180,7 +180,15 @@ def run_units(job: UnitJob) -> dict[str, Any]:
         "pixels": sum(pixels),
         "seconds": time.perf_counter() - t0,
         "seconds_in_model": forward.seconds,
+        "peak_rss_bytes": _peak_rss(),
     }
+
+
+def _peak_rss() -> int:
+    """This worker process's peak resident memory so far (bytes; Linux reports KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def cluster_runner(
@@ -271,3 +279,4 @@ def _add(counts: Any, r: dict[str, Any]) -> None:
     )
     for k in ("units", "tiles", "pixels", "seconds"):
         w[k] += r[k]
+    w["peak_rss_bytes"] = max(w.get("peak_rss_bytes", 0), r["peak_rss_bytes"])

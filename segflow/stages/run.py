@@ -147,7 +147,9 @@ def run_train(
     return result
 
 
-def segment_request(cfg: PipelineConfig, model: str, device: str | None) -> SegmentRequest:
+def segment_request(
+    cfg: PipelineConfig, model: str, device: str | None, dask_address: str | None = None
+) -> SegmentRequest:
     """The segment_region request of a pipeline: ``cfg.segment`` with its outputs in the
     work directory (``prediction.tif``, and the other files the section asks for)."""
     s, work = cfg.segment, cfg.work_path
@@ -159,6 +161,7 @@ def segment_request(cfg: PipelineConfig, model: str, device: str | None) -> Segm
         model=model,
         out=str(work / "prediction.tif"),
         device=device,
+        dask_address=dask_address,  # inference on that cluster's workers (None: here)
         polygons=str(work / "prediction.gpkg") if s.polygons else None,
         parquet=str(work / "prediction.parquet") if s.parquet else None,
         probabilities=str(work / "probabilities.tif") if s.probabilities else None,
@@ -185,7 +188,12 @@ def prediction_store_reusable(run: StageRun) -> bool:
 
 
 def run_segment(
-    run: StageRun, cfg: PipelineConfig, model: str, *, device: str | None
+    run: StageRun,
+    cfg: PipelineConfig,
+    model: str,
+    *,
+    device: str | None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """segment_region over ``cfg.segment`` with the checkpoint ``model``."""
     from segflow.io.store import remove_tree, staging_path
@@ -194,7 +202,7 @@ def run_segment(
     if run.plan is StagePlan.SKIP:
         return skipped(run)
     t0 = time.perf_counter()
-    req = segment_request(cfg, model, device)
+    req = segment_request(cfg, model, device, dask_address)
     begin_stage(run)
     if run.plan is StagePlan.FRESH:
         for old in run.previous.outputs if run.previous else ():
