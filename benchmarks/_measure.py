@@ -19,6 +19,7 @@ class Measurement:
     peak_rss_bytes: int  # largest sum of RSS over the process and all its children
     returncode: int
     output: str
+    cpu_seconds: float = 0.0  # user + system CPU time of the tree (each process's last sample)
 
     @property
     def peak_gib(self) -> float:
@@ -34,6 +35,7 @@ def measure(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     peak = 0
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -46,6 +48,8 @@ def measure(
                 for p in procs:
                     with contextlib.suppress(psutil.Error):
                         total += p.memory_info().rss
+                        t = p.cpu_times()
+                        cpu[p.pid] = t.user + t.system
                 peak = max(peak, total)
             except psutil.Error:
                 pass
@@ -56,7 +60,7 @@ def measure(
     out, _ = proc.communicate()
     stop.set()
     th.join()
-    return Measurement(time.perf_counter() - t0, peak, proc.returncode, out)
+    return Measurement(time.perf_counter() - t0, peak, proc.returncode, out, sum(cpu.values()))
 
 
 def python(*args: str) -> list[str]:

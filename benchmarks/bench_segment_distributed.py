@@ -9,8 +9,11 @@ a fresh process, measured from the outside (wall time, peak memory of the proces
 
 * ``in-process``: the default, one process, torch on every core;
 * ``1 worker x 1 thread`` and ``2 workers x 1 thread``: an embedded LocalCluster of worker
-  processes (``dask_address`` to it), the coordinator only submitting and recording; the
-  speed-up of two workers over one is the scaling of the task layer;
+  processes (``dask_address`` to it), the coordinator only submitting and recording. One
+  worker's reader and writer threads run on the idle second core, so the same worker is also
+  run with the whole process tree pinned to one core (``taskset``): two workers on two cores
+  over that is the scaling of the task layer, and the CPU seconds of each run say how close
+  to the machine's limit it is;
 * ``--workers 2``: what a user types, the cluster's start-up included, against in-process:
   which of the two is the default;
 * the peak memory of each worker at two image sizes (``--small`` and ``--size``): it must not
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -79,16 +83,22 @@ save_checkpoint(sys.argv[1], build_model(cfg).eval(), meta, overwrite=True)
 
 
 def run(work: Path, image: Path, model: Path, tile: int, mode: str) -> dict[str, object]:
-    out = work / f"out_{mode.replace(':', '')}_{image.stem}"
-    out.mkdir(exist_ok=True)
+    out = work / f"out_{mode.replace(':', '').replace('@', '_')}_{image.stem}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time, never a resumed one
+    out.mkdir()
     driver = work / "driver.py"
     driver.write_text(DRIVER)
-    m = measure(python(str(driver), str(image), str(model), str(out / "m.tif"), str(tile), mode))
+    # "@core0": the whole process tree pinned to one core (a one-core machine's run)
+    pin = ["taskset", "-c", "0"] if mode.endswith("@core0") else []
+    cmd = [*pin, *python(str(driver), str(image), str(model), str(out / "m.tif"), str(tile),
+                         mode.removesuffix("@core0"))]  # fmt: skip
+    m = measure(cmd)
     if m.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{m.output[-3000:]}")
     line = next(ln for ln in m.output.splitlines() if ln.startswith("RESULT "))
     result = json.loads(line[len("RESULT ") :])
-    result.update(mode=mode, size=image.stem, process_seconds=m.seconds, peak_tree_gib=m.peak_gib)
+    result.update(mode=mode, size=image.stem, process_seconds=m.seconds, peak_tree_gib=m.peak_gib,
+                  cpu_seconds=m.cpu_seconds)  # fmt: skip
     return result
 
 
@@ -108,13 +118,20 @@ def main() -> None:
     measure(python("-c", MAKE_CKPT, str(model), str(args.features), str(args.depth)))
     rows = [
         run(work, big, model, args.tile, mode)
-        for mode in ("in-process", "cluster:1", "cluster:2", "workers:2")
+        for mode in ("in-process", "cluster:1", "cluster:1@core0", "cluster:2", "workers:2")
     ]
     rows.append(run(work, small, model, args.tile, "cluster:2"))
     by = {(r["mode"], r["size"]): r for r in rows}
     one, two = by[("cluster:1", big.stem)], by[("cluster:2", big.stem)]
     summary = {
         "speedup_2_workers_over_1": one["inference_s"] / two["inference_s"],
+        # one worker alone on one core vs two workers on two: the task layer's scaling
+        "speedup_2_cores_over_1": by[("cluster:1@core0", big.stem)]["inference_s"]
+        / two["inference_s"],
+        # the machine's limit for the same work: its CPU time spread over both cores
+        "cpu_s_1_worker": one["cpu_seconds"],
+        "cpu_s_2_workers": two["cpu_seconds"],
+        "wall_2_workers_over_cpu_bound": two["process_seconds"] / (two["cpu_seconds"] / 2),
         "workers_2_over_in_process": by[("workers:2", big.stem)]["wall"]
         / by[("in-process", big.stem)]["wall"],
         "peak_worker_gib": {
@@ -124,11 +141,11 @@ def main() -> None:
         },
     }
     print(json.dumps({"rows": rows, "summary": summary}, indent=1))
-    print("\n| configuration | image | wall s | inference s | model s | peak tree GiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| configuration | image | wall s | inference s | model s | CPU s | peak tree GiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['size']} | {r['wall']:.1f} | {r['inference_s']:.1f} | "
-              f"{r['model_s']:.1f} | {r['peak_tree_gib']:.2f} |")  # fmt: skip
+              f"{r['model_s']:.1f} | {r['cpu_seconds']:.0f} | {r['peak_tree_gib']:.2f} |")  # fmt: skip
     print(f"\n{json.dumps(summary)}")
 
 

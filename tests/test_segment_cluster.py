@@ -92,8 +92,7 @@ def _request(image: Path, model: Path, out: Path, **kw: Any) -> SegmentRequest:
         model=str(model),
         out=str(out / "m.tif"),
         probabilities=str(out / "p.tif"),
-        tile=128,
-        **kw,
+        **{"tile": 128, **kw},
     )
 
 
@@ -299,3 +298,21 @@ def test_an_embedded_gpu_cluster_has_one_worker_per_device_with_the_gpu_resource
             h.startswith("127.0.0.1") or "127.0.0.1" in h
             for h in [w["host"] for w in client.scheduler_info()["workers"].values()]
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["crop", "gaussian"])
+def test_a_4096_mosaic_on_two_embedded_workers_equals_the_in_process_run(
+    model: Path, tmp_path: Path, mode: str
+) -> None:
+    """``--workers 2`` (an embedded cluster of two processes) over 4096 x 4096 pixels."""
+    with rasterio.open(CHIP) as src:
+        chip, profile = src.read(1), src.profile
+    profile.update(height=4096, width=4096, tiled=True, blockxsize=512, blockysize=512)
+    image = tmp_path / "mosaic4096.tif"
+    with rasterio.open(image, "w", **profile) as dst:
+        dst.write(np.tile(chip, (5, 5))[:4096, :4096], 1)
+    local = segment_region(_request(image, model, tmp_path / "local", mode=mode, tile=512))
+    two = segment_region(_request(image, model, tmp_path / "two", mode=mode, tile=512, workers=2))
+    assert len(two.inference["workers"]) == 2
+    _assert_same(_arrays(local), _arrays(two))

@@ -150,7 +150,11 @@ def run_units(job: UnitJob) -> dict[str, Any]:
         model, device, amp_dtype, _flips(job.options), labels_only=job.options.labels_only
     )
     normalize = _Normalizer(reader, Normalization(mean=job.mean, std=job.std))
-    opts = job.options
+    # readers beyond the worker's threads only take the forward's core (results do not depend
+    # on how many read)
+    opts = dataclasses.replace(
+        job.options, read_workers=min(job.options.read_workers, _worker_threads())
+    )
     layout = build_layout(opts, reader.height, reader.width, job.origin)
     writer = _UnitWriter(store, opts, marker, job.standalone)
     writer.label_dtype = np.dtype(job.label_dtype)
