@@ -24,6 +24,10 @@ if "--debug" in sys.argv[1:]:  # every command takes it; argparse never sees it
 DEBUG = os.environ.get("SEGFLOW_DEBUG", "") not in ("", "0")
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Dask's own log level, read when distributed is imported here and in every worker process an
+# embedded cluster spawns (they re-import the flow): its start-up and shut-down chatter is
+# not the user's to read, its errors still show
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if DEBUG else "error")
 # a failing flow makes Prefect log its traceback (60-110 lines) before our one error line
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if DEBUG else "CRITICAL")
 # a loaded machine can take longer than Prefect's default 20 s to start its temporary API server
