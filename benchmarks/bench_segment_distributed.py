@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import ensure_mosaic, measure, python
+from bench_segment_scale import MAKE_CKPT
 
 DRIVER = textwrap.dedent(
     """
@@ -67,19 +68,6 @@ DRIVER = textwrap.dedent(
         main()
     """
 )
-
-MAKE_CKPT = """
-import sys, torch
-from segflow.config import ClassDef
-from segflow.train.checkpoint import build_meta, save_checkpoint
-from segflow.train.models import ModelConfig, build_model
-torch.manual_seed(0)
-cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=int(sys.argv[2]),
-                  depth=int(sys.argv[3]), num_res_units=0)
-meta = build_meta(cfg, bands=("pan",), mean=[400.0], std=[300.0], tile=512,
-                  classes=(ClassDef(id=0, name="background"), ClassDef(id=1, name="building")))
-save_checkpoint(sys.argv[1], build_model(cfg).eval(), meta, overwrite=True)
-"""
 
 
 def run(work: Path, image: Path, model: Path, tile: int, mode: str) -> dict[str, object]:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,20 @@ class LoopbackCluster:
             except (ProcessLookupError, psutil.Error):
                 continue
         return left
+
+
+@contextlib.contextmanager
+def running_cluster(folder: Path, n_workers: int = 2) -> Iterator[LoopbackCluster]:
+    """A started :class:`LoopbackCluster`; on exit every process it started is gone (asserted)."""
+    c = LoopbackCluster(folder)
+    try:
+        c.start(n_workers=n_workers)
+        yield c
+    finally:
+        c.close()
+        deadline = time.monotonic() + 10
+        while c.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = c.leftovers()
+        assert not left, f"Dask processes left running: {left}"
+        assert all(p.poll() is not None for p in c.procs.values())

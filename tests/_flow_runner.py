@@ -10,6 +10,7 @@ table of hostile command lines costs the imports once instead of once per case. 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import runpy
@@ -17,8 +18,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_flow(script: str) -> ModuleType:
+    """``flows/SCRIPT`` imported as a module (not ``__main__``): its parser, flow and helpers."""
+    spec = importlib.util.spec_from_file_location(
+        f"segflow_flow_{Path(script).stem}", ROOT / "flows" / script
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _preload() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from _dask_loopback import LoopbackCluster
+from _dask_loopback import LoopbackCluster, running_cluster
 from conftest import write_scene
 
 from segflow.cluster import ENV_ADDRESS, dask_client
@@ -52,18 +52,8 @@ ARRAYS = ("image", "valid", "labels", "instances", "weights")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluster]:
-    c = LoopbackCluster(tmp_path_factory.mktemp("dask"))
-    try:
-        c.start(n_workers=2)
+    with running_cluster(tmp_path_factory.mktemp("dask")) as c:
         yield c
-    finally:
-        c.close()
-        deadline = time.monotonic() + 10
-        while c.leftovers() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = c.leftovers()
-        assert not left, f"Dask processes left running: {left}"
-        assert all(p.poll() is not None for p in c.procs.values())
 
 
 # --------------------------------------------------------------------------- helpers

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import inspect
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _flow_runner import load_flow
 from pydantic import BaseModel
 
 from segflow.config import SegmentConfig
@@ -26,13 +26,7 @@ PATHS = {"image": "a.tif", "model": "ck", "out": "o.tif"}
 
 
 def _flow_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "segflow_flow_segment_region_options", ROOT / "flows" / "segment_region.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_flow("segment_region.py")
 
 
 def _tile_declarations() -> list[str]:

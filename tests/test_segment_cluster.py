@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from _dask_loopback import LoopbackCluster
+from _dask_loopback import LoopbackCluster, running_cluster
+from _flow_runner import load_flow
 
 from segflow.config import ClassDef
 from segflow.config.segment import SegmentRequest
@@ -39,12 +40,8 @@ ARRAYS = ("prediction/labels", "prediction/probabilities")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackCluster]:
-    c = LoopbackCluster(tmp_path_factory.mktemp("dask"))
-    try:
-        c.start(n_workers=2)
+    with running_cluster(tmp_path_factory.mktemp("dask")) as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +71,7 @@ def mosaic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _flow_module() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "segflow_flow_segment_region_cluster", ROOT / "flows" / "segment_region.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_flow("segment_region.py")
 
 
 def _request(image: Path, model: Path, out: Path, **kw: Any) -> SegmentRequest:
