@@ -309,21 +309,15 @@ def predict_region(
         (runner or _infer_units)(target, run, options, forward, normalize, counts, label_dtype)
     store_path = _finish_run(target, run, options, region)
     rep = InferenceReport(
-        store_path=str(store_path),
-        tiles=counts.tiles,
-        units=counts.units,
-        pixels=counts.pixels,
-        skipped_units=len(target.units) - len(run.pending),
-        empty_units=counts.empty,
-        num_classes=run.num_classes,
+        store_path=str(store_path), tiles=counts.tiles, units=counts.units,
+        pixels=counts.pixels, skipped_units=len(target.units) - len(run.pending),
+        empty_units=counts.empty, num_classes=run.num_classes,
         seconds=time.perf_counter() - t_start,
-        seconds_in_model=forward.seconds + counts.seconds_in_model,
-        device=str(device),
-        amp=amp_name,
-        peak_rss_bytes=_peak_rss(),
+        seconds_in_model=forward.seconds + counts.seconds_in_model, device=str(device),
+        amp=amp_name, peak_rss_bytes=_peak_rss(),
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         workers=counts.workers or None,
-    )
+    )  # fmt: skip
     log.info(
         "predicted %d units (%d skipped, %d empty) with %d tiles in %.1f s (model %.1f s)",
         rep.units, rep.skipped_units, rep.empty_units, rep.tiles, rep.seconds,
