@@ -314,6 +314,22 @@ def whole_raster_polygons(labels: np.ndarray, transform: object) -> list:
     ]
 
 
+def test_geopackage_opens_without_a_version_warning_in_gdal_3_6(chip: dict, tmp_path: Path) -> None:
+    """GeoPackage 1.3: the system's ogrinfo (GDAL 3.6, as QGIS 3.22) warns on every open of a
+    1.4 file, which newer GDAL writes by default."""
+    import sqlite3
+
+    out = tmp_path / "p.gpkg"
+    vectorize(as_zarr(chip["labels"]), georef=chip["georef"], classes=CLASSES, nodata=NODATA,
+              window=256, out_gpkg=out)  # fmt: skip
+    with sqlite3.connect(out) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (10300,)
+    info = subprocess.run(["ogrinfo", "-so", str(out), "predictions"], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert "partially supported" not in info.stderr + info.stdout
+    assert "Feature Count" in info.stdout and "segflow=" in info.stdout  # layer metadata kept
+
+
 def test_windowed_polygons_equal_whole_raster(chip: dict, tmp_path: Path) -> None:
     import geopandas as gpd
 

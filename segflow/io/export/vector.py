@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Layer name of the GeoPackage output.
 LAYER = "predictions"
+#: GeoPackage version written: the newest that GDAL 3.6 (QGIS 3.22) opens without a warning.
+GPKG_VERSION = "1.3"
 
 _VECTOR_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 
@@ -183,6 +185,9 @@ class _GpkgSink:
             geometry_type="Polygon",
             promote_to_multi=False,
             layer_metadata=None if self.started else self.meta,
+            # GeoPackage 1.3, not GDAL >= 3.7's default 1.4: GDAL 3.6 (QGIS 3.22, Debian 12)
+            # warns on every open of a 1.4 file that it "may only be partially supported"
+            dataset_options=None if self.started else {"VERSION": GPKG_VERSION},
         )
 
     def close(self) -> None:
