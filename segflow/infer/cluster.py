@@ -35,12 +35,11 @@ import torch
 
 from segflow.errors import ConfigError, SegflowError
 from segflow.geometry import BlockIndex
-from segflow.infer.engine import build_layout
+from segflow.infer.engine import build_layout, write_units
 from segflow.infer.forward import _flips, _Forward, resolve_device
-from segflow.infer.merger import _UnitWriter
 from segflow.infer.options import InferenceOptions
 from segflow.infer.readers import _Normalizer, open_reader
-from segflow.infer.stream import _stream
+from segflow.infer.store import prediction_arrays
 from segflow.io.store import SceneStore
 from segflow.normalization import Normalization
 
@@ -133,15 +132,7 @@ def run_units(job: UnitJob) -> dict[str, Any]:
         store = SceneStore.open(job.store, mode="r+")
     except (SegflowError, OSError) as err:
         raise WorkerError(f"worker {name}: {err}") from None
-    names = [
-        n
-        for n, kind in (
-            ("prediction/labels", "labels"),
-            ("prediction/probabilities", "probabilities"),
-        )
-        if job.options.output in (kind, "both")
-    ]
-    marker = store.progress(names[0])
+    marker = store.progress(prediction_arrays(job.options)[0])
     done = marker.done()
     pending = [u for u in job.units if u not in done]  # a re-run task skips what is recorded
     model.eval()
@@ -156,32 +147,28 @@ def run_units(job: UnitJob) -> dict[str, Any]:
         job.options, read_workers=min(job.options.read_workers, _worker_threads())
     )
     layout = build_layout(opts, reader.height, reader.width, job.origin)
-    writer = _UnitWriter(store, opts, marker, job.standalone)
-    writer.label_dtype = np.dtype(job.label_dtype)
-    pixels = [0]
+    sizes: list[int] = []  # the pixels of each unit written
     tiles = empty = 0
-    try:
-        if pending:
-            tiles, empty = _stream(
-                layout,
-                store.grid,
-                job.origin,
-                pending,
-                opts,
-                forward,
-                normalize,
-                writer,
-                job.num_classes,
-                lambda s: pixels.append(sum(s)),
-            )
-    finally:
-        writer.close()
+    if pending:
+        tiles, empty = write_units(
+            store,
+            layout,
+            job.origin,
+            pending,
+            opts,
+            forward,
+            normalize,
+            marker=marker,
+            standalone=job.standalone,
+            num_classes=job.num_classes,
+            label_dtype=np.dtype(job.label_dtype),
+            report_done=sizes.extend,
+        )
     return {
         "worker": name,
-        "units": len(pending),
+        "sizes": sizes,
         "tiles": tiles,
         "empty": empty,
-        "pixels": sum(pixels),
         "seconds": time.perf_counter() - t0,
         "seconds_in_model": forward.seconds,
         "peak_rss_bytes": _peak_rss(),
@@ -276,11 +263,12 @@ def _add(counts: Any, r: dict[str, Any]) -> None:
     counts.tiles += r["tiles"]
     counts.empty += r["empty"]
     counts.seconds_in_model += r["seconds_in_model"]
-    counts([0] * r["units"])  # progress: one step per unit
-    counts.pixels += r["pixels"]
+    counts(r["sizes"])  # units, pixels and progress
     w = counts.workers.setdefault(
         r["worker"], {"units": 0, "tiles": 0, "pixels": 0, "seconds": 0.0}
     )
-    for k in ("units", "tiles", "pixels", "seconds"):
-        w[k] += r[k]
+    w["units"] += len(r["sizes"])
+    w["pixels"] += sum(r["sizes"])
+    w["tiles"] += r["tiles"]
+    w["seconds"] += r["seconds"]
     w["peak_rss_bytes"] = max(w.get("peak_rss_bytes", 0), r["peak_rss_bytes"])

@@ -104,6 +104,7 @@ from segflow.infer.store import (
     PROBABILITIES,
     _store_origin,
     open_prediction_store,
+    prediction_arrays,
     prediction_unit,
 )
 from segflow.infer.stream import _stream, reader_band
@@ -378,11 +379,7 @@ def _start_run(target: _Target, options: InferenceOptions, params: dict[str, Any
     """The store's run for ``params``: its units done so far, or a fresh start (arrays and
     progress reset) when the store holds another model's or options' predictions."""
     store = target.store
-    names = [
-        n
-        for n, kind in ((LABELS, "labels"), (PROBABILITIES, "probabilities"))
-        if options.output in (kind, "both")
-    ]
+    names = prediction_arrays(options)
     marker = store.progress(names[0])
     recorded = store.meta.get(_RUN_KEY) or {}
     num_classes: int | None = recorded.get("num_classes")
@@ -449,17 +446,41 @@ def _infer_units(
     """Compute and write ``run.pending`` here: tiles streamed through the model, units
     finished by a writer thread."""
     assert run.num_classes is not None  # _ensure_arrays fixed it
-    writer = _UnitWriter(target.store, options, run.marker, target.standalone)
+    counts.tiles, counts.empty = write_units(
+        target.store, target.layout, target.origin, run.pending, options, forward, normalize,
+        marker=run.marker, standalone=target.standalone, num_classes=run.num_classes,
+        label_dtype=label_dtype, report_done=counts,
+    )  # fmt: skip
+
+
+def write_units(
+    store: SceneStore,
+    layout: TileLayout,
+    origin: tuple[int, int],
+    units: list[BlockIndex],
+    options: InferenceOptions,
+    forward: _Forward,
+    normalize: _Normalizer,
+    *,
+    marker: Any,
+    standalone: bool,
+    num_classes: int,
+    label_dtype: np.dtype[Any],
+    report_done: Callable[[list[int]], None],
+) -> tuple[int, int]:
+    """Stream the tiles ``units`` need through the model; a writer thread finishes, writes and
+    records each unit (``report_done`` gets their pixel counts). Returns (tiles, empty units).
+    A local run and a cluster's worker both write their units here."""
+    writer = _UnitWriter(store, options, marker, standalone)
     writer.label_dtype = label_dtype
     try:
-        counts.tiles, counts.empty = _stream(
-            target.layout, target.store.grid, target.origin, run.pending, options, forward,
-            normalize, writer, run.num_classes, counts,
-        )  # fmt: skip
-        counts(writer.collect(block=True))
+        tiles_empty = _stream(layout, store.grid, origin, units, options, forward, normalize,
+                              writer, num_classes, report_done)  # fmt: skip
+        report_done(writer.collect(block=True))
     finally:
         writer.close()
-    counts(writer.collect(block=True))
+    report_done(writer.collect(block=True))
+    return tiles_empty
 
 
 def _finish_run(target: _Target, run: _Run, options: InferenceOptions, region: Window) -> Path:

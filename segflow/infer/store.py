@@ -20,6 +20,7 @@ __all__ = [
     "PROBABILITIES",
     "UNIT_BUDGET_BYTES",
     "open_prediction_store",
+    "prediction_arrays",
     "prediction_unit",
 ]
 
@@ -28,6 +29,16 @@ PROBABILITIES = "prediction/probabilities"
 LABELS = "prediction/labels"
 _META_KEY = "prediction_store"  # set on standalone prediction stores (source window)
 _RUN_KEY = "prediction_run"  # parameters of the prediction being written
+
+
+def prediction_arrays(options: InferenceOptions) -> list[str]:
+    """The arrays a prediction with ``options`` writes; the first one's progress record says
+    which units are done."""
+    return [
+        name
+        for name, kind in ((LABELS, "labels"), (PROBABILITIES, "probabilities"))
+        if options.output in (kind, "both")
+    ]
 
 
 # ----------------------------------------------------------------------------- stores
