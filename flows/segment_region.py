@@ -24,7 +24,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from segflow.config.cli import add_options, flag_for, model_from_args, model_signature
+from segflow.config.cli import add_options, model_from_args, model_signature
 from segflow.config.segment import FLAGS, SegmentRequest
 from segflow.errors import ConfigError
 from segflow.segment import check_request, segment_region
@@ -133,7 +133,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
     return model_from_args(
         SegmentRequest,
         args,
-        {name: FLAGS.get(name, flag_for(name)) for name in SegmentRequest.model_fields},
+        FLAGS,
         tta_flips=tta is not None,
         tta_set=None if tta in (None, "auto") else tta,
     )

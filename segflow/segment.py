@@ -190,7 +190,7 @@ def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, Infere
     """
     plan_request(req)
     check_unlocked(req.out)
-    return _check_inputs(req, local=cluster_address(req) is None and not req.workers)
+    return _check_inputs(req, local=not uses_cluster(req))
 
 
 def _check_inputs(
@@ -444,19 +444,25 @@ def cluster_address(req: SegmentRequest) -> str | None:
     return None if req.workers else os.environ.get(ENV_ADDRESS) or None
 
 
+def uses_cluster(req: SegmentRequest) -> bool:
+    """Whether ``req`` infers on Dask workers (a scheduler, or ``workers``) or here."""
+    return cluster_address(req) is not None or bool(req.workers)
+
+
 @contextlib.contextmanager
 def _cluster(req: SegmentRequest) -> Iterator[Any]:
     """A Dask client when ``req`` asks for a cluster (None: infer in this process)."""
-    address = cluster_address(req)
-    if address is None and not req.workers:
+    if not uses_cluster(req):
         yield None
         return
-    threads = max(1, (os.cpu_count() or 1) // (req.workers or 1))
+    address = cluster_address(req)
+    cores = os.cpu_count() or 1
     gpus = _local_gpus(req) if address is None else 0
     if gpus:  # one worker per GPU (at most --workers), the cores shared among them
-        with gpu_client(gpus, threads=max(1, (os.cpu_count() or 1) // gpus)) as client:
+        with gpu_client(gpus, threads=max(1, cores // gpus)) as client:
             yield client
         return
+    threads = max(1, cores // (req.workers or 1))
     with dask_client(address, n_workers=req.workers, threads_per_worker=threads,
                      processes=True) as client:  # fmt: skip
         yield client

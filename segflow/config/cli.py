@@ -122,11 +122,16 @@ def add_options(
 
 
 def model_from_args(
-    model: type[M], args: argparse.Namespace, flags: Mapping[str, str], **values: Any
+    model: type[M],
+    args: argparse.Namespace,
+    flags: Mapping[str, str] | None = None,
+    **values: Any,
 ) -> M:
     """``model`` from the flags given in ``args`` (others keep the model's defaults) and
-    ``values``; a bad value is one :class:`ConfigError` line naming its flag."""
-    given = {name: getattr(args, name) for name in flags if hasattr(args, name)}
+    ``values``; a bad value is one :class:`ConfigError` line naming its flag (``flags``:
+    field -> flag where it is not ``--field-name``, as given to :func:`add_options`)."""
+    flags = flags or {}
+    given = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
     try:
         return model(**{**given, **values})
     except ValidationError as err:

@@ -16,7 +16,7 @@ import numpy as np
 from segflow.config import ClassDef
 from segflow.errors import LabelError
 from segflow.geometry import Window
-from segflow.georef import PixelGrid, _fmt_bounds  # noqa: F401 (the readers use both)
+from segflow.georef import PixelGrid
 
 __all__ = ["LabelBlock", "LabelReader", "PixelGrid", "label_dtype"]
 

@@ -22,6 +22,7 @@ from segflow.geometry import Window
 if TYPE_CHECKING:
     import geopandas as gpd
 
+from segflow.georef import _fmt_bounds
 from segflow.io.labels.base import (
     _MAX_INSTANCE,
     LabelBlock,
@@ -31,7 +32,6 @@ from segflow.io.labels.base import (
     _class_ids,
     _crs_text,
     _file_key,
-    _fmt_bounds,
     _table_text,
     label_dtype,
 )
