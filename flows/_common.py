@@ -94,13 +94,6 @@ def run_cli(main: Callable[[], Any], *, flags: Mapping[str, str] | None = None) 
         sys.exit(status)
 
 
-def quiet_dask_startup() -> None:
-    """No cluster start-up chatter from an embedded Dask cluster (warnings still show)."""
-    for name in ("distributed", "distributed.scheduler", "distributed.worker",
-                 "distributed.core", "distributed.http.proxy", "distributed.nanny"):  # fmt: skip
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
-
-
 def tqdm_progress(total: int, desc: str) -> Any:
     """A terminal progress bar (``tqdm``), updated by ``bar.update(n)``."""
     from tqdm import tqdm

@@ -22,7 +22,7 @@ from typing import Any
 # a loaded machine can take longer than Prefect's default 20 s to start the temporary API server
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
-from _common import quiet_dask_startup, run_cli
+from _common import run_cli
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -56,7 +56,6 @@ def prepare_flow(
     if not force and is_current(open_store(store_path), cfg):  # no cluster to start
         r = prepare_store(store_path, cfg, fingerprint_path=fingerprint_path)
         return {"store": store_path, "skipped": True, "fingerprint": str(r.fingerprint_path)}
-    quiet_dask_startup()
     with dask_client(dask_address) as client:
         from distributed import progress
 
