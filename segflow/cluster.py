@@ -139,6 +139,11 @@ def dask_client(
         log.info("connecting to Dask scheduler at %s", address)
         try:
             client = Client(address)
+        except ValueError as err:  # "host:notaport" and other malformed addresses
+            raise ConfigError(
+                f"{address!r} is not a Dask scheduler address ({err}): give one like "
+                f"tcp://HOST:8786 with {option('dask_address')} or ${ENV_ADDRESS}"
+            ) from None
         except (OSError, TimeoutError) as err:  # refused, unknown host, timed out
             raise ConfigError(
                 f"cannot reach the Dask scheduler at {address!r} ({err}): start it, or "

@@ -447,6 +447,20 @@ def cases(a: Path) -> list[dict[str, Any]]:
             "tile",
         ),
         (
+            "segment-dask-address-malformed",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--dask-address", "scheduler:port"],
+            ["mask.tif"],
+            "not a Dask scheduler address",
+        ),
+        (
+            "segment-workers-zero",
+            SEGMENT,
+            [*seg[1:], "--out", out, "--workers", "0"],
+            ["mask.tif"],
+            "--workers 0",
+        ),
+        (
             "segment-memory-budget",
             SEGMENT,
             [*seg[1:], "--out", out, "--tile", "4096"],
