@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +44,13 @@ from segflow.infer.engine import (
     predict_region,
     prediction_unit,
     resolve_device,
+)
+from segflow.infer.exports import (
+    ClassCounter,
+    ExportJob,
+    RegionView,
+    export_outputs,
+    instance_classes,
 )
 from segflow.io.sources import Source, open_source
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord
@@ -70,9 +78,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LABELS = "prediction/labels"
-PROBABILITIES = "prediction/probabilities"
-
 
 @dataclass(frozen=True)
 class SegmentReport:
@@ -85,6 +90,7 @@ class SegmentReport:
     polygons: int | None
     seconds: float
     georef: dict[str, Any] | None = field(default=None)
+    instances: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -223,6 +229,8 @@ def _check_inputs(
             f"{option('tile', req.tile)} is not a multiple of {meta.size_multiple}, the input "
             f"size the model's down-sampling needs: use {option('tile', fit)}"
         )
+    if req.instances:
+        instance_classes(req, meta.classes)
     options = _inference_options(req, meta, region)  # its checks, before anything is written
     if local:  # on a cluster, the workers' devices count (each task checks its own)
         resolve_device(options)  # an unknown or absent device fails now, not after the set-up
@@ -327,34 +335,10 @@ def tta_set_for(meta: CheckpointMeta) -> Literal["flips", "horizontal", "rot180"
     )
 
 
-class _RegionView:
-    """An array-like over ``region`` of a (..., y, x) array (exporters slice it window by window)."""
-
-    def __init__(self, array: Any, region: Window) -> None:
-        self.array = array
-        self.region = region
-        self.shape = (*array.shape[:-2], region.height, region.width)
-        self.dtype = array.dtype
-        self.ndim = len(self.shape)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if Ellipsis in key:
-            i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
-        key = key + (slice(None),) * (self.ndim - len(key))
-        *lead, rs, cs = key
-        r = slice(*rs.indices(self.region.height))
-        c = slice(*cs.indices(self.region.width))
-        r = slice(r.start + self.region.row_off, r.stop + self.region.row_off, r.step)
-        c = slice(c.start + self.region.col_off, c.stop + self.region.col_off, c.step)
-        return np.asarray(self.array[(*lead, r, c)])
-
-
 def _decimated_image(inp: _Input, region: Window, step: int) -> np.ndarray:
     """The region's image sampled every ``step`` pixels, read without holding the region."""
     if inp.store is not None:
-        return _RegionView(inp.store.array("image"), region)[..., ::step, ::step]
+        return RegionView(inp.store.array("image"), region)[..., ::step, ::step]
     assert inp.source is not None
     out_h, out_w = -(-region.height // step), -(-region.width // step)
     if inp.source.info.kind == "geotiff":  # GDAL decimates (and uses overviews) itself
@@ -380,25 +364,6 @@ def _decimated_image(inp: _Input, region: Window, step: int) -> np.ndarray:
     return np.concatenate(rows, axis=1)[:, :out_h, :out_w]
 
 
-class _ClassCounter:
-    """Pixels per class id, from the windows the COG export streams (no second read)."""
-
-    def __init__(self, classes: Sequence[ClassDef]) -> None:
-        from segflow.io.export import count_values  # the export stack loads on first use
-
-        self.classes = tuple(classes)
-        self.ids = [c.id for c in self.classes]
-        self.counts = dict.fromkeys(self.ids, 0)
-        self._count = count_values
-
-    def __call__(self, block: np.ndarray, window: Window) -> None:
-        for cid, n in zip(self.ids, self._count(block, self.ids), strict=True):
-            self.counts[cid] += n
-
-    def by_name(self) -> dict[str, int]:
-        return {c.name: self.counts[c.id] for c in self.classes}
-
-
 def segment_region(
     req: SegmentRequest,
     *,
@@ -417,20 +382,22 @@ def segment_region(
         report, store, view_region = _infer(
             req, inp, region, model, meta, options, progress, runner
         )
-        labels = _RegionView(store.array(LABELS), view_region)
         georef = inp.georef[region] if inp.georef else None
         classes: tuple[ClassDef, ...] = tuple(meta.classes)
-        counter = _ClassCounter(classes)
-        outputs = _export(req, inp, store, labels, view_region, region, georef, classes, counter)
+        counter = ClassCounter(classes)
+        job = ExportJob(req, store, view_region, region, georef, inp.slide, classes,
+                        preview=functools.partial(_decimated_image, inp, region))  # fmt: skip
+        outputs = export_outputs(job, counter)
         paths = [plan[k] for k in req.outputs() if k in plan]
         # what this run wrote, so that the same command may replace it next time
         store.update_meta(outputs={str(p): file_stamp(p) for p in paths if file_stamp(p)})
     return SegmentReport(
         region=region,
-        outputs={k: str(v) for k, v in outputs.items() if k != "polygon_count"},
+        outputs={k: str(v) for k, v in outputs.items() if not k.endswith("_count")},
         inference=asdict(report),
         class_pixels=counter.by_name(),
         polygons=outputs.get("polygon_count"),
+        instances=outputs.get("instance_count"),
         seconds=time.perf_counter() - t0,
         georef=asdict(georef) if georef else None,
     )
@@ -538,84 +505,3 @@ def _infer(
         progress=progress, runner=runner,
     )  # fmt: skip
     return report, SceneStore.open(report.store_path, mode="r+"), view_region
-
-
-def _export(
-    req: SegmentRequest,
-    inp: _Input,
-    store: SceneStore,
-    labels: _RegionView,
-    view_region: Window,
-    region: Window,
-    georef: GeoRef | None,
-    classes: tuple[ClassDef, ...],
-    counter: _ClassCounter,
-) -> dict[str, Any]:
-    from segflow.io.export import (
-        quicklook_png,
-        vectorize,
-        write_cog,
-        write_ome_tiff_labels,
-        write_probability_cog,
-    )
-
-    done: dict[str, Any] = {
-        # the exports run after inference, alone: let GDAL compress on every core
-        "cog": write_cog(
-            labels,
-            req.out,
-            georef=georef,
-            classes=classes,
-            nodata=255,
-            threads="ALL_CPUS",
-            observe=counter,
-        )
-    }
-    if req.probabilities:
-        probs = _RegionView(store.array(PROBABILITIES), view_region)
-        done["probabilities"] = write_probability_cog(
-            probs, req.probabilities, georef=georef, classes=classes, threads="ALL_CPUS"
-        )
-    if req.polygons or req.parquet or req.qupath_geojson:
-        slide = inp.slide
-        res = vectorize(
-            labels,
-            classes=classes,
-            georef=georef,
-            slide=slide,
-            nodata=255,
-            min_area=req.min_area,
-            out_gpkg=req.polygons,
-            out_parquet=req.parquet,
-            out_geojson_pixels=req.qupath_geojson,
-            origin=(float(region.row_off), float(region.col_off)),  # (row, col), like everything
-            downsample=slide.downsample if slide else None,
-        )
-        done["polygon_count"] = int(getattr(res, "polygons", 0) or 0)
-        for key, p in (
-            ("polygons", req.polygons),
-            ("parquet", req.parquet),
-            ("qupath_geojson", req.qupath_geojson),
-        ):
-            if p:
-                done[key] = p
-    if req.ome_tiff:
-        slide = inp.slide
-        done["ome_tiff"] = write_ome_tiff_labels(
-            labels,
-            req.ome_tiff,
-            mpp_x=slide.mpp_x if slide else None,
-            mpp_y=slide.mpp_y if slide else None,
-            classes=classes,
-            nodata=255,
-        )
-    if req.quicklook:
-        step = max(1, -(-max(region.height, region.width) // 1024))
-        image = _decimated_image(inp, region, step)
-        small = labels[::step, ::step]
-        done["quicklook"] = quicklook_png(
-            image, small, req.quicklook, classes=classes, nodata=255, max_size=1024
-        )
-    if not req.into_store:
-        log.info("prediction store kept at %s (delete it to recompute)", store.path)
-    return done

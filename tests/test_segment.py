@@ -137,6 +137,46 @@ def test_georeference_cog_and_polygons_on_buildings(
         assert f"Origin = ({t.c:.15f},{t.f:.15f})" in info
 
 
+def test_instances_cog_store_and_polygons(
+    mask_scene: tuple[Path, Path], oracle: Path, tmp_path: Path
+) -> None:
+    """Instance ids equal whole-array labelling of the class COG, for tiles 128 and 256; one
+    polygon per instance, keyed by its id."""
+    from test_instances import reference_instances
+
+    from segflow.io.store import SceneStore
+
+    image = mask_scene[0]
+    runs = {}
+    for tile in (128, 256):
+        d = tmp_path / str(tile)
+        d.mkdir()
+        req = SegmentRequest(image=str(image), model=str(oracle), out=str(d / "m.tif"),
+                             window=(100, 200, 600, 500), tile=tile, instances=str(d / "i.tif"),
+                             polygons=str(d / "p.gpkg"))  # fmt: skip
+        report = segment_region(req)
+        with rasterio.open(d / "m.tif") as cog, rasterio.open(d / "i.tif") as inst:
+            classes, ids = cog.read(1), inst.read(1)
+            assert inst.transform == cog.transform and inst.crs == cog.crs
+            assert inst.dtypes[0] == "uint32"
+        np.testing.assert_array_equal(ids, reference_instances(classes, [1]))
+        store = SceneStore.open(req.work_store)
+        src = store.meta["prediction_store"]["source_window"]  # the store's grid in the image
+        r0, c0 = 200 - src["row_off"], 100 - src["col_off"]
+        stored = store.array("prediction/instances")[r0 : r0 + 500, c0 : c0 + 600]
+        np.testing.assert_array_equal(stored, ids)
+        polys = gpd.read_file(d / "p.gpkg")
+        assert report.instances == report.polygons == len(polys) == ids.max() > 5
+        assert sorted(polys.instance_id) == list(range(1, ids.max() + 1))
+        runs[tile] = ids
+    np.testing.assert_array_equal(runs[128], runs[256])
+    with pytest.raises(ConfigError, match="does not predict"):
+        segment_region(SegmentRequest(image=str(image), model=str(oracle),
+                                      out=str(tmp_path / "x.tif"), instances=str(tmp_path / "x_i.tif"),
+                                      instance_classes=(7,)))  # fmt: skip
+    assert not (tmp_path / "x.tif").exists()
+
+
 def test_window_equals_part_of_whole_run(mask_scene: tuple[Path, Path], tmp_path: Path) -> None:
     torch.manual_seed(3)
     ckpt = _checkpoint(tmp_path / "rand", build_model(CFG).eval(), mean=500.0, std=400.0)

@@ -80,9 +80,11 @@ def argparse_kwargs(info: FieldInfo, doc: str) -> dict[str, Any]:
         kw["action"] = "store_true"
     elif origin is Literal:
         kw["choices"] = typing.get_args(tp)
-    elif origin is tuple:
+    elif origin is tuple and typing.get_args(tp)[-1] is not Ellipsis:
         args = typing.get_args(tp)
         kw.update(nargs=len(args), type=args[0])
+    elif origin in (tuple, list):  # tuple[int, ...], list[int]: one or more values
+        kw.update(nargs="+", type=typing.get_args(tp)[0])
     elif tp in (int, float, str):
         kw["type"] = tp
     else:  # pragma: no cover - a schema change the command line must learn about

@@ -128,6 +128,15 @@ class SegmentRequest(SegmentOptions):
         Pyramidal OME-TIFF label image with the slide's pixel size (slide viewers).
     qupath_geojson
         GeoJSON polygons in level-0 slide pixels with QuPath classification names and colours.
+    instances
+        uint32 COG of object instances (0: none): each 4-connected region of one of
+        ``instance_classes`` gets an id, unique over the region and numbered in raster order
+        of its first pixel (the same whatever the tile, chunk or worker count); also written
+        into the prediction store. With it, the polygon outputs hold one feature per instance
+        (``instance_id``, ``class_id``, ``class_name``, ``area``, ``centroid_x``,
+        ``centroid_y``; QuPath detections).
+    instance_classes
+        The class ids whose objects are instances; null: every class but 0.
     work
         Prediction store; null: ``OUT.predictions.zarr`` beside ``out``.
     min_area
@@ -158,12 +167,23 @@ class SegmentRequest(SegmentOptions):
     quicklook: str | None = None
     ome_tiff: str | None = None
     qupath_geojson: str | None = None
+    instances: str | None = None
+    instance_classes: Annotated[
+        tuple[Annotated[int, Field(ge=0)], ...] | None,
+        Field(min_length=1),
+    ] = None
     work: str | None = None
     min_area: Annotated[float, Field(ge=0)] = 0.0
     into_store: bool = False
     overwrite: bool = False
     dask_address: str | None = None
     workers: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _instance_classes_need_instances(self) -> SegmentRequest:
+        if self.instance_classes is not None and not self.instances:
+            raise ValueError("instance_classes needs instances: name the instance COG to write")
+        return self
 
     @property
     def work_store(self) -> Path:
@@ -183,4 +203,5 @@ class SegmentRequest(SegmentOptions):
             "quicklook": self.quicklook,
             "ome_tiff": self.ome_tiff,
             "qupath": self.qupath_geojson,
+            "instances": self.instances,
         }

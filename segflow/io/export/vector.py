@@ -26,12 +26,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import shapely
@@ -47,16 +46,20 @@ from segflow.io.export._common import (
     read_window,
 )
 from segflow.io.export._inputs import ClassRaster, check_class_raster
+from segflow.io.export._sinks import (
+    CLASS_COLUMNS,
+    GPKG_VERSION,
+    INSTANCE_COLUMNS,
+    LAYER,
+    GpkgSink,
+    ParquetSink,
+    QuPathSink,
+)
 from segflow.io.store import GeoRef, SlideInfo
 
-__all__ = ["LAYER", "VectorizeResult", "vectorize"]
+__all__ = ["GPKG_VERSION", "LAYER", "VectorizeResult", "vectorize"]
 
 log = logging.getLogger(__name__)
-
-#: Layer name of the GeoPackage output.
-LAYER = "predictions"
-#: GeoPackage version written: the newest that GDAL 3.6 (QGIS 3.22) opens without a warning.
-GPKG_VERSION = "1.3"
 
 _VECTOR_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 
@@ -139,158 +142,6 @@ class _Frame:
         return shapely.area(pixel_geoms) * self.area_scale
 
 
-def _to_pixel_level0(
-    geoms: np.ndarray, origin: tuple[float, float], downsample: float
-) -> np.ndarray:
-    d = float(downsample)
-    row0, col0 = origin
-
-    def fn(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack((xy[:, 0] * d + col0, xy[:, 1] * d + row0))
-
-    return shapely.transform(geoms, fn)
-
-
-# --------------------------------------------------------------------------- sinks
-class _GpkgSink:
-    def __init__(self, path: Path, crs_wkt: str | None, meta: Mapping[str, str]) -> None:
-        self.path = path
-        self.crs_wkt = crs_wkt
-        self.meta = dict(meta)
-        self.started = False
-
-    def write(
-        self, geoms: np.ndarray, ids: np.ndarray, names: list[str], areas: np.ndarray
-    ) -> None:
-        import geopandas as gpd
-        import pyogrio
-
-        gdf = gpd.GeoDataFrame(
-            {"class_id": ids.astype("int32"), "class_name": names, "area": areas},
-            geometry=gpd.GeoSeries(geoms, crs=self.crs_wkt),
-        )
-        with warnings.catch_warnings():
-            # pixel-coordinate outputs (slides) have no CRS on purpose
-            warnings.filterwarnings("ignore", message="'crs' was not provided")
-            self._write(pyogrio, gdf)
-        self.started = True
-
-    def _write(self, pyogrio: Any, gdf: Any) -> None:
-        pyogrio.write_dataframe(
-            gdf,
-            self.path,
-            layer=LAYER,
-            driver="GPKG",
-            append=self.started,
-            geometry_type="Polygon",
-            promote_to_multi=False,
-            layer_metadata=None if self.started else self.meta,
-            # GeoPackage 1.3, not GDAL >= 3.7's default 1.4: GDAL 3.6 (QGIS 3.22, Debian 12)
-            # warns on every open of a 1.4 file that it "may only be partially supported"
-            dataset_options=None if self.started else {"VERSION": GPKG_VERSION},
-        )
-
-    def close(self) -> None:
-        if not self.started:
-            self.write(
-                np.array([], dtype=object), np.array([], "int32"), [], np.array([], "float64")
-            )
-
-
-class _ParquetSink:
-    def __init__(self, path: Path, crs: Any, meta: Mapping[str, str]) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.schema = pa.schema(
-            [
-                ("class_id", pa.int32()),
-                ("class_name", pa.string()),
-                ("area", pa.float64()),
-                ("geometry", pa.binary()),
-            ]
-        )
-        self.crs = crs
-        self.meta = dict(meta)
-        self.bbox = [np.inf, np.inf, -np.inf, -np.inf]
-        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
-
-    def write(
-        self, geoms: np.ndarray, ids: np.ndarray, names: list[str], areas: np.ndarray
-    ) -> None:
-        import pyarrow as pa
-
-        if len(geoms):
-            b = shapely.bounds(geoms)
-            self.bbox = [
-                min(self.bbox[0], float(b[:, 0].min())),
-                min(self.bbox[1], float(b[:, 1].min())),
-                max(self.bbox[2], float(b[:, 2].max())),
-                max(self.bbox[3], float(b[:, 3].max())),
-            ]
-        table = pa.table(
-            {
-                "class_id": pa.array(ids.astype("int32")),
-                "class_name": pa.array(names, pa.string()),
-                "area": pa.array(areas.astype("float64")),
-                "geometry": pa.array(shapely.to_wkb(geoms), pa.binary())
-                if len(geoms)
-                else pa.array([], pa.binary()),
-            },
-            schema=self.schema,
-        )
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        col: dict[str, Any] = {
-            "encoding": "WKB",
-            "geometry_types": ["Polygon"],
-            # an explicit null CRS means "unknown" (pixel coordinates); a missing key would
-            # mean OGC:CRS84 to GeoParquet readers
-            "crs": self.crs.to_json_dict() if self.crs is not None else None,
-        }
-        if np.isfinite(self.bbox).all():
-            col["bbox"] = self.bbox
-        geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
-        self.writer.add_key_value_metadata({"geo": json.dumps(geo), **self.meta})
-        self.writer.close()
-
-
-class _QuPathSink:
-    """A GeoJSON FeatureCollection of QuPath annotations in level-0 pixel coordinates."""
-
-    def __init__(
-        self, path: Path, table: ClassTable, origin: tuple[float, float], downsample: float
-    ) -> None:
-        self.fh: TextIO = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.fh.write('{"type": "FeatureCollection", "features": [\n')
-        self.first = True
-        self.table = table
-        self.origin = origin
-        self.downsample = downsample
-
-    def write_pixels(self, pixel_geoms: np.ndarray, ids: np.ndarray) -> None:
-        if not len(pixel_geoms):
-            return
-        geoms = _to_pixel_level0(pixel_geoms, self.origin, self.downsample)
-        for g, cid in zip(shapely.to_geojson(geoms), ids, strict=True):
-            c = self.table.by_id[int(cid)]
-            props = {
-                "objectType": "annotation",
-                "classification": {"name": c.name, "color": list(c.rgb)},
-            }
-            feat = f'{{"type": "Feature", "geometry": {g}, "properties": {json.dumps(props)}}}'
-            self.fh.write(feat if self.first else ",\n" + feat)
-            self.first = False
-
-    def close(self) -> None:
-        self.fh.write("\n]}\n")
-        self.fh.close()
-
-    def abort(self) -> None:
-        self.fh.close()
-
-
 # ------------------------------------------------------------------------- emitter
 class _Emitter:
     """Buffers final pixel-space polygons and flushes them to every sink in batches."""
@@ -302,8 +153,9 @@ class _Emitter:
         min_area: float,
         batch: int,
         sinks: list[Any],
-        qupath: _QuPathSink | None,
+        qupath: QuPathSink | None,
         result: VectorizeResult,
+        instance_class: np.ndarray | None = None,
     ) -> None:
         self.table = table
         self.frame = frame
@@ -312,12 +164,14 @@ class _Emitter:
         self.sinks = sinks
         self.qupath = qupath
         self.result = result
+        self.instance_class = instance_class
         self.geoms: list[Any] = []
-        self.ids: list[int] = []
+        self.values: list[int] = []
 
-    def add(self, geom: Any, class_id: int) -> None:
+    def add(self, geom: Any, value: int) -> None:
+        """Queue a final polygon of ``value``: a class id, or an instance id."""
         self.geoms.append(geom)
-        self.ids.append(class_id)
+        self.values.append(value)
         if len(self.geoms) >= self.batch:
             self.flush()
 
@@ -325,20 +179,38 @@ class _Emitter:
         if not self.geoms:
             return
         pix = np.array(self.geoms, dtype=object)
-        ids = np.array(self.ids, dtype="int64")
-        self.geoms, self.ids = [], []
+        values = np.array(self.values, dtype="int64")
+        self.geoms, self.values = [], []
         out = self.frame.to_output(pix)
         areas = self.frame.areas(pix, out)
         keep = areas >= self.min_area
         if not keep.all():
-            pix, ids, out, areas = pix[keep], ids[keep], out[keep], areas[keep]
-        if not len(ids):
+            pix, values, out, areas = pix[keep], values[keep], out[keep], areas[keep]
+        if not len(values):
             return
-        names = [self.table.name(int(i)) for i in ids]
+        columns = self._columns(values, out, areas)
         for sink in self.sinks:
-            sink.write(out, ids, names, areas)
+            sink.write(out, columns)
         if self.qupath is not None:
-            self.qupath.write_pixels(pix, ids)
+            self.qupath.write_pixels(pix, columns)
+        self._count(columns["class_id"], areas)
+
+    def _columns(self, values: np.ndarray, out: np.ndarray, areas: np.ndarray) -> dict[str, Any]:
+        """The attributes of polygons of ``values`` (class ids, or instance ids)."""
+        ids = values if self.instance_class is None else self.instance_class[values]
+        columns: dict[str, Any] = {
+            "class_id": ids,
+            "class_name": [self.table.name(int(i)) for i in ids],
+            "area": areas,
+        }
+        if self.instance_class is not None:
+            centroids = shapely.centroid(out)
+            columns["instance_id"] = values
+            columns["centroid_x"] = shapely.get_x(centroids)
+            columns["centroid_y"] = shapely.get_y(centroids)
+        return columns
+
+    def _count(self, ids: np.ndarray, areas: np.ndarray) -> None:
         r = self.result
         r.n_features += len(ids)
         for cid in np.unique(ids):
@@ -384,6 +256,8 @@ def vectorize(  # noqa: PLR0913 (public writer: its keyword options are its inte
     downsample: float | None = None,
     batch_size: int = 5000,
     check_classes: bool = True,
+    instances: Any = None,
+    instance_classes: np.ndarray | None = None,
 ) -> VectorizeResult:
     """Polygonize a class-id array window by window into GeoPackage / GeoParquet / GeoJSON.
 
@@ -396,32 +270,30 @@ def vectorize(  # noqa: PLR0913 (public writer: its keyword options are its inte
     georef
         Georeference of ``labels``' grid: polygons in its CRS. ``None``: pixel coordinates.
     slide
-        Slide metadata for pixel-coordinate outputs: ``mpp_x``/``mpp_y`` give areas in um^2
-        (taken as level-0 pixel sizes) and ``downsample`` (if ``downsample`` is not given)
-        scales pixels of the labels' level to level-0 pixels.
+        Slide metadata for pixel-coordinate outputs: ``mpp_x``/``mpp_y`` (level 0) give areas
+        in um^2, and its ``downsample`` is the default of ``downsample``.
     nodata
         Value that is never vectorized (outside the prediction).
     window
         Side of the windows read and polygonized (memory: one window of pixels).
-    skip_classes
-        Class ids not vectorized (default ``(0,)``, background).
-    min_area
-        Drop polygons with an ``area`` below this, in the units of the ``area`` attribute.
+    skip_classes, min_area
+        Class ids not vectorized (default: background), and the least ``area`` kept.
     out_gpkg, out_parquet
         GeoPackage (layer ``"predictions"``) and GeoParquet outputs, with attributes
-        ``class_id``, ``class_name``, ``area``. Coordinates as described above.
+        ``class_id``, ``class_name``, ``area``, in the coordinates described above.
     out_geojson_pixels
-        GeoJSON FeatureCollection in level-0 *pixel* coordinates with QuPath annotation
-        properties (``objectType``, ``classification`` name and colour), for whole-slide images.
-    origin
-        ``(row, col)`` level-0 pixel offset of the labels' top-left (a region of a slide);
-        used for pixel-coordinate outputs.
-    downsample
-        Level-0 pixels per labels pixel for pixel-coordinate outputs (default: the slide's, or 1).
+        GeoJSON in level-0 *pixel* coordinates with QuPath classification names and colours.
+    origin, downsample
+        For pixel-coordinate outputs: the ``(row, col)`` level-0 offset of the labels' top-left
+        (a region of a slide), and level-0 pixels per labels pixel (default: the slide's, or 1).
     batch_size
         Polygons written per batch.
     check_classes
         Fail with :class:`~segflow.errors.LabelError` on ids outside the table and nodata.
+    instances, instance_classes
+        Instance ids of ``labels``' objects (:func:`segflow.instances.label_instances`) and
+        the class of each id: one polygon per instance (read instead of ``labels``), with
+        ``instance_id``, ``centroid_x`` and ``centroid_y`` too; QuPath detections.
 
     Returns
     -------
@@ -438,11 +310,12 @@ def vectorize(  # noqa: PLR0913 (public writer: its keyword options are its inte
     """
     raster = check_class_raster(labels, classes, nodata, allowed=_VECTOR_DTYPES)
     _check_vector_options(window, min_area, batch_size)
-    skip = frozenset(int(c) for c in skip_classes)
     frame = _Frame(georef, slide, origin, _level0_downsample(downsample, slide))
-    checker = raster.checker(check_classes)
-    job = _VectorJob(raster, frame, skip, window, min_area, batch_size, checker)
-    result = _vectorize(labels, job, _OutPaths(out_gpkg, out_parquet, out_geojson_pixels))
+    job = _VectorJob(raster, frame, frozenset(int(c) for c in skip_classes), window, min_area,
+                     batch_size, raster.checker(check_classes),
+                     _instance_classes(instances, instance_classes, raster))  # fmt: skip
+    paths = _OutPaths(out_gpkg, out_parquet, out_geojson_pixels)
+    result = _vectorize(labels if instances is None else instances, job, paths)
     _log_summary(result, raster.table)
     return result
 
@@ -459,10 +332,41 @@ class _VectorJob:
     min_area: float
     batch_size: int
     checker: IdChecker | None
+    instance_class: np.ndarray | None = None
+    """Set when the polygons are instances: the class id of each instance id."""
 
     def vectorized(self) -> np.ndarray:
         """The class ids that are polygonized: the table's, less ``skip``."""
         return np.array(sorted(set(self.raster.table.ids) - self.skip), dtype="int64")
+
+    def mask(self, data: np.ndarray, win: Window) -> np.ndarray:
+        """The pixels of ``data`` (a window of class ids, or of instance ids) to polygonize."""
+        if self.instance_class is not None:
+            return data > 0
+        if self.checker is not None:
+            self.checker(data, win)
+        return np.isin(data, self.vectorized())
+
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        """The attribute columns of the polygons."""
+        return CLASS_COLUMNS + (INSTANCE_COLUMNS if self.instance_class is not None else ())
+
+
+def _instance_classes(instances: Any, classes: np.ndarray | None, raster: ClassRaster
+                      ) -> np.ndarray | None:  # fmt: skip
+    """The class of each instance id, checked against ``instances`` and the class table."""
+    if instances is None:
+        return None
+    if classes is None:
+        raise ConfigError("instances need instance_classes: the class id of each instance id")
+    if tuple(instances.shape) != tuple(raster.shape):
+        raise ConfigError(
+            f"instances of shape {tuple(instances.shape)} do not match the labels' {raster.shape}"
+        )
+    unknown = set(np.unique(classes[1:]).tolist()) - set(raster.table.ids)
+    if unknown:
+        raise ConfigError(f"instance classes {sorted(unknown)} are not in the class table")
+    return np.asarray(classes, dtype="int64")
 
 
 @dataclass(frozen=True)
@@ -498,7 +402,7 @@ def _metadata(job: _VectorJob) -> dict[str, str]:
     return {
         "segflow": json.dumps(
             {
-                "kind": "predictions",
+                "kind": "predictions" if job.instance_class is None else "instances",
                 "area_unit": job.frame.area_unit,
                 "coordinates": "crs" if job.frame.georef is not None else "pixels",
                 "classes": [c.model_dump() for c in job.raster.table.classes],
@@ -511,24 +415,24 @@ def _metadata(job: _VectorJob) -> dict[str, str]:
 
 def _open_sinks(
     stack: contextlib.ExitStack, paths: _OutPaths, job: _VectorJob, result: VectorizeResult
-) -> tuple[list[Any], _QuPathSink | None]:
+) -> tuple[list[Any], QuPathSink | None]:
     """The requested outputs, opened under temporary names moved into place by ``stack``."""
-    frame, meta = job.frame, _metadata(job)
+    frame, meta, columns = job.frame, _metadata(job), job.columns()
     sinks: list[Any] = []
-    qupath: _QuPathSink | None = None
+    qupath: QuPathSink | None = None
     if paths.gpkg is not None:
         tmp = stack.enter_context(atomic_output(paths.gpkg))
-        sinks.append(_GpkgSink(tmp, frame.crs.to_wkt() if frame.crs else None, meta))
+        sinks.append(GpkgSink(tmp, frame.crs.to_wkt() if frame.crs else None, meta, columns))
         result.outputs["gpkg"] = Path(paths.gpkg)
     if paths.parquet is not None:
         tmp = stack.enter_context(atomic_output(paths.parquet))
-        psink = _ParquetSink(tmp, frame.crs, meta)
+        psink = ParquetSink(tmp, frame.crs, meta, columns)
         stack.callback(_close_quietly, psink.writer)
         sinks.append(psink)
         result.outputs["parquet"] = Path(paths.parquet)
     if paths.geojson_pixels is not None:
         tmp = stack.enter_context(atomic_output(paths.geojson_pixels))
-        qupath = _QuPathSink(tmp, job.raster.table, frame.origin, frame.downsample)
+        qupath = QuPathSink(tmp, job.raster.table, frame.origin, frame.downsample)
         stack.callback(qupath.abort)
         result.outputs["geojson_pixels"] = Path(paths.geojson_pixels)
     return sinks, qupath
@@ -544,7 +448,8 @@ def _vectorize(labels: Any, job: _VectorJob, paths: _OutPaths) -> VectorizeResul
     with contextlib.ExitStack() as stack:
         sinks, qupath = _open_sinks(stack, paths, job, result)
         table = job.raster.table
-        emit = _Emitter(table, frame, job.min_area, job.batch_size, sinks, qupath, result)
+        emit = _Emitter(table, frame, job.min_area, job.batch_size, sinks, qupath, result,
+                        job.instance_class)  # fmt: skip
         _polygonize(labels, job, emit)
         emit.flush()
         for sink in sinks:
@@ -555,9 +460,9 @@ def _vectorize(labels: Any, job: _VectorJob, paths: _OutPaths) -> VectorizeResul
 
 
 def _polygonize(labels: Any, job: _VectorJob, emit: _Emitter) -> None:
-    """Polygonize ``labels`` window by window, a row of windows at a time, into ``emit``."""
+    """Polygonize ``labels`` (class or instance ids) window by window, a row of windows at a
+    time, into ``emit``."""
     height, width = job.raster.shape
-    vectorized = job.vectorized()
     result = emit.result
     pending: dict[int, list[Any]] = defaultdict(list)  # carried across the row seam
     row_pieces: dict[int, list[Any]] = defaultdict(list)
@@ -569,9 +474,7 @@ def _polygonize(labels: Any, job: _VectorJob, emit: _Emitter) -> None:
             row_stop = win.row_stop
         result.windows += 1
         data = read_window(labels, win)
-        if job.checker is not None:
-            job.checker(data, win)
-        mask = np.isin(data, vectorized)
+        mask = job.mask(data, win)
         if not mask.any():
             continue
         seams = _internal_edges(win, height, width)

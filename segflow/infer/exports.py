@@ -1,0 +1,233 @@
+"""segment_region's deliverables, exported from the prediction store window by window.
+
+The class COG first (it also counts the class pixels), then what the request asks for:
+instances, probabilities, polygons, OME-TIFF, quick-look. Every exporter reads the region's
+view of the store a window at a time and writes under a temporary name moved into place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segflow.config import ClassDef
+from segflow.config.segment import SegmentRequest
+from segflow.errors import ConfigError, option
+from segflow.geometry import Window
+from segflow.infer.store import LABELS, PROBABILITIES
+from segflow.instances import INSTANCE_DTYPE, InstanceTable, label_instances
+from segflow.io.store import GeoRef, SceneStore, SlideInfo
+
+__all__ = [
+    "INSTANCES",
+    "ClassCounter",
+    "ExportJob",
+    "RegionView",
+    "export_outputs",
+    "instance_classes",
+]
+
+log = logging.getLogger(__name__)
+
+#: The prediction store's instance ids (uint32, 0: no object).
+INSTANCES = "prediction/instances"
+
+
+class RegionView:
+    """An array-like over ``region`` of a (..., y, x) array: exporters slice it window by
+    window, and :func:`~segflow.instances.label_instances` also writes through it."""
+
+    def __init__(self, array: Any, region: Window) -> None:
+        self.array = array
+        self.region = region
+        self.shape = (*array.shape[:-2], region.height, region.width)
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def _key(self, key: Any) -> tuple[Any, ...]:
+        key = key if isinstance(key, tuple) else (key,)
+        if Ellipsis in key:
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        *lead, rs, cs = key
+        r = slice(*rs.indices(self.region.height))
+        c = slice(*cs.indices(self.region.width))
+        r = slice(r.start + self.region.row_off, r.stop + self.region.row_off, r.step)
+        c = slice(c.start + self.region.col_off, c.stop + self.region.col_off, c.step)
+        return (*lead, r, c)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.array[self._key(key)])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.array[self._key(key)] = value
+
+
+class ClassCounter:
+    """Pixels per class id, from the windows the COG export streams (no second read)."""
+
+    def __init__(self, classes: Sequence[ClassDef]) -> None:
+        from segflow.io.export import count_values  # the export stack loads on first use
+
+        self.classes = tuple(classes)
+        self.ids = [c.id for c in self.classes]
+        self.counts = dict.fromkeys(self.ids, 0)
+        self._count = count_values
+
+    def __call__(self, block: np.ndarray, window: Window) -> None:
+        for cid, n in zip(self.ids, self._count(block, self.ids), strict=True):
+            self.counts[cid] += n
+
+    def by_name(self) -> dict[str, int]:
+        return {c.name: self.counts[c.id] for c in self.classes}
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What the exports of one segment_region run read and where they put it.
+
+    Attributes
+    ----------
+    req
+        The request (its output paths and options).
+    store
+        The prediction store; ``view`` is the requested region in its grid.
+    view
+        The region within the store's grid.
+    region
+        The region within the image (level-0 offsets of slide outputs).
+    georef
+        The region's georeference (``None``: slides and plain images).
+    slide
+        The slide's metadata (pixel size, downsample), if any.
+    classes
+        The model's class table.
+    preview
+        The region's image sampled every ``step`` pixels (for the quick-look).
+    """
+
+    req: SegmentRequest
+    store: SceneStore
+    view: Window
+    region: Window
+    georef: GeoRef | None
+    slide: SlideInfo | None
+    classes: tuple[ClassDef, ...]
+    preview: Callable[[int], np.ndarray]
+
+    def labels(self) -> RegionView:
+        return RegionView(self.store.array(LABELS), self.view)
+
+
+def instance_classes(req: SegmentRequest, classes: Sequence[ClassDef]) -> tuple[int, ...]:
+    """The class ids whose objects ``req`` makes instances of (checked against ``classes``)."""
+    ids = [c.id for c in classes]
+    wanted = req.instance_classes or tuple(i for i in ids if i != 0)
+    unknown = sorted(set(wanted) - set(ids))
+    if unknown:
+        raise ConfigError(
+            f"{option('instance_classes')} names {unknown}, which the model does not predict: "
+            f"its classes are {ids}"
+        )
+    if not wanted:
+        raise ConfigError(
+            f"the model predicts only class 0: name it in {option('instance_classes')} "
+            "to make instances of it"
+        )
+    return tuple(wanted)
+
+
+def export_outputs(job: ExportJob, counter: ClassCounter) -> dict[str, Any]:
+    """Write every output ``job.req`` asks for; ``{name: path}``, plus the polygon and
+    instance counts under ``polygon_count`` and ``instance_count``."""
+    from segflow.io.export import write_cog, write_probability_cog
+
+    req, labels = job.req, job.labels()
+    # the exports run after inference, alone: let GDAL compress on every core
+    cog = write_cog(labels, req.out, georef=job.georef, classes=job.classes, nodata=255,
+                    threads="ALL_CPUS", observe=counter)  # fmt: skip
+    done: dict[str, Any] = {"cog": cog}
+    found = _instances(job, labels) if req.instances else None
+    if found is not None:
+        done["instances"], done["instance_count"] = req.instances, found[1].count
+    if req.probabilities:
+        probs = RegionView(job.store.array(PROBABILITIES), job.view)
+        done["probabilities"] = write_probability_cog(
+            probs, req.probabilities, georef=job.georef, classes=job.classes, threads="ALL_CPUS"
+        )
+    if req.polygons or req.parquet or req.qupath_geojson:
+        done.update(_polygons(job, labels, found))
+    if req.ome_tiff:
+        done["ome_tiff"] = _ome_tiff(job, labels)
+    if req.quicklook:
+        done["quicklook"] = _quicklook(job, labels)
+    if not req.into_store:
+        log.info("prediction store kept at %s (delete it to recompute)", job.store.path)
+    return done
+
+
+def _instances(job: ExportJob, labels: RegionView) -> tuple[RegionView, InstanceTable]:
+    """Label the region's objects into the store's instance array; write the instance COG."""
+    from segflow.io.export.instance_cog import write_instance_cog
+
+    wanted = instance_classes(job.req, job.classes)
+    array = job.store.create_array(INSTANCES, dtype=INSTANCE_DTYPE, fill_value=0, overwrite=True)
+    view = RegionView(array, job.view)
+    table = label_instances(labels, view, classes=wanted, block=job.store.write_unit)
+    log.info("labelled %d instances of classes %s", table.count, list(wanted))
+    assert job.req.instances is not None
+    write_instance_cog(view, job.req.instances, georef=job.georef, count=table.count,
+                       classes=[c for c in job.classes if c.id in wanted],
+                       threads="ALL_CPUS")  # fmt: skip
+    return view, table
+
+
+def _polygons(
+    job: ExportJob, labels: RegionView, found: tuple[RegionView, InstanceTable] | None
+) -> dict[str, Any]:
+    from segflow.io.export import vectorize
+
+    req, slide, region = job.req, job.slide, job.region
+    res = vectorize(
+        labels,
+        classes=job.classes,
+        georef=job.georef,
+        slide=slide,
+        nodata=255,
+        min_area=req.min_area,
+        out_gpkg=req.polygons,
+        out_parquet=req.parquet,
+        out_geojson_pixels=req.qupath_geojson,
+        origin=(float(region.row_off), float(region.col_off)),  # (row, col), like everything
+        downsample=slide.downsample if slide else None,
+        instances=found[0] if found else None,
+        instance_classes=found[1].classes if found else None,
+    )
+    written = {"polygons": req.polygons, "parquet": req.parquet,
+               "qupath_geojson": req.qupath_geojson}  # fmt: skip
+    return {"polygon_count": res.n_features, **{k: p for k, p in written.items() if p}}
+
+
+def _ome_tiff(job: ExportJob, labels: RegionView) -> Any:
+    from segflow.io.export import write_ome_tiff_labels
+
+    assert job.req.ome_tiff is not None
+    slide = job.slide
+    return write_ome_tiff_labels(labels, job.req.ome_tiff, classes=job.classes, nodata=255,
+                                 mpp_x=slide.mpp_x if slide else None,
+                                 mpp_y=slide.mpp_y if slide else None)  # fmt: skip
+
+
+def _quicklook(job: ExportJob, labels: RegionView) -> Any:
+    from segflow.io.export import quicklook_png
+
+    assert job.req.quicklook is not None
+    region = job.region
+    step = max(1, -(-max(region.height, region.width) // 1024))
+    return quicklook_png(job.preview(step), labels[::step, ::step], job.req.quicklook,
+                         classes=job.classes, nodata=255, max_size=1024)  # fmt: skip
