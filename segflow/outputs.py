@@ -42,6 +42,8 @@ __all__ = [
     "file_stamp",
     "output_lock",
     "plan_outputs",
+    "remove_output",
+    "sidecar_paths",
 ]
 
 
@@ -54,7 +56,9 @@ class OutputRecord:
     """The outputs an earlier run wrote, as ``{absolute path: stamp}`` (see :func:`file_stamp`).
 
     A file whose current stamp equals its recorded one is that run's untouched output, which
-    the same command may replace; anything else at an output path is the user's.
+    the same command may replace; anything else at an output path is the user's. Sidecars
+    (:func:`sidecar_paths`) are not stamped: they go with their file (GIS tools cache
+    statistics in them), and are replaced with it.
     """
 
     stamps: Mapping[str, str]
@@ -72,6 +76,28 @@ def file_stamp(path: str | Path) -> str | None:
     except OSError:
         return None
     return f"{st.st_size}:{st.st_mtime_ns}" if os.path.isfile(path) else None
+
+
+SIDECAR_SUFFIXES = (".aux.xml",)  # GDAL's PAM sidecar: e.g. the class COG's category names
+
+
+def sidecar_paths(path: str | Path) -> list[Path]:
+    """The files that belong to output ``path``: GDAL's PAM sidecar ``<path>.aux.xml``.
+
+    The writer of ``path`` writes them with it (or removes them when it has none: an older
+    sidecar describes the file it replaces); :func:`remove_output` removes them with it.
+
+    >>> sidecar_paths("out/mask.tif")
+    [PosixPath('out/mask.tif.aux.xml')]
+    """
+    p = Path(path)
+    return [p.with_name(p.name + suffix) for suffix in SIDECAR_SUFFIXES]
+
+
+def remove_output(path: str | Path) -> None:
+    """Remove the file ``path`` and its :func:`sidecar_paths`; missing ones are fine."""
+    for p in (Path(path), *sidecar_paths(path)):
+        p.unlink(missing_ok=True)
 
 
 def _resolved(path: str | Path) -> Path:
@@ -165,13 +191,19 @@ def plan_outputs(
         if raw is None or raw == "":
             continue
         path = _resolved(raw)
+        mine = {path, *sidecar_paths(path)}  # an output's files: it and its sidecars
         for other, taken in plan.items():
             if taken == path:
                 raise ConfigError(
                     f"{other} and {name} both name {str(raw)!r}: give each output its own path"
                 )
+            if taken in mine or path in sidecar_paths(taken):
+                raise ConfigError(
+                    f"{name} {str(raw)!r} and {other} {str(taken)!r}: one is the other's "
+                    "sidecar (GDAL's .aux.xml), written with it: give each output its own name"
+                )
         for src in ins:
-            if _is_within(path, src) or (name in dirs and _is_within(src, path)):
+            if any(_is_within(p, src) for p in mine) or (name in dirs and _is_within(src, path)):
                 raise ConfigError(
                     f"{name}: {str(raw)!r} is an input of this run ({str(src)!r}); "
                     "inputs are never written: choose another path"

@@ -303,6 +303,138 @@ def test_probability_cog(chip: dict, tmp_path: Path) -> None:
         )
 
 
+# ----------------------------------------------------------- COG category names (QGIS)
+# ids 0, 1, 3 (2 is no class), names XML must escape, nodata 255 is no category
+NAMED = (
+    ClassDef(id=0, name="background", color="#000000"),
+    ClassDef(id=1, name="Gewässer & <Ufer>", color="#0000ff"),
+    ClassDef(id=3, name="building", color="#ff0000"),
+)
+NAMES_BY_VALUE = ["background", "Gewässer & <Ufer>", "", "building"]
+
+
+def named_labels(chip: dict) -> np.ndarray:
+    labels = chip["labels"] * np.uint8(3)  # buildings are class 3
+    labels[:100, :300] = 1
+    labels[-50:, -50:] = NODATA
+    return labels
+
+
+def sidecar_categories(path: Path) -> list[str]:
+    band = ET.parse(path.with_name(path.name + ".aux.xml")).getroot().find("PAMRasterBand")
+    assert band is not None and band.get("band") == "1"
+    return [c.text or "" for c in band.iterfind("CategoryNames/Category")]
+
+
+def test_cog_sidecar_names_the_categories(chip: dict, tmp_path: Path) -> None:
+    out = tmp_path / "mask.tif"
+    sidecar = tmp_path / "mask.tif.aux.xml"
+    sidecar.write_text("<PAMDataset><Metadata><MDI key='STALE'>1</MDI></Metadata></PAMDataset>")
+    write_cog(named_labels(chip), out, georef=chip["georef"], classes=NAMED, block=256)
+    assert sidecar_categories(out) == NAMES_BY_VALUE  # the old sidecar was replaced
+    assert "STALE" not in sidecar.read_text()
+    assert leftovers(tmp_path) == []
+    with rasterio.open(out) as ds:  # the COG itself still carries the names as tags
+        assert ds.tags(1)["CLASS_1"] == "Gewässer & <Ufer>"
+    if shutil.which("gdalinfo") is None:  # the system GDAL, as QGIS reads the file
+        return
+    info = subprocess.run(["gdalinfo", str(out)], capture_output=True, encoding="utf-8",
+                          check=True, env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"}).stdout  # fmt: skip
+    categories = info.split("Categories:")[1].split("Metadata:")[0]
+    listed = [line.strip().split(":", 1) for line in categories.strip().splitlines()]
+    assert [(v.strip(), n.strip()) for v, n in listed] == [
+        (str(v), n) for v, n in enumerate(NAMES_BY_VALUE)
+    ]
+
+
+def test_probability_cog_removes_a_stale_sidecar(chip: dict, tmp_path: Path) -> None:
+    out = tmp_path / "p.tif"
+    write_cog(chip["labels"], out, georef=chip["georef"], classes=CLASSES, block=256)
+    assert sidecar_categories(out) == ["background", "building"]
+    probs = np.stack([255 - chip["labels"] * 255, chip["labels"] * 255])
+    write_probability_cog(probs, out, georef=chip["georef"], classes=CLASSES, block=256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.tif"]  # no categories: no sidecar
+
+
+def test_cog_sidecar_goes_when_the_cog_is_not_published(
+    chip: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    out = tmp_path / "mask.tif"
+    out.write_bytes(b"previous")
+    replace = os.replace
+    published: list[str] = []
+
+    def replace_but_not_the_cog(src: Any, dst: Any) -> None:
+        if str(dst).endswith(".tif"):
+            raise OSError(28, "No space left on device")
+        published.append(Path(dst).name)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_but_not_the_cog)
+    with pytest.raises(OSError, match="No space left"):
+        write_cog(chip["labels"], out, georef=chip["georef"], classes=CLASSES, block=256)
+    assert published == ["mask.tif.aux.xml"]  # it came first, and went again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.tif"]
+    assert out.read_bytes() == b"previous"
+
+
+def test_qgis_legend_shows_the_class_names(chip: dict, tmp_path: Path) -> None:
+    """QGIS 3.22 (Debian) labels the paletted renderer's classes with the category names."""
+    from _qgis import run_qgis
+
+    out = write_cog(named_labels(chip), tmp_path / "mask.tif", georef=chip["georef"],
+                    classes=NAMED, block=256)  # fmt: skip
+    got = run_qgis(
+        """
+        from qgis.core import QgsRasterLayer
+        layer = QgsRasterLayer(ARGS["path"], "mask")
+        renderer = layer.renderer()
+        RESULT = {
+            "valid": layer.isValid(),
+            "renderer": type(renderer).__name__,
+            "labels": {str(int(c.value)): c.label for c in getattr(renderer, "classes", list)()},
+            "colors": {str(int(c.value)): c.color.name() for c in getattr(renderer, "classes", list)()},
+        }
+        """,
+        tmp_path / "qgis-home",
+        path=str(out),
+    )
+    assert got["valid"] and got["renderer"] == "QgsPalettedRasterRenderer"
+    assert {int(v): got["labels"][str(v)] for v in (0, 1, 3)} == {c.id: c.name for c in NAMED}
+    assert {int(v): got["colors"][str(v)] for v in (0, 1, 3)} == {c.id: c.color for c in NAMED}
+    assert got["labels"]["2"] == "2"  # not a class: QGIS shows the value
+
+
+def test_qgis_opens_the_geopackage(chip: dict, tmp_path: Path) -> None:
+    from _qgis import run_qgis
+
+    out = tmp_path / "p.gpkg"
+    res = vectorize(as_zarr(chip["labels"]), georef=chip["georef"], classes=CLASSES,
+                    nodata=NODATA, window=256, out_gpkg=out)  # fmt: skip
+    got = run_qgis(
+        """
+        from qgis.core import QgsVectorLayer
+        layer = QgsVectorLayer(ARGS["path"] + "|layername=predictions", "p", "ogr")
+        RESULT = {
+            "valid": layer.isValid(),
+            "count": layer.featureCount(),
+            "authid": layer.crs().authid(),
+            "fields": [f.name() for f in layer.fields()],
+            "names": sorted({f["class_name"] for f in layer.getFeatures()}),
+        }
+        """,
+        tmp_path / "qgis-home",
+        path=str(out),
+    )
+    assert got["valid"], got
+    assert got["count"] == res.n_features > 0
+    assert got["authid"] == "EPSG:32616"
+    assert {"class_id", "class_name", "area"} <= set(got["fields"])
+    assert got["names"] == ["building"]
+
+
 # ------------------------------------------------------------------------- polygons
 def whole_raster_polygons(labels: np.ndarray, transform: object) -> list:
     """Reference: whole-raster ``shapes`` (4-connected: one polygon per connected component)."""

@@ -33,6 +33,8 @@ from segflow.outputs import (
     lock_path,
     output_lock,
     plan_outputs,
+    remove_output,
+    sidecar_paths,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,9 @@ def test_plan_returns_absolute_paths_of_the_outputs_given(tmp_path: Path) -> Non
         ({"out": "missing/m.tif"}, [], "does not exist"),
         ({"out": "existing.tif"}, [], "--overwrite"),
         ({"out": "a_dir"}, [], "directory"),
+        ({"out": "m.tif", "polygons": "m.tif.aux.xml"}, [], "sidecar"),
+        ({"polygons": "m.tif.aux.xml", "out": "m.tif"}, [], "sidecar"),
+        ({"out": "m.tif"}, ["m.tif.aux.xml"], "input"),  # its sidecar would overwrite it
     ],
 )
 def test_plan_refuses(tmp_path: Path, outputs: dict, inputs: list, match: str) -> None:
@@ -70,6 +75,18 @@ def test_plan_refuses(tmp_path: Path, outputs: dict, inputs: list, match: str) -
     with pytest.raises(ConfigError, match=match):
         plan_outputs(outputs, inputs=inputs)
     assert (tmp_path / "existing.tif").read_bytes() == b"user data"
+
+
+def test_an_output_goes_with_its_sidecar(tmp_path: Path) -> None:
+    out = tmp_path / "m.tif"
+    assert sidecar_paths(out) == [tmp_path / "m.tif.aux.xml"]
+    for p in (out, *sidecar_paths(out), tmp_path / "other.tif.aux.xml"):
+        p.write_bytes(b"x")
+    remove_output(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["other.tif.aux.xml"]
+    remove_output(out)  # nothing there: fine
+    (tmp_path / "m.tif.aux.xml").write_bytes(b"stale")  # a stale sidecar alone is no output
+    assert plan_outputs({"out": out}, inputs=[])["out"] == out.resolve()
 
 
 def test_a_directory_output_may_not_contain_an_input(tmp_path: Path) -> None:

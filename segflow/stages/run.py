@@ -197,6 +197,7 @@ def run_segment(
 ) -> dict[str, Any]:
     """segment_region over ``cfg.segment`` with the checkpoint ``model``."""
     from segflow.io.store import remove_tree, staging_path
+    from segflow.outputs import remove_output
     from segflow.segment import segment_region
 
     if run.plan is StagePlan.SKIP:
@@ -206,7 +207,7 @@ def run_segment(
     begin_stage(run)
     if run.plan is StagePlan.FRESH:
         for old in run.previous.outputs if run.previous else ():
-            Path(old).unlink(missing_ok=True)  # e.g. polygons no longer asked for
+            remove_output(old)  # e.g. polygons no longer asked for; with its .aux.xml
         if not prediction_store_reusable(run):
             remove_tree(req.work_store)
             remove_tree(staging_path(req.work_store))

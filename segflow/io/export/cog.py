@@ -10,7 +10,9 @@ and the COG is moved into place last, so a crash never leaves a half-written fil
 
 Class names: rasterio cannot write a GDAL raster attribute table, so the class table travels as
 GDAL metadata: band description ``"class"``, band tags ``CLASS_<id>=<name>`` and a dataset tag
-``SEGFLOW_CLASSES`` (JSON of the whole table); colours go in the TIFF colour table.
+``SEGFLOW_CLASSES`` (JSON of the whole table); colours go in the TIFF colour table. The class
+COG also gets a PAM sidecar ``<path>.aux.xml`` with the band's category names, which QGIS shows
+in its legend (see :mod:`segflow.io.export._pam`); it is published just before the COG.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from segflow.io.export._common import (
     scratch_path,
 )
 from segflow.io.export._inputs import ClassRaster, check_class_raster
+from segflow.io.export._pam import pam_sidecar as _sidecar
 from segflow.io.store import GeoRef
 from segflow.tiling import round_up
 
@@ -235,6 +238,7 @@ class _CogContent:
     band_tags: Mapping[int, Mapping[str, str]]
     descriptions: Sequence[str]
     colormap: Mapping[int, tuple[int, int, int, int]] | None = None
+    category_names: Sequence[str] | None = None  # band 1's, by value: the PAM sidecar
 
 
 @dataclass(frozen=True)
@@ -393,6 +397,7 @@ def _stream_to_cog(
     profile = _staging_profile(content, plan, options.block)
     out = Path(path)
     with (
+        _sidecar(out, content.category_names) as publish_sidecar,
         atomic_output(out) as tmp_cog,
         scratch_path(out, ".tif") as staging,
         scratch_path(out, ".vrt") as vrt,
@@ -415,6 +420,7 @@ def _stream_to_cog(
                 pyramid.close()
                 source = pyramid.vrt(staging, vrt)
             _copy_to_cog(source, tmp_cog, options, level_options, plan.factors)
+            publish_sidecar()  # then atomic_output moves the COG into place
     return out
 
 
@@ -458,6 +464,9 @@ def _label_content(raster: ClassRaster, georef: GeoRef | None) -> _CogContent:
         band_tags={1: table.tags()},
         descriptions=("class",),
         colormap=colormap,
+        category_names=[
+            table.name(v) if v in table.by_id else "" for v in range(max(table.ids) + 1)
+        ],
     )
 
 
@@ -490,7 +499,9 @@ def write_cog(  # noqa: PLR0913 (public writer: its keyword options are its inte
     georef
         CRS and geotransform of ``labels``' pixel grid, or ``None`` (e.g. slides).
     classes
-        The class table; colours become the TIFF colour table, names GDAL metadata.
+        The class table; colours become the TIFF colour table, names GDAL metadata and the
+        category names of the PAM sidecar ``<path>.aux.xml`` (QGIS's legend), written with
+        the COG (replacing an older one).
     nodata
         The value of pixels outside the prediction (must not be a class id), or ``None``.
     block
