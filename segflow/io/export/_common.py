@@ -32,6 +32,7 @@ __all__ = [
     "count_values",
     "downsample_mode2",
     "iter_windows",
+    "publish_directory",
     "read_window",
     "scratch_path",
 ]
@@ -68,6 +69,31 @@ def scratch_path(beside: str | Path, suffix: str = "") -> Iterator[Path]:
 
             shutil.rmtree(tmp, ignore_errors=True)
         remove_with_siblings(tmp)
+
+
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final`` (beside it), replacing ``final``.
+
+    A directory cannot be swapped in one :func:`os.replace`: an older ``final`` is renamed
+    aside first, ``tmp`` renamed into place, then the old one deleted; if the second rename
+    fails, the old one is put back. A reader sees the old tree or the new one (or, for an
+    instant, none), never a mix.
+    """
+    import os
+    import shutil
+
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.old")
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------- class table

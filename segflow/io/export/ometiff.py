@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -210,9 +210,12 @@ def _halve(
     window: int,
     method: Literal["mode", "nearest"],
     nodata: int | None,
-    checker: IdChecker | None,
+    checker: Callable[[np.ndarray, Window], None] | None,
 ) -> None:
-    """Write ``src`` (of ``shape``) halved into ``dst``, window by window (checked if asked)."""
+    """Write ``src`` (of ``shape``) halved into ``dst``, window by window.
+
+    ``checker`` (an :class:`IdChecker`, or any hook) sees every window of ``src`` first.
+    """
     ph, pw = shape
     for win in iter_windows(ph, pw, window):
         block = read_window(src, win)
