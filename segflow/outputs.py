@@ -70,11 +70,14 @@ class OutputRecord:
 
 
 def file_stamp(path: str | Path) -> str | None:
-    """Size and modification time of a file (``None`` if it is not a regular file)."""
+    """Size and modification time of a file, or the modification time of a directory written
+    whole (an OME-Zarr: published by one rename); ``None`` if there is neither."""
     try:
         st = os.stat(path)
     except OSError:
         return None
+    if os.path.isdir(path):
+        return f"dir:{st.st_mtime_ns}"
     return f"{st.st_size}:{st.st_mtime_ns}" if os.path.isfile(path) else None
 
 
@@ -95,9 +98,15 @@ def sidecar_paths(path: str | Path) -> list[Path]:
 
 
 def remove_output(path: str | Path) -> None:
-    """Remove the file ``path`` and its :func:`sidecar_paths`; missing ones are fine."""
+    """Remove the file (or directory) ``path`` and its :func:`sidecar_paths`; missing ones
+    are fine."""
+    import shutil
+
+    if Path(path).is_dir() and not Path(path).is_symlink():
+        shutil.rmtree(path)
     for p in (Path(path), *sidecar_paths(path)):
-        p.unlink(missing_ok=True)
+        if not p.is_dir():
+            p.unlink(missing_ok=True)
 
 
 def _resolved(path: str | Path) -> Path:
@@ -133,10 +142,17 @@ def _check_directory(name: str, path: Path) -> None:
 
 
 def _check_existing(
-    name: str, path: Path, kind: Literal["file", "dir"], *, overwrite: bool, owned: OutputRecord
+    name: str,
+    path: Path,
+    kind: Literal["file", "dir", "tree"],
+    *,
+    overwrite: bool,
+    owned: OutputRecord,
 ) -> None:
     if not os.path.lexists(path):
         return
+    if kind == "tree" and not path.is_dir():
+        raise ConfigError(f"{name}: {str(path)!r} is a file, not a directory: choose a new path")
     if kind == "file" and path.is_dir():
         raise ConfigError(f"{name}: {str(path)!r} is a directory, not a file: choose a file name")
     if kind == "dir" and not path.is_dir():
@@ -160,6 +176,7 @@ def plan_outputs(
     overwrite: bool = False,
     record: OutputRecord | None = None,
     directories: Iterable[str] = (),
+    trees: Iterable[str] = (),
 ) -> dict[str, Path]:
     """Check a run's outputs before it starts; returns ``{name: absolute path}`` of those given.
 
@@ -176,6 +193,9 @@ def plan_outputs(
         The outputs of this command's earlier run (see :class:`OutputRecord`).
     directories
         Names of outputs that are directories (stores, training outputs).
+    trees
+        Names of directory outputs written whole and replaced like files (an OME-Zarr):
+        an existing one is replaced only if recorded in ``record``, or with ``overwrite``.
 
     Raises
     ------
@@ -209,9 +229,10 @@ def plan_outputs(
                     "inputs are never written: choose another path"
                 )
         _check_directory(name, path)
-        _check_existing(
-            name, path, "dir" if name in dirs else "file", overwrite=overwrite, owned=owned
+        kind: Literal["file", "dir", "tree"] = (
+            "dir" if name in dirs else "tree" if name in set(trees) else "file"
         )
+        _check_existing(name, path, kind, overwrite=overwrite, owned=owned)
         plan[name] = path
     return plan
 

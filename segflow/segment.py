@@ -184,6 +184,7 @@ def plan_request(req: SegmentRequest) -> dict[str, Path]:
         overwrite=req.overwrite,
         record=_earlier_outputs(_prediction_store_path(req)),
         directories=("work",),
+        trees=("ome_zarr",),
     )
 
 

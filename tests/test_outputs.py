@@ -377,3 +377,19 @@ def test_disk_full_leaves_an_earlier_output_untouched(
         assert bad.returncode == 2 and len(lines) == 1 and "no space left" in lines[0], bad.stderr
         assert out.read_bytes() == kept
         assert not (full / "p.tif").exists()
+
+
+def test_a_tree_output_is_replaced_only_when_recorded(tmp_path: Path) -> None:
+    """A directory written whole (an OME-Zarr) is the user's unless this command wrote it."""
+    from segflow.outputs import OutputRecord, file_stamp, plan_outputs
+
+    tree = tmp_path / "m.ome.zarr"
+    tree.mkdir()
+    (tree / ".zattrs").write_text("{}")
+    with pytest.raises(ConfigError, match="already exists"):
+        plan_outputs({"ome_zarr": str(tree)}, inputs=[], trees=("ome_zarr",))
+    record = OutputRecord({str(tree.resolve()): str(file_stamp(tree))})
+    assert plan_outputs({"ome_zarr": str(tree)}, inputs=[], trees=("ome_zarr",), record=record)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        plan_outputs({"ome_zarr": str(tmp_path / "f")}, inputs=[], trees=("ome_zarr",))

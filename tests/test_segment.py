@@ -406,10 +406,20 @@ def test_slide_outputs_ome_tiff_and_qupath(samples: Path, tmp_path: Path) -> Non
             window=region,
             tile=256,
             ome_tiff=str(tmp_path / "m.ome.tif"),
+            ome_zarr=str(tmp_path / "m.ome.zarr"),
             qupath_geojson=str(tmp_path / "m.geojson"),
         )
     )
     assert report.georef is None
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    nodes = list(Reader(parse_url(str(tmp_path / "m.ome.zarr")))())
+    label = next(n for n in nodes if any(isinstance(s, Label) for s in n.specs))
+    scale = label.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale == pytest.approx([0.499, 0.499], abs=1e-3)
+    with rasterio.open(tmp_path / "m.tif") as cog:
+        np.testing.assert_array_equal(np.asarray(label.data[0]), cog.read(1))
     with tifffile.TiffFile(tmp_path / "m.ome.tif") as tif:
         assert tif.is_ome and len(tif.series[0].levels) >= 2
         level0 = tif.series[0].levels[0].asarray()

@@ -126,6 +126,10 @@ class SegmentRequest(SegmentOptions):
         PNG of the mask over the image, at most 1024 pixels a side.
     ome_tiff
         Pyramidal OME-TIFF label image with the slide's pixel size (slide viewers).
+    ome_zarr
+        OME-Zarr (NGFF 0.4) directory holding the class ids as a multiscale label image
+        (``labels/classes``) with the slide's pixel size, named classes and colours, for
+        napari, QuPath and other NGFF viewers.
     qupath_geojson
         GeoJSON polygons in level-0 slide pixels with QuPath classification names and colours.
     instances
@@ -166,6 +170,7 @@ class SegmentRequest(SegmentOptions):
     probabilities: str | None = None
     quicklook: str | None = None
     ome_tiff: str | None = None
+    ome_zarr: str | None = None
     qupath_geojson: str | None = None
     instances: str | None = None
     instance_classes: Annotated[
@@ -202,6 +207,7 @@ class SegmentRequest(SegmentOptions):
             "parquet": self.parquet,
             "quicklook": self.quicklook,
             "ome_tiff": self.ome_tiff,
+            "ome_zarr": self.ome_zarr,
             "qupath": self.qupath_geojson,
             "instances": self.instances,
         }

@@ -1,7 +1,7 @@
 """segment_region's deliverables, exported from the prediction store window by window.
 
 The class COG first (it also counts the class pixels), then what the request asks for:
-instances, probabilities, polygons, OME-TIFF, quick-look. Every exporter reads the region's
+instances, probabilities, polygons, OME-TIFF, OME-Zarr, quick-look. Every exporter reads the region's
 view of the store a window at a time and writes under a temporary name moved into place.
 """
 
@@ -164,6 +164,8 @@ def export_outputs(job: ExportJob, counter: ClassCounter) -> dict[str, Any]:
         done.update(_polygons(job, labels, found))
     if req.ome_tiff:
         done["ome_tiff"] = _ome_tiff(job, labels)
+    if req.ome_zarr:
+        done["ome_zarr"] = _ome_zarr(job, labels)
     if req.quicklook:
         done["quicklook"] = _quicklook(job, labels)
     if not req.into_store:
@@ -219,6 +221,16 @@ def _ome_tiff(job: ExportJob, labels: RegionView) -> Any:
     assert job.req.ome_tiff is not None
     slide = job.slide
     return write_ome_tiff_labels(labels, job.req.ome_tiff, classes=job.classes, nodata=255,
+                                 mpp_x=slide.mpp_x if slide else None,
+                                 mpp_y=slide.mpp_y if slide else None)  # fmt: skip
+
+
+def _ome_zarr(job: ExportJob, labels: RegionView) -> Any:
+    from segflow.io.export import write_ome_zarr_labels
+
+    assert job.req.ome_zarr is not None
+    slide = job.slide
+    return write_ome_zarr_labels(labels, job.req.ome_zarr, classes=job.classes, nodata=255,
                                  mpp_x=slide.mpp_x if slide else None,
                                  mpp_y=slide.mpp_y if slide else None)  # fmt: skip
 
