@@ -24,15 +24,15 @@ from pydantic import Field, model_validator
 
 from segflow.config.base import SchemaModel
 
-__all__ = ["FLAGS", "SegmentOptions", "SegmentRequest"]
+__all__ = ["FLAGS", "RegionOptions", "SegmentOptions", "SegmentRequest"]
 
 #: Command-line flags that are not ``--option-name``: ``--qupath``, and ``--tta [SET]`` for
 #: ``tta_flips`` and ``tta_set`` together.
 FLAGS = {"qupath_geojson": "--qupath", "tta_flips": "--tta", "tta_set": "--tta"}
 
 
-class SegmentOptions(SchemaModel):
-    """Where and how segment_region infers: the region, the tiling and test-time augmentation.
+class RegionOptions(SchemaModel):
+    """The region of an image a job covers (segment_region, evaluate).
 
     Attributes
     ----------
@@ -46,6 +46,24 @@ class SegmentOptions(SchemaModel):
     window
         Region as a pixel window ``[col, row, width, height]`` (note: not the
         ``train_region.bbox`` order), clipped to the image; exclusive with ``bbox``.
+    """
+
+    bbox: Annotated[
+        tuple[float, float, float, float] | None,
+        Field(json_schema_extra={"metavar": ["MINX", "MINY", "MAXX", "MAXY"]}),
+    ] = None
+    bbox_crs: str | None = None
+    window: Annotated[
+        tuple[int, int, int, int] | None,
+        Field(json_schema_extra={"metavar": ["COL", "ROW", "WIDTH", "HEIGHT"]}),
+    ] = None
+
+
+class SegmentOptions(RegionOptions):
+    """Where and how segment_region infers: the region, the tiling and test-time augmentation.
+
+    Attributes
+    ----------
     tile
         Output tile side (pixels): each model input is ``tile + 2 * halo`` (the
         checkpoint's halo) rounded up to the model's size multiple. A multiple of that size
@@ -72,15 +90,6 @@ class SegmentOptions(SchemaModel):
         null: those the model was trained with.
     """
 
-    bbox: Annotated[
-        tuple[float, float, float, float] | None,
-        Field(json_schema_extra={"metavar": ["MINX", "MINY", "MAXX", "MAXY"]}),
-    ] = None
-    bbox_crs: str | None = None
-    window: Annotated[
-        tuple[int, int, int, int] | None,
-        Field(json_schema_extra={"metavar": ["COL", "ROW", "WIDTH", "HEIGHT"]}),
-    ] = None
     tile: Annotated[int, Field(gt=0)] = 512
     mode: Literal["crop", "gaussian"] = "crop"
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
