@@ -1,4 +1,5 @@
-"""Prefect flow: the whole pipeline of one config, ingest -> prepare -> train -> segment_region.
+"""Prefect flow: the whole pipeline of one config, ingest -> prepare -> train -> segment_region
+(-> evaluate, with an ``evaluate`` section).
 
     python flows/pipeline.py pipelines/NAME.yaml [--dask-address ADDR] [--device cpu|cuda]
 
@@ -32,10 +33,12 @@ from segflow.stages import (
     StageRun,
     check_pipeline_inputs,
     model_path,
+    plan_evaluate,
     plan_ingest,
     plan_prepare,
     plan_segment,
     plan_train,
+    run_evaluate,
     run_ingest,
     run_prepare,
     run_segment,
@@ -80,6 +83,11 @@ def segment_stage(
     return run_segment(run, cfg, model, device=device, dask_address=dask_address)
 
 
+@task(name="evaluate", **_STAGE)  # type: ignore[call-overload]
+def evaluate_stage(run: StageRun, cfg: PipelineConfig) -> dict[str, Any]:
+    return run_evaluate(run, cfg)
+
+
 def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[str, Any]:
     """Run one stage task: Prefect's cache answers only when the stage records say current."""
     configured: Callable[..., dict[str, Any]] = stage.with_options(
@@ -114,6 +122,8 @@ def pipeline_flow(
     stages["segment_region"] = _call(
         segment_stage, segment, cfg, str(model_path(cfg)), device, dask_address
     )
+    if cfg.evaluate is not None:
+        stages["evaluate"] = _call(evaluate_stage, plan_evaluate(cfg, segment), cfg)
     create_markdown_artifact(
         key="pipeline-summary", markdown=summary(cfg, stages), description=f"pipeline {cfg.name}"
     )

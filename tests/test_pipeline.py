@@ -248,6 +248,7 @@ def _write_config(tmp_path: Path, **changes: dict[str, Any]) -> Path:
     t.update(patch=64, batch_size=4, steps=10, val_interval=10, checkpoint_interval=10)
     t.pop("time_limit_s", None)
     demo["segment"].update(polygons=False, parquet=False, quicklook=True)
+    demo["evaluate"] = {"reference": str(CHIP / "geotiff_labels.geojson")}
     for section, values in changes.items():
         demo[section].update(values)
     path = tmp_path / "tiny.yaml"
@@ -320,10 +321,12 @@ def test_pipeline_reruns_only_what_changed(pipeline: Any, tmp_path: Path) -> Non
     path = _write_config(tmp_path)
     work = tmp_path / "work"
     cog = work / "prediction.tif"
-    all_stages = {"ingest", "prepare", "train", "segment_region"}
+    all_stages = {"ingest", "prepare", "train", "segment_region", "evaluate"}
 
     first = pipeline.pipeline_flow(str(path), device="cpu")
     assert _ran(first) == all_stages
+    report = json.loads((work / "evaluation.json").read_text())
+    assert report["objects"]["reference"] == 43 and first["evaluate"]["f1"] is not None
     assert {s["plan"] for s in first.values()} == {"fresh"}
     for name in all_stages:
         rec = read_record(work, name)
@@ -339,14 +342,15 @@ def test_pipeline_reruns_only_what_changed(pipeline: Any, tmp_path: Path) -> Non
     assert second["segment_region"]["outputs"] == first["segment_region"]["outputs"]
     cfg = load_config(path)
     text = pipeline.summary(cfg, second)
-    assert text.count("skipped (current)") == 4 and "ran in" not in text
+    assert text.count("skipped (current)") == 5 and "ran in" not in text
+    assert "objects F1" in text
     assert "ran in" in pipeline.summary(cfg, first)
 
     # an inference option: only segment_region, the checkpoint untouched
     before_cog, before_ckpt = cog.stat().st_mtime_ns, _mtimes(ckpt)
     _edit(path, "segment", tile=128)
     third = pipeline.pipeline_flow(str(path), device="cpu")
-    assert _ran(third) == {"segment_region"}
+    assert _ran(third) == {"segment_region", "evaluate"}  # a new prediction is evaluated
     assert cog.stat().st_mtime_ns != before_cog
     assert _mtimes(ckpt) == before_ckpt
 
@@ -356,7 +360,7 @@ def test_pipeline_reruns_only_what_changed(pipeline: Any, tmp_path: Path) -> Non
     assert quicklook.is_file()
     _edit(path, "segment", quicklook=False)
     export_only = pipeline.pipeline_flow(str(path), device="cpu")
-    assert _ran(export_only) == {"segment_region"}
+    assert _ran(export_only) == {"segment_region", "evaluate"}
     assert export_only["segment_region"]["tiles"] == 0
     assert not quicklook.exists() and cog.is_file()
 
@@ -364,7 +368,7 @@ def test_pipeline_reruns_only_what_changed(pipeline: Any, tmp_path: Path) -> Non
     store_meta = (work / "scene.zarr" / "image" / "zarr.json").stat().st_mtime_ns
     _edit(path, "prepare", w0=5.0)
     fourth = pipeline.pipeline_flow(str(path), device="cpu")
-    assert _ran(fourth) == {"prepare", "train", "segment_region"}
+    assert _ran(fourth) == {"prepare", "train", "segment_region", "evaluate"}
     assert (work / "scene.zarr" / "image" / "zarr.json").stat().st_mtime_ns == store_meta
 
     # a deleted output: its stage runs again (re-exporting from the finished inference store)
@@ -374,6 +378,12 @@ def test_pipeline_reruns_only_what_changed(pipeline: Any, tmp_path: Path) -> Non
     assert fifth["segment_region"]["plan"] == "resume"
     assert fifth["segment_region"]["tiles"] == 0  # nothing inferred again
     assert cog.is_file()
+
+    # an evaluation option: only the evaluation, which the segment_region key still keys
+    _edit(path, "evaluate", iou=0.75)
+    sixth = pipeline.pipeline_flow(str(path), device="cpu")
+    assert _ran(sixth) == {"evaluate"}
+    assert json.loads((work / "evaluation.json").read_text())["objects"]["iou_threshold"] == 0.75
 
 
 # --------------------------------------------------------------------------- ISBI slice, CLI
@@ -449,3 +459,20 @@ def test_isbi_slice_pipeline_runs_from_the_command_line(tmp_path: Path) -> None:
     assert min(counts) > 0.05 * mask.size  # membranes and cells, not one class everywhere
     assert cog_validate(str(cog))[0]
     assert (work / "quicklook.png").stat().st_size > 0
+
+
+def test_segment_and_evaluate_requests_of_a_pipeline(tmp_path: Path) -> None:
+    """The segment section's instance and OME-Zarr switches become segment_region's paths;
+    the evaluate section evaluates the pipeline's own prediction into its work directory."""
+    path = _write_config(tmp_path, segment={"instances": True, "instance_classes": [1],
+                                            "ome_zarr": True})  # fmt: skip
+    from segflow.stages import evaluate_request, segment_request
+
+    cfg = load_config(path)
+    req = segment_request(cfg, "model", "cpu")
+    work = cfg.work_path
+    assert req.instances == str(work / "instances.tif") and req.instance_classes == (1,)
+    assert req.ome_zarr == str(work / "prediction.ome.zarr")
+    ev = evaluate_request(cfg)
+    assert ev.prediction == req.out and ev.out_json == str(work / "evaluation.json")
+    assert ev.reference == str(CHIP / "geotiff_labels.geojson")

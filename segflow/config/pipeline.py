@@ -25,6 +25,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from segflow.config.base import DEFAULT_CLASSES, ClassDef, SchemaModel, format_validation_error
+from segflow.config.evaluate import EvaluateOptions
 from segflow.config.segment import SegmentOptions
 from segflow.config.train import TrainConfig
 from segflow.errors import ConfigError
@@ -223,6 +224,14 @@ class SegmentConfig(SegmentOptions):
     qupath
         Write ``prediction.qupath.geojson``: polygons in level-0 slide pixels with QuPath
         classification names and colours.
+    instances
+        Write ``instances.tif``, a uint32 COG of object instances (4-connected regions of
+        one of ``instance_classes``, ids the same whatever the tiling); the polygon outputs
+        then hold one feature per instance (``instance_id``, centroid; QuPath detections).
+    instance_classes
+        The class ids whose objects are instances; null: every class but 0.
+    ome_zarr
+        Write ``prediction.ome.zarr``, an OME-Zarr (NGFF 0.4) multiscale label image.
     """
 
     image: str | None = None
@@ -234,6 +243,11 @@ class SegmentConfig(SegmentOptions):
     quicklook: bool = True
     ome_tiff: bool = False
     qupath: bool = False
+    instances: bool = False
+    instance_classes: Annotated[
+        tuple[Annotated[int, Field(ge=0)], ...] | None, Field(min_length=1)
+    ] = None
+    ome_zarr: bool = False
 
 
 class PipelineConfig(SchemaModel):
@@ -266,6 +280,9 @@ class PipelineConfig(SchemaModel):
         name a checkpoint.
     segment
         Inference over the image and the outputs written.
+    evaluate
+        The prediction against reference labels (``evaluation.json`` and ``evaluation.md``
+        in ``work_dir``: pixel and object metrics); null: no evaluation.
     """
 
     schema_version: Literal[1] = 1  # == SCHEMA_VERSION
@@ -277,6 +294,7 @@ class PipelineConfig(SchemaModel):
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig | None = None
     segment: SegmentConfig = SegmentConfig()
+    evaluate: EvaluateOptions | None = None
 
     @model_validator(mode="after")
     def _classes_unique(self) -> PipelineConfig:

@@ -1,11 +1,12 @@
 """The pipeline's stages: when each must run (:mod:`~segflow.stages.plan`: keys, plans and
-records) and what it does then (:mod:`~segflow.stages.run`); what ``flows/train.py`` builds before
+records) and what it does then (:mod:`~segflow.stages.run`, :mod:`~segflow.stages.evaluate`); what ``flows/train.py`` builds before
 training (:mod:`~segflow.stages.training`).
 
 ``flows/pipeline.py`` wraps :func:`~segflow.stages.run.run_ingest` and its siblings in
 Prefect tasks; everything a stage decides lives here, with unit tests.
 """
 
+from segflow.stages.evaluate import evaluate_request, plan_evaluate, run_evaluate
 from segflow.stages.plan import (
     RECORD_VERSION,
     STAGE_CODE,
@@ -52,6 +53,9 @@ from segflow.stages.training import build_training_stores, store_ingest_config, 
 
 __all__ = [
     "build_training_stores",
+    "evaluate_request",
+    "plan_evaluate",
+    "run_evaluate",
     "store_ingest_config",
     "summary",
     "training_config",

@@ -560,6 +560,7 @@ STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("segflow.prepare",), ("segflow.train",)),
     "train": (("segflow.train.loop",), ()),
     "segment_region": (("segflow.segment",), ()),
+    "evaluate": (("segflow.evaluation",), ()),
 }
 
 
@@ -586,6 +587,11 @@ def check_pipeline_inputs(cfg: PipelineConfig) -> None:
         raise ConfigError(
             f"ingest.source not found: {cfg.ingest.source!r} (paths are relative to the "
             "working directory)"
+        )
+    if cfg.evaluate is not None and not Path(cfg.evaluate.reference).exists():
+        raise ConfigError(
+            f"evaluate.reference not found: {cfg.evaluate.reference!r} (paths are relative "
+            "to the working directory)"
         )
 
 

@@ -38,4 +38,11 @@ def summary(cfg: PipelineConfig, stages: dict[str, Any]) -> str:
         outputs["model"] = str(cfg.work_path / "train" / "best")
     lines += ["", *[f"- {k}: `{v}`" for k, v in outputs.items()]]
     lines += [f"- {k}: {v} px" for k, v in (seg.get("class_pixels") or {}).items()]
+    ev = stages.get("evaluate")
+    if ev and ev.get("f1") is not None:
+        lines.append(
+            f"- evaluation: mean IoU {ev['mean_iou']:.4f}; objects F1 {ev['f1']:.4f} "
+            f"({ev['tp']} of {ev['reference']} matched at IoU >= 0.5, {ev['fp']} false), "
+            f"AP 0.5:0.95 {ev['ap_50_95']:.4f}, PQ {ev['pq'] or 0:.4f}: `{ev['outputs']['markdown']}`"
+        )
     return "\n".join(lines) + "\n"

@@ -168,6 +168,9 @@ def segment_request(
         quicklook=str(work / "quicklook.png") if s.quicklook else None,
         ome_tiff=str(work / "prediction.ome.tif") if s.ome_tiff else None,
         qupath_geojson=str(work / "prediction.qupath.geojson") if s.qupath else None,
+        instances=str(work / "instances.tif") if s.instances else None,
+        instance_classes=s.instance_classes if s.instances else None,
+        ome_zarr=str(work / "prediction.ome.zarr") if s.ome_zarr else None,
         # these names in work_dir are the pipeline's own: an earlier run's (whose record went
         # with a rebuilt inference store) are replaced, not refused
         overwrite=True,
