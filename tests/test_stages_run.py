@@ -196,6 +196,9 @@ def test_a_listed_store_is_ingested_like_the_template_but_with_its_own_image() -
         ISBI["source"], "l.png", "i0.png", 256)  # fmt: skip
     other = store_ingest_config(cfg, StoreRef(store="b.zarr", source="b.png", labels="lb.png"))
     assert (other.source, other.labels, other.instances) == ("b.png", "lb.png", None)
+    # a store's own instance raster (touching nuclei that class labels cannot separate)
+    ref = StoreRef(store="d.zarr", source="d.png", labels="ld.png", instances="id.png")
+    assert store_ingest_config(cfg, ref).instances == "id.png"
     with pytest.raises(ValueError, match="no source"):
         store_ingest_config(cfg, StoreRef(store="c.zarr"))
 

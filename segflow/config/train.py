@@ -124,11 +124,17 @@ class StoreRef(_Model):
     labels
         Label file for ``source``; it replaces ``ingest.labels`` (null builds a store
         without labels, which cannot train).
+    instances
+        Raster of object ids (0 = none) for ``source``, giving prepare's border weights the
+        objects (e.g. touching nuclei) that class labels cannot separate; it replaces
+        ``ingest.instances``. Null: ``ingest.instances`` for the ingest source itself, else
+        objects derived from the labels.
     """
 
     store: Annotated[str, Field(min_length=1)]
     source: str | None = None
     labels: str | None = None
+    instances: str | None = None
 
 
 def _expand(entries: Any) -> Any:

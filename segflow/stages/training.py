@@ -77,8 +77,9 @@ def check_training_request(
 def store_ingest_config(cfg: PipelineConfig, ref: StoreRef) -> IngestConfig:
     """The ingest section that builds the listed store ``ref`` (which has a ``source``).
 
-    The pipeline's ``ingest`` section with the store's source and labels; its instance raster
-    belongs to its own image, so other sources get none (prepare derives their objects).
+    The pipeline's ``ingest`` section with the store's source, labels and instance raster;
+    the template's instance raster belongs to its own image, so other sources without one
+    get none (prepare derives their objects).
     """
     if ref.source is None:
         raise ValueError(f"store {ref.store!r} has no source to ingest")
@@ -87,7 +88,7 @@ def store_ingest_config(cfg: PipelineConfig, ref: StoreRef) -> IngestConfig:
         update={
             "source": ref.source,
             "labels": ref.labels,
-            "instances": cfg.ingest.instances if own else None,
+            "instances": ref.instances or (cfg.ingest.instances if own else None),
         }
     )
 
