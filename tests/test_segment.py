@@ -170,6 +170,18 @@ def test_instances_cog_store_and_polygons(
         assert sorted(polys.instance_id) == list(range(1, ids.max() + 1))
         runs[tile] = ids
     np.testing.assert_array_equal(runs[128], runs[256])
+    # split at necks: every piece lies inside one connected component, and covers it all
+    split = SegmentRequest(image=str(image), model=str(oracle), out=str(tmp_path / "s.tif"),
+                           window=(100, 200, 600, 500), tile=256, instances=str(tmp_path / "si.tif"),
+                           instance_split="distance", split_depth=1.5)  # fmt: skip
+    pieces_report = segment_region(split)
+    with rasterio.open(tmp_path / "si.tif") as inst:
+        pieces = inst.read(1)
+    comps = runs[256]
+    np.testing.assert_array_equal(pieces > 0, comps > 0)
+    for p in range(1, pieces.max() + 1):
+        assert len(np.unique(comps[pieces == p])) == 1
+    assert pieces_report.instances == pieces.max() >= comps.max()
     with pytest.raises(ConfigError, match="does not predict"):
         segment_region(SegmentRequest(image=str(image), model=str(oracle),
                                       out=str(tmp_path / "x.tif"), instances=str(tmp_path / "x_i.tif"),

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from segflow.config.base import DEFAULT_CLASSES, ClassDef, SchemaModel, format_validation_error
 from segflow.config.evaluate import EvaluateOptions
-from segflow.config.segment import SegmentOptions
+from segflow.config.segment import InstanceOptions, SegmentOptions
 from segflow.config.train import TrainConfig
 from segflow.errors import ConfigError
 
@@ -188,7 +188,7 @@ class PrepareConfig(SchemaModel):
     train_region: TrainRegion | None = None
 
 
-class SegmentConfig(SegmentOptions):
+class SegmentConfig(SegmentOptions, InstanceOptions):
     """segment_region inside a pipeline: which image and region, how, and which outputs.
 
     ``image`` defaults to the ingest source and the model to the pipeline's trained
@@ -225,11 +225,10 @@ class SegmentConfig(SegmentOptions):
         Write ``prediction.qupath.geojson``: polygons in level-0 slide pixels with QuPath
         classification names and colours.
     instances
-        Write ``instances.tif``, a uint32 COG of object instances (4-connected regions of
-        one of ``instance_classes``, ids the same whatever the tiling); the polygon outputs
-        then hold one feature per instance (``instance_id``, centroid; QuPath detections).
-    instance_classes
-        The class ids whose objects are instances; null: every class but 0.
+        Write ``instances.tif``, a uint32 COG of object instances (objects of
+        ``instance_classes``, split as ``instance_split`` says; ids the same whatever the
+        tiling); the polygon outputs then hold one feature per instance (``instance_id``,
+        centroid; QuPath detections).
     ome_zarr
         Write ``prediction.ome.zarr``, an OME-Zarr (NGFF 0.4) multiscale label image.
     """
@@ -244,9 +243,6 @@ class SegmentConfig(SegmentOptions):
     ome_tiff: bool = False
     qupath: bool = False
     instances: bool = False
-    instance_classes: Annotated[
-        tuple[Annotated[int, Field(ge=0)], ...] | None, Field(min_length=1)
-    ] = None
     ome_zarr: bool = False
 
 

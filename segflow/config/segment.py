@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from segflow.config.base import SchemaModel
 
-__all__ = ["FLAGS", "RegionOptions", "SegmentOptions", "SegmentRequest"]
+__all__ = ["FLAGS", "InstanceOptions", "RegionOptions", "SegmentOptions", "SegmentRequest"]
 
 #: Command-line flags that are not ``--option-name``: ``--qupath``, and ``--tta [SET]`` for
 #: ``tta_flips`` and ``tta_set`` together.
@@ -104,7 +104,31 @@ class SegmentOptions(RegionOptions):
         return self
 
 
-class SegmentRequest(SegmentOptions):
+class InstanceOptions(SchemaModel):
+    """Which objects become instances, and whether touching ones are split.
+
+    Attributes
+    ----------
+    instance_classes
+        The class ids whose objects are instances; null: every class but 0.
+    instance_split
+        ``none``: an instance is a 4-connected region of one class; ``distance``: each is
+        also split at its necks, by a watershed on its own distance transform from its
+        h-maxima (touching nuclei or buildings the prediction merged; about a millisecond
+        per object).
+    split_depth
+        ``distance`` split: the least depth (pixels of distance) of a neck that splits;
+        larger splits less.
+    """
+
+    instance_classes: Annotated[
+        tuple[Annotated[int, Field(ge=0)], ...] | None, Field(min_length=1)
+    ] = None
+    instance_split: Literal["none", "distance"] = "none"
+    split_depth: Annotated[float, Field(gt=0)] = 2.0
+
+
+class SegmentRequest(SegmentOptions, InstanceOptions):
     """One segment_region job: the image, the model, the outputs, and :class:`SegmentOptions`.
 
     Attributes
@@ -148,8 +172,6 @@ class SegmentRequest(SegmentOptions):
         into the prediction store. With it, the polygon outputs hold one feature per instance
         (``instance_id``, ``class_id``, ``class_name``, ``area``, ``centroid_x``,
         ``centroid_y``; QuPath detections).
-    instance_classes
-        The class ids whose objects are instances; null: every class but 0.
     work
         Prediction store; null: ``OUT.predictions.zarr`` beside ``out``.
     min_area
@@ -182,10 +204,6 @@ class SegmentRequest(SegmentOptions):
     ome_zarr: str | None = None
     qupath_geojson: str | None = None
     instances: str | None = None
-    instance_classes: Annotated[
-        tuple[Annotated[int, Field(ge=0)], ...] | None,
-        Field(min_length=1),
-    ] = None
     work: str | None = None
     min_area: Annotated[float, Field(ge=0)] = 0.0
     into_store: bool = False
@@ -194,9 +212,11 @@ class SegmentRequest(SegmentOptions):
     workers: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
-    def _instance_classes_need_instances(self) -> SegmentRequest:
-        if self.instance_classes is not None and not self.instances:
-            raise ValueError("instance_classes needs instances: name the instance COG to write")
+    def _instance_options_need_instances(self) -> SegmentRequest:
+        if not self.instances and (self.instance_classes or self.instance_split != "none"):
+            raise ValueError(
+                "instance_classes and instance_split need instances: name the instance COG"
+            )
         return self
 
     @property

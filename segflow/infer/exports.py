@@ -19,6 +19,7 @@ from segflow.config.segment import SegmentRequest
 from segflow.errors import ConfigError, option
 from segflow.geometry import Window
 from segflow.infer.store import LABELS, PROBABILITIES
+from segflow.instance_split import split_instances
 from segflow.instances import INSTANCE_DTYPE, InstanceTable, label_instances
 from segflow.io.store import GeoRef, SceneStore, SlideInfo
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: The prediction store's instance ids (uint32, 0: no object).
 INSTANCES = "prediction/instances"
+#: Connected components before an ``instance_split`` (uint32, 0: no object).
+COMPONENTS = "prediction/components"
 
 
 class RegionView:
@@ -177,13 +180,21 @@ def _instances(job: ExportJob, labels: RegionView) -> tuple[RegionView, Instance
     """Label the region's objects into the store's instance array; write the instance COG."""
     from segflow.io.export.instance_cog import write_instance_cog
 
-    wanted = instance_classes(job.req, job.classes)
-    array = job.store.create_array(INSTANCES, dtype=INSTANCE_DTYPE, fill_value=0, overwrite=True)
+    req, store = job.req, job.store
+    wanted = instance_classes(req, job.classes)
+    array = store.create_array(INSTANCES, dtype=INSTANCE_DTYPE, fill_value=0, overwrite=True)
     view = RegionView(array, job.view)
-    table = label_instances(labels, view, classes=wanted, block=job.store.write_unit)
+    if req.instance_split == "none":
+        table = label_instances(labels, view, classes=wanted, block=store.write_unit)
+    else:  # connected components first, then each split at its necks
+        parts = store.create_array(COMPONENTS, dtype=INSTANCE_DTYPE, fill_value=0, overwrite=True)
+        components = RegionView(parts, job.view)
+        found = label_instances(labels, components, classes=wanted, block=store.write_unit)
+        table = split_instances(components, view, classes=found.classes, depth=req.split_depth,
+                                block=store.write_unit)  # fmt: skip
     log.info("labelled %d instances of classes %s", table.count, list(wanted))
-    assert job.req.instances is not None
-    write_instance_cog(view, job.req.instances, georef=job.georef, count=table.count,
+    assert req.instances is not None
+    write_instance_cog(view, req.instances, georef=job.georef, count=table.count,
                        classes=[c for c in job.classes if c.id in wanted],
                        threads="ALL_CPUS")  # fmt: skip
     return view, table

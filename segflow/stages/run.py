@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segflow.cluster import dask_client
-from segflow.config.segment import SegmentOptions, SegmentRequest
+from segflow.config.segment import InstanceOptions, SegmentOptions, SegmentRequest
 from segflow.errors import options_named
 from segflow.stages.plan import StagePlan, StageRun, begin_stage, finish_stage
 
@@ -155,6 +155,8 @@ def segment_request(
     s, work = cfg.segment, cfg.work_path
     return SegmentRequest(
         **s.model_dump(include=set(SegmentOptions.model_fields)),
+        # the instance options count only with the instance output
+        **(s.model_dump(include=set(InstanceOptions.model_fields)) if s.instances else {}),
         image=s.image or cfg.ingest.source,
         # the model was trained at ingest.level: read the ingested source at that scale
         level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
@@ -169,7 +171,6 @@ def segment_request(
         ome_tiff=str(work / "prediction.ome.tif") if s.ome_tiff else None,
         qupath_geojson=str(work / "prediction.qupath.geojson") if s.qupath else None,
         instances=str(work / "instances.tif") if s.instances else None,
-        instance_classes=s.instance_classes if s.instances else None,
         ome_zarr=str(work / "prediction.ome.zarr") if s.ome_zarr else None,
         # these names in work_dir are the pipeline's own: an earlier run's (whose record went
         # with a rebuilt inference store) are replaced, not refused
