@@ -227,3 +227,20 @@ def test_cli_reports_and_refuses_bad_input(samples: Path, tmp_path: Path) -> Non
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_min_pixels_leaves_speckle_out_of_the_objects_only() -> None:
+    ref = np.zeros((20, 20), "uint8")
+    ref[2:8, 2:8] = 1
+    pred = ref.copy()
+    pred[15, 15] = pred[15, 16] = 1  # a 2-pixel speckle
+    table = [{"id": 0, "name": "bg"}, {"id": 1, "name": "fg"}]
+    raw = evaluate_arrays(pred, ref, classes=table)
+    clean = evaluate_arrays(pred, ref, classes=table, min_pixels=3)
+    assert (raw["objects"]["predicted"], raw["objects"]["fp"]) == (2, 1)
+    assert (clean["objects"]["predicted"], clean["objects"]["fp"], clean["objects"]["f1"]) == (
+        1,
+        0,
+        1.0,
+    )
+    assert clean["pixels"] == raw["pixels"]

@@ -38,6 +38,9 @@ class EvaluateOptions(RegionOptions):
         Attribute of reference polygons holding their class id.
     object_classes
         Class ids whose objects are matched; null: every class but 0.
+    min_pixels
+        Predicted objects smaller than this many pixels are not counted (speckle); the pixel
+        metrics count every pixel.
     iou
         IoU at which objects match for tp/fp/fn, precision, recall and F1 (SpaceNet: 0.5);
         average precision always averages 0.5 .. 0.95.
@@ -52,6 +55,7 @@ class EvaluateOptions(RegionOptions):
     object_classes: Annotated[
         tuple[Annotated[int, Field(ge=0)], ...] | None, Field(min_length=1)
     ] = None
+    min_pixels: Annotated[int, Field(ge=0)] = 0
     iou: Annotated[float, Field(ge=0.5, lt=1)] = 0.5
     block: Annotated[int, Field(ge=64)] = 2048
 

@@ -87,7 +87,7 @@ def evaluate(req: EvaluateRequest) -> dict[str, Any]:
         layers = [_layer(side, job.region, job.wanted, Path(tmp), name, req.block)
                   for side, name in ((job.pred, "prediction"), (job.ref, "reference"))]  # fmt: skip
         report = evaluate_layers(*layers, region=job.region, classes=job.classes, iou=req.iou,
-                                 block=req.block)  # fmt: skip
+                                 block=req.block, min_pixels=req.min_pixels)  # fmt: skip
     report.update(prediction=req.prediction, reference=req.reference,
                   object_classes=list(job.wanted), seconds=time.perf_counter() - t0)  # fmt: skip
     write_report(report, json_path=job.plan.get("out_json"),

@@ -167,8 +167,11 @@ def match_objects(
     overlaps: Overlaps,
     pred_class: Callable[[np.ndarray], np.ndarray],
     ref_class: Callable[[np.ndarray], np.ndarray],
+    *,
+    min_pixels: int = 0,
 ) -> tuple[_Objects, np.ndarray]:
-    """The objects, and which candidate pairs match (greedy in decreasing IoU, t = 0.5)."""
+    """The objects, and which candidate pairs match (greedy in decreasing IoU, t = 0.5);
+    predicted objects under ``min_pixels`` pixels are left out (speckle)."""
     pred_ids, pred_area = overlaps.pred.table()
     ref_ids, ref_area = overlaps.ref.table()
     keys, inter = overlaps.both.table()
@@ -176,7 +179,8 @@ def match_objects(
     ap = pred_area[np.searchsorted(pred_ids.astype("int64"), p)]
     ar = ref_area[np.searchsorted(ref_ids.astype("int64"), r)]
     iou = inter / (ap + ar - inter)
-    keep = (iou >= AP_THRESHOLDS[0]) & (pred_class(p) == ref_class(r))
+    keep = (iou >= AP_THRESHOLDS[0]) & (pred_class(p) == ref_class(r)) & (ap >= min_pixels)
+    pred_ids = pred_ids[pred_area >= min_pixels]
     p, r, iou = p[keep], r[keep], iou[keep]
     order = np.lexsort((r, p, -iou))
     p, r, iou = p[order], r[order], iou[order]
@@ -234,6 +238,7 @@ def object_metrics(
     ref_class: Callable[[np.ndarray], np.ndarray],
     iou: float = 0.5,
     names: Mapping[int, str] | None = None,
+    min_pixels: int = 0,
 ) -> dict[str, Any]:
     """Object metrics of counted ``overlaps`` (see the module docstring), overall and per class.
 
@@ -241,7 +246,7 @@ def object_metrics(
     """
     if not 0.5 <= iou < 1:
         raise ConfigError(f"iou must be in [0.5, 1), got {iou}: matches below 0.5 are not unique")
-    obj, matched = match_objects(overlaps, pred_class, ref_class)
+    obj, matched = match_objects(overlaps, pred_class, ref_class, min_pixels=min_pixels)
     ious = obj.pairs_iou[matched]
     cls = obj.pairs_ref[matched]
     match_cls = ref_class(cls) if cls.size else np.zeros(0, "int64")
@@ -279,9 +284,11 @@ def evaluate_layers(
     classes: Sequence[ClassDef],
     iou: float = 0.5,
     block: int = 2048,
+    min_pixels: int = 0,
 ) -> dict[str, Any]:
     """Pixel and object metrics of ``pred`` against ``ref`` over ``region`` (its windows are
-    what the layers are asked for, in region coordinates)."""
+    what the layers are asked for, in region coordinates); predicted objects under
+    ``min_pixels`` pixels are not counted as objects."""
     from segflow.train.metrics import ConfusionMatrix, summary
 
     k = max(c.id for c in classes) + 1
@@ -299,7 +306,8 @@ def evaluate_layers(
     pixels["class_names"] = [names.get(i, str(i)) for i in range(k)]
     pixels["confusion_matrix"] = cm.counts.tolist()
     objects = object_metrics(overlaps, pred_class=pred.class_of, ref_class=ref.class_of,
-                             iou=iou, names=names)  # fmt: skip
+                             iou=iou, names=names, min_pixels=min_pixels)  # fmt: skip
+    objects["min_pixels"] = min_pixels
     return {"pixels": pixels, "objects": objects, "region": _region_dict(region)}
 
 
@@ -357,6 +365,7 @@ def evaluate_arrays(
     object_classes: Iterable[int] | None = None,
     iou: float = 0.5,
     block: int = 2048,
+    min_pixels: int = 0,
 ) -> dict[str, Any]:
     """:func:`evaluate_layers` of two in-memory class maps (objects: their 4-connected regions)."""
     table = [c if isinstance(c, ClassDef) else ClassDef.model_validate(c) for c in classes]
@@ -375,7 +384,7 @@ def evaluate_arrays(
             for a, name in ((pred, "pred"), (ref, "ref"))
         ]
         return evaluate_layers(layers[0], layers[1], region=region, classes=table, iou=iou,
-                               block=block)  # fmt: skip
+                               block=block, min_pixels=min_pixels)  # fmt: skip
 
 
 def _array_reader(array: np.ndarray) -> Callable[[Window], np.ndarray]:
