@@ -163,7 +163,7 @@ def test_prefect_yaml_entrypoints_take_their_parameters() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
     deps = _deployments()
-    assert {"segment-region", "pipeline-nightly"} <= set(deps)
+    assert {"segment-region", "evaluate", "pipeline-nightly"} <= set(deps)
     for dep in deps.values():
         path, func = dep["entrypoint"].split(":")
         flow: Flow[..., Any] = load_flow_from_entrypoint(
@@ -172,6 +172,7 @@ def test_prefect_yaml_entrypoints_take_their_parameters() -> None:
         flow.validate_parameters(dep["parameters"])
         assert dep["work_pool"]["name"] == POOL
     assert (ROOT / deps["segment-region"]["parameters"]["image"]).is_file()
+    assert (ROOT / deps["evaluate"]["parameters"]["reference"]).is_file()
     assert (ROOT / deps["pipeline-nightly"]["parameters"]["config_path"]).is_file()
     (sched,) = deps["pipeline-nightly"]["schedules"]
     CronSchedule(cron=sched["cron"], timezone=sched["timezone"])
