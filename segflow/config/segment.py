@@ -162,7 +162,7 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
     ome_zarr
         OME-Zarr (NGFF 0.4) directory holding the class ids as a multiscale label image
         (``labels/classes``) with the slide's pixel size, named classes and colours, for
-        napari, QuPath and other NGFF viewers.
+        napari, OMERO, vizarr and other NGFF viewers.
     qupath_geojson
         GeoJSON polygons in level-0 slide pixels with QuPath classification names and colours.
     instances
