@@ -169,6 +169,15 @@ def test_instances_cog_store_and_polygons(
         assert report.instances == report.polygons == len(polys) == ids.max() > 5
         assert sorted(polys.instance_id) == list(range(1, ids.max() + 1))
         runs[tile] = ids
+        if tile == 256:  # the prediction store evaluates like the COG it was exported to
+            from segflow.config.evaluate import EvaluateRequest
+            from segflow.evaluation import evaluate
+
+            assert (r0, c0) == (0, 0)  # the store's grid is the window's here
+            by = {p: evaluate(EvaluateRequest(prediction=p, reference=str(mask_scene[1])))
+                  for p in (str(d / "m.tif"), str(req.work_store))}  # fmt: skip
+            a, b = by.values()
+            assert a["pixels"] == b["pixels"] and a["objects"]["tp"] == b["objects"]["tp"] > 5
     np.testing.assert_array_equal(runs[128], runs[256])
     # split at necks: every piece lies inside one connected component, and covers it all
     split = SegmentRequest(image=str(image), model=str(oracle), out=str(tmp_path / "s.tif"),

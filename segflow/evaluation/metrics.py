@@ -225,7 +225,7 @@ def _scores(tp: int, n_pred: int, n_ref: int, ious: np.ndarray) -> dict[str, Any
         "ap_50": per_t["0.50"],
         "ap_50_95": sum(defined) / len(defined) if defined else None,
         "ap_per_threshold": per_t,
-        "pq": None if rq is None or sq is None else sq * rq,
+        "pq": None if rq is None else (sq or 0.0) * rq,  # no match: PQ 0 (RQ 0)
         "sq": sq,
         "rq": rq,
     }
