@@ -45,10 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, option
 from segflow.geometry import BlockGrid, Window
 
-__all__ = ["INSTANCE_DTYPE", "InstanceTable", "label_instances"]
+__all__ = ["INSTANCE_DTYPE", "InstanceTable", "label_instances", "object_classes"]
 
 #: dtype of instance ids (0: no object).
 INSTANCE_DTYPE = np.dtype("uint32")
@@ -83,6 +83,21 @@ class _Pass1:
     pixels: list[np.ndarray] = field(default_factory=lambda: [np.zeros(1, "int64")])
     pairs: list[np.ndarray] = field(default_factory=list)
     next_id: int = 1
+
+
+def object_classes(
+    requested: Iterable[int] | None, ids: Iterable[int], *, name: str
+) -> tuple[int, ...]:
+    """The class ids whose objects count: ``requested`` (the option ``name``), checked
+    against the class table's ``ids``, or by default every class but 0."""
+    ids = list(ids)
+    wanted = tuple(requested) if requested else tuple(i for i in ids if i != 0)
+    unknown = sorted(set(wanted) - set(ids))
+    if unknown:
+        raise ConfigError(f"{option(name)} names {unknown}, which are not among the classes {ids}")
+    if not wanted:
+        raise ConfigError(f"the only class is 0: name it in {option(name)} to count its objects")
+    return wanted
 
 
 def label_instances(

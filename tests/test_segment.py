@@ -191,7 +191,7 @@ def test_instances_cog_store_and_polygons(
     for p in range(1, pieces.max() + 1):
         assert len(np.unique(comps[pieces == p])) == 1
     assert pieces_report.instances == pieces.max() >= comps.max()
-    with pytest.raises(ConfigError, match="does not predict"):
+    with pytest.raises(ConfigError, match="not among the classes"):
         segment_region(SegmentRequest(image=str(image), model=str(oracle),
                                       out=str(tmp_path / "x.tif"), instances=str(tmp_path / "x_i.tif"),
                                       instance_classes=(7,)))  # fmt: skip

@@ -20,9 +20,10 @@ import numpy as np
 
 from segflow.config import ClassDef
 from segflow.config.evaluate import EvaluateOptions
-from segflow.errors import ConfigError, SourceError, option
+from segflow.errors import ConfigError, SourceError
 from segflow.geometry import Window
 from segflow.georef import GeoRef
+from segflow.instances import object_classes
 
 __all__ = [
     "Grid",
@@ -247,11 +248,4 @@ def _box(x0: float, y0: float, x1: float, y1: float) -> Any:
 
 def check_options(opts: EvaluateOptions, classes: tuple[ClassDef, ...]) -> tuple[int, ...]:
     """The object classes, checked against the prediction's class table."""
-    ids = [c.id for c in classes]
-    wanted = opts.object_classes or tuple(i for i in ids if i != 0)
-    unknown = sorted(set(wanted) - set(ids))
-    if unknown:
-        raise ConfigError(
-            f"{option('object_classes')} {unknown} are not classes of the prediction {ids}"
-        )
-    return tuple(wanted)
+    return object_classes(opts.object_classes, [c.id for c in classes], name="object_classes")

@@ -16,11 +16,10 @@ import numpy as np
 
 from segflow.config import ClassDef
 from segflow.config.segment import SegmentRequest
-from segflow.errors import ConfigError, option
 from segflow.geometry import Window
 from segflow.infer.store import LABELS, PROBABILITIES
 from segflow.instance_split import split_instances
-from segflow.instances import INSTANCE_DTYPE, InstanceTable, label_instances
+from segflow.instances import INSTANCE_DTYPE, InstanceTable, label_instances, object_classes
 from segflow.io.store import GeoRef, SceneStore, SlideInfo
 
 __all__ = [
@@ -129,26 +128,18 @@ class ExportJob:
 
 def instance_classes(req: SegmentRequest, classes: Sequence[ClassDef]) -> tuple[int, ...]:
     """The class ids whose objects ``req`` makes instances of (checked against ``classes``)."""
-    ids = [c.id for c in classes]
-    wanted = req.instance_classes or tuple(i for i in ids if i != 0)
-    unknown = sorted(set(wanted) - set(ids))
-    if unknown:
-        raise ConfigError(
-            f"{option('instance_classes')} names {unknown}, which the model does not predict: "
-            f"its classes are {ids}"
-        )
-    if not wanted:
-        raise ConfigError(
-            f"the model predicts only class 0: name it in {option('instance_classes')} "
-            "to make instances of it"
-        )
-    return tuple(wanted)
+    return object_classes(req.instance_classes, [c.id for c in classes], name="instance_classes")
 
 
 def export_outputs(job: ExportJob, counter: ClassCounter) -> dict[str, Any]:
     """Write every output ``job.req`` asks for; ``{name: path}``, plus the polygon and
     instance counts under ``polygon_count`` and ``instance_count``."""
-    from segflow.io.export import write_cog, write_probability_cog
+    from segflow.io.export import (
+        write_cog,
+        write_ome_tiff_labels,
+        write_ome_zarr_labels,
+        write_probability_cog,
+    )
 
     req, labels = job.req, job.labels()
     # the exports run after inference, alone: let GDAL compress on every core
@@ -166,9 +157,9 @@ def export_outputs(job: ExportJob, counter: ClassCounter) -> dict[str, Any]:
     if req.polygons or req.parquet or req.qupath_geojson:
         done.update(_polygons(job, labels, found))
     if req.ome_tiff:
-        done["ome_tiff"] = _ome_tiff(job, labels)
+        done["ome_tiff"] = _slide_labels(job, labels, req.ome_tiff, write_ome_tiff_labels)
     if req.ome_zarr:
-        done["ome_zarr"] = _ome_zarr(job, labels)
+        done["ome_zarr"] = _slide_labels(job, labels, req.ome_zarr, write_ome_zarr_labels)
     if req.quicklook:
         done["quicklook"] = _quicklook(job, labels)
     if not req.into_store:
@@ -226,24 +217,11 @@ def _polygons(
     return {"polygon_count": res.n_features, **{k: p for k, p in written.items() if p}}
 
 
-def _ome_tiff(job: ExportJob, labels: RegionView) -> Any:
-    from segflow.io.export import write_ome_tiff_labels
-
-    assert job.req.ome_tiff is not None
+def _slide_labels(job: ExportJob, labels: RegionView, path: str, writer: Any) -> Any:
+    """An OME-TIFF or OME-Zarr label image with the slide's pixel size (if any)."""
     slide = job.slide
-    return write_ome_tiff_labels(labels, job.req.ome_tiff, classes=job.classes, nodata=255,
-                                 mpp_x=slide.mpp_x if slide else None,
-                                 mpp_y=slide.mpp_y if slide else None)  # fmt: skip
-
-
-def _ome_zarr(job: ExportJob, labels: RegionView) -> Any:
-    from segflow.io.export import write_ome_zarr_labels
-
-    assert job.req.ome_zarr is not None
-    slide = job.slide
-    return write_ome_zarr_labels(labels, job.req.ome_zarr, classes=job.classes, nodata=255,
-                                 mpp_x=slide.mpp_x if slide else None,
-                                 mpp_y=slide.mpp_y if slide else None)  # fmt: skip
+    return writer(labels, path, classes=job.classes, nodata=255,
+                  mpp_x=slide.mpp_x if slide else None, mpp_y=slide.mpp_y if slide else None)  # fmt: skip
 
 
 def _quicklook(job: ExportJob, labels: RegionView) -> Any:
