@@ -244,3 +244,19 @@ def test_min_pixels_leaves_speckle_out_of_the_objects_only() -> None:
         1.0,
     )
     assert clean["pixels"] == raw["pixels"]
+
+
+def test_an_instance_cog_prediction_keeps_its_objects_apart(samples: Path, tmp_path: Path) -> None:
+    """segment_region's instance COG as the prediction: its ids are the objects, so touching
+    nuclei it separates count as separated (here: the labels themselves, all of them)."""
+    from segflow.io.export.instance_cog import write_instance_cog
+
+    labels = samples / "dsb2018" / "labels_697a05c6fe4a.png"
+    with rasterio.open(labels) as ds:
+        ids = ds.read(1).astype("uint32")
+    pred = write_instance_cog(ids, tmp_path / "i.tif", georef=None, count=int(ids.max()),
+                              classes=[{"id": 1, "name": "nucleus"}], block=64)  # fmt: skip
+    ob = evaluate(EvaluateRequest(prediction=str(pred), reference=str(labels)))["objects"]
+    assert ob["tp"] == ob["reference"] == ob["predicted"] == len(np.unique(ids)) - 1
+    assert ob["touching_pairs_separated"] == ob["touching_pairs"] > 0
+    assert ob["ap_50_95"] == 1.0

@@ -148,7 +148,7 @@ def test_instances_cog_store_and_polygons(
 
     image = mask_scene[0]
     runs = {}
-    for tile in (128, 256):
+    for tile in (128, 256, 512):
         d = tmp_path / str(tile)
         d.mkdir()
         req = SegmentRequest(image=str(image), model=str(oracle), out=str(d / "m.tif"),
@@ -179,6 +179,7 @@ def test_instances_cog_store_and_polygons(
             a, b = by.values()
             assert a["pixels"] == b["pixels"] and a["objects"]["tp"] == b["objects"]["tp"] > 5
     np.testing.assert_array_equal(runs[128], runs[256])
+    np.testing.assert_array_equal(runs[512], runs[256])
     # split at necks: every piece lies inside one connected component, and covers it all
     split = SegmentRequest(image=str(image), model=str(oracle), out=str(tmp_path / "s.tif"),
                            window=(100, 200, 600, 500), tile=256, instances=str(tmp_path / "si.tif"),

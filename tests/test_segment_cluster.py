@@ -100,17 +100,29 @@ def test_two_workers_through_the_address_equal_the_in_process_run(
     cluster: LoopbackCluster, model: Path, tmp_path: Path, mode: str
 ) -> None:
     cluster.ensure_workers(2)
-    local = segment_region(_request(CHIP, model, tmp_path / "local", mode=mode))
+    inst = {d: str(tmp_path / d / "i.tif") for d in ("local", "far")}  # ids: any worker count
+    local = segment_region(
+        _request(CHIP, model, tmp_path / "local", mode=mode, instances=inst["local"])
+    )
     before = {n: s.executed for n, s in cluster.stats().items()}
     far = segment_region(
-        _request(CHIP, model, tmp_path / "far", mode=mode, dask_address=cluster.address)
+        _request(
+            CHIP,
+            model,
+            tmp_path / "far",
+            mode=mode,
+            dask_address=cluster.address,
+            instances=inst["far"],
+        )
     )
     _assert_same(_arrays(local), _arrays(far))
-    with (
-        rasterio.open(tmp_path / "local" / "m.tif") as a,
-        rasterio.open(tmp_path / "far" / "m.tif") as b,
-    ):
-        np.testing.assert_array_equal(a.read(), b.read())
+    for name in ("m.tif", "i.tif"):
+        with (
+            rasterio.open(tmp_path / "local" / name) as a,
+            rasterio.open(tmp_path / "far" / name) as b,
+        ):
+            np.testing.assert_array_equal(a.read(), b.read())
+    assert far.instances == local.instances
     workers = far.inference["workers"]
     text = _flow_module().summary(far.to_dict())
     assert all(f"| worker `{w}` |" in text for w in workers)  # the Prefect summary's lines

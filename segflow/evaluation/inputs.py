@@ -80,11 +80,30 @@ def open_prediction(path: str) -> tuple[Grid, tuple[ClassDef, ...], Side]:
         return grid, tuple(store.classes), Side(classes=lambda w: np.asarray(labels[w.slices]))
     ds = open_raster(path, "prediction")
     classes = _class_table(ds, path)
-    return (
-        raster_grid(ds),
-        classes,
-        Side(classes=_band_reader(ds, Window(0, 0, ds.height, ds.width))),
+    whole = Window(0, 0, ds.height, ds.width)
+    if ds.tags().get("SEGFLOW_KIND") != "instances":
+        return raster_grid(ds), classes, Side(classes=_band_reader(ds, whole))
+    return raster_grid(ds), *_instance_side(ds, path, classes, whole)
+
+
+def _instance_side(
+    ds: Any, path: str, classes: tuple[ClassDef, ...], whole: Window
+) -> tuple[tuple[ClassDef, ...], Side]:
+    """segment_region's instance COG: its ids are the objects (all of its one class)."""
+    if len(classes) != 1:
+        raise ConfigError(
+            f"{path!r} holds instances of {len(classes)} classes, and the class of each id is in "
+            "the polygons: evaluate the GeoPackage or the class COG instead"
+        )
+    cls = classes[0].id
+    ids = _band_reader(ds, whole, fill=0)
+    table = (ClassDef(id=0, name="background"), classes[0]) if cls else classes
+    side = Side(
+        classes=lambda w: np.where(ids(w) > 0, cls, 0).astype("uint8"),
+        ids=ids,
+        class_of=lambda i: np.where(i > 0, cls, 0),
     )
+    return table, side
 
 
 def open_raster(path: str, what: str) -> Any:
