@@ -115,6 +115,14 @@ def _train(output: str, res: Path | None) -> str:
             f"{r['final_pixel_error']:.4f}, best {r['best_pixel_error']:.4f}")
 
 
+def _evaluate(output: str, res: Path | None) -> str:
+    r = _last_json(output)
+    big = r["rows"][-1]
+    return (f"{big['size']}^2: segflow {big['segflow']['peak_gib']} GiB vs numpy "
+            f"{big['numpy']['peak_gib']} GiB (x{big['peak_segflow_over_numpy']}), time "
+            f"x{big['time_segflow_over_numpy']}; segflow peak growth x{r['segflow_peak_growth']}")
+
+
 @dataclass(frozen=True)
 class Bench:
     """One benchmark script: its quick and full arguments and where its result lands."""
@@ -162,6 +170,8 @@ BENCHES: tuple[Bench, ...] = (
           common=("--out", str(OUT / "infer")),
           result=lambda full: OUT / "infer" / f"results-{8192 if full else 1024}.json",
           headline=_infer),
+    Bench("evaluate", "bench_evaluate.py", quick=("--sizes", "1024", "2048"), full=(),
+          common=("--workdir", str(WORK)), result=lambda full: None, headline=_evaluate),
     Bench("train_isbi", "train_isbi.py", quick=("--minutes", "0.5", "--steps", "40"), full=(),
           common=("--out", str(OUT / "train_isbi")), result=lambda full: None,
           headline=_train, clean=(OUT / "train_isbi",)),
