@@ -81,9 +81,16 @@ def evaluate(req: EvaluateRequest) -> dict[str, Any]:
     writes it to ``out_json`` / ``out_markdown`` when given. Every input and output is
     checked (:func:`check_request`) before anything is read at length.
     """
+    import rasterio
+
     t0 = time.perf_counter()
-    job = check_request(req)
-    with tempfile.TemporaryDirectory(prefix="segflow-evaluate-") as tmp:
+    # every window is read once: GDAL's block cache (5 % of RAM by default) would only hold
+    # memory (it takes this size where this process is the first to use GDAL)
+    with (
+        rasterio.Env(GDAL_CACHEMAX=64),
+        tempfile.TemporaryDirectory(prefix="segflow-evaluate-") as tmp,
+    ):
+        job = check_request(req)
         layers = [_layer(side, job.region, job.wanted, Path(tmp), name, req.block)
                   for side, name in ((job.pred, "prediction"), (job.ref, "reference"))]  # fmt: skip
         report = evaluate_layers(*layers, region=job.region, classes=job.classes, iou=req.iou,
