@@ -41,7 +41,7 @@ import numpy as np
 
 from segflow.errors import ConfigError
 from segflow.geometry import BlockGrid, Window
-from segflow.instances import INSTANCE_DTYPE, InstanceTable
+from segflow.instances import INSTANCE_DTYPE, InstanceTable, rank_by_first
 
 __all__ = ["split_instances"]
 
@@ -200,7 +200,7 @@ def _renumber(out: Any, grid: BlockGrid, pieces: _Pieces, classes: np.ndarray) -
     first = np.asarray(pieces.first, "int64")
     n = first.size - 1
     lookup = np.zeros(n + 1, "int64")
-    lookup[1 + np.argsort(first[1:], kind="stable")] = np.arange(1, n + 1)
+    lookup[1:] = rank_by_first(first[1:])
     for _, win in grid:
         out[win.slices] = lookup[np.asarray(out[win.slices])].astype(INSTANCE_DTYPE)
     final_cls = np.zeros(n + 1, "int64")

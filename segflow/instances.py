@@ -48,7 +48,13 @@ import numpy as np
 from segflow.errors import ConfigError, option
 from segflow.geometry import BlockGrid, Window
 
-__all__ = ["INSTANCE_DTYPE", "InstanceTable", "label_instances", "object_classes"]
+__all__ = [
+    "INSTANCE_DTYPE",
+    "InstanceTable",
+    "label_instances",
+    "object_classes",
+    "rank_by_first",
+]
 
 #: dtype of instance ids (0: no object).
 INSTANCE_DTYPE = np.dtype("uint32")
@@ -134,8 +140,6 @@ def label_instances(
     grid = BlockGrid(height, width, block)
     found = _label_windows(class_map, out, grid, wanted)
     lookup, table = _join(found)
-    if len(lookup) > np.iinfo(INSTANCE_DTYPE).max:
-        raise ConfigError(f"{len(lookup)} objects do not fit uint32 instance ids")
     for _, win in grid:
         out[win.slices] = lookup[np.asarray(out[win.slices])]
     return table
@@ -194,6 +198,8 @@ def _label_window(
     if n:
         lab[lab > 0] += found.next_id - 1
         found.next_id += n
+    if found.next_id - 1 > np.iinfo(INSTANCE_DTYPE).max:  # before a provisional id wraps
+        raise ConfigError(f"{found.next_id - 1} objects do not fit uint32 instance ids")
     return lab, cls
 
 
@@ -223,6 +229,18 @@ def _record(found: _Pass1, lab: np.ndarray, cls: np.ndarray, win: Window, start:
     found.pixels.append(np.bincount(local, minlength=n).astype("int64"))
 
 
+def rank_by_first(first: np.ndarray) -> np.ndarray:
+    """Ids ``1..N`` for ``N`` objects, numbered in the raster order of their ``first`` pixels
+    (flat indices into the whole array): the numbering every instance id here follows.
+
+    >>> rank_by_first(np.array([40, 3, 17])).tolist()
+    [3, 1, 2]
+    """
+    rank = np.empty(first.size, "int64")
+    rank[np.argsort(first, kind="stable")] = np.arange(1, first.size + 1)
+    return rank
+
+
 def _join(found: _Pass1) -> tuple[np.ndarray, InstanceTable]:
     """Pass 2: provisional id -> final id (numbered by first pixel), and the final table."""
     from scipy.sparse import coo_matrix
@@ -240,7 +258,7 @@ def _join(found: _Pass1) -> tuple[np.ndarray, InstanceTable]:
     np.minimum.at(start, comp[1:], first[1:])
     objects = np.unique(comp[1:])
     rank = np.empty(comp.max() + 1, "int64")
-    rank[objects[np.argsort(start[objects], kind="stable")]] = np.arange(1, objects.size + 1)
+    rank[objects] = rank_by_first(start[objects])
     lookup = np.zeros(n, INSTANCE_DTYPE)
     lookup[1:] = rank[comp[1:]]
     count = int(objects.size)

@@ -29,6 +29,7 @@ from segflow.evaluation.inputs import (
     Side,
     check_options,
     is_vector,
+    object_side,
     open_prediction,
     open_raster,
     open_reference,
@@ -120,9 +121,7 @@ def _prediction(req: EvaluateRequest) -> tuple[Grid, tuple[ClassDef, ...], Side]
                      strict=True))  # fmt: skip
     table = (ClassDef(id=0, name="background"),
              *(ClassDef(id=int(i), name=str(names[i])) for i in sorted(names)))  # fmt: skip
-    ids = rasterizer(gdf, grid)
-    side = Side(classes=lambda w: cls[ids(w)].astype("uint8"), ids=ids, class_of=lambda i: cls[i])
-    return grid, table, side
+    return grid, table, object_side(rasterizer(gdf, grid), lambda i: cls[i])
 
 
 def _layer(side: Side, region: Window, wanted: tuple[int, ...], scratch: Path, name: str,

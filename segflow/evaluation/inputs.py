@@ -30,6 +30,8 @@ __all__ = [
     "Side",
     "check_options",
     "is_vector",
+    "object_side",
+    "one_class",
     "open_prediction",
     "open_raster",
     "open_reference",
@@ -59,6 +61,19 @@ class Side:
     classes: Callable[[Window], np.ndarray]
     ids: Callable[[Window], np.ndarray] | None = None
     class_of: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def object_side(
+    ids: Callable[[Window], np.ndarray], class_of: Callable[[np.ndarray], np.ndarray]
+) -> Side:
+    """A side whose objects are given: ``ids`` by window, ``class_of`` their classes (the
+    class map follows from both)."""
+    return Side(classes=lambda w: class_of(ids(w)).astype("uint8"), ids=ids, class_of=class_of)
+
+
+def one_class(cls: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``class_of`` of objects that all have class ``cls`` (id 0: none)."""
+    return lambda i: np.where(i > 0, cls, 0)
 
 
 def is_vector(path: str) -> bool:
@@ -96,14 +111,8 @@ def _instance_side(
             "the polygons: evaluate the GeoPackage or the class COG instead"
         )
     cls = classes[0].id
-    ids = _band_reader(ds, whole, fill=0)
     table = (ClassDef(id=0, name="background"), classes[0]) if cls else classes
-    side = Side(
-        classes=lambda w: np.where(ids(w) > 0, cls, 0).astype("uint8"),
-        ids=ids,
-        class_of=lambda i: np.where(i > 0, cls, 0),
-    )
-    return table, side
+    return table, object_side(_band_reader(ds, whole, fill=0), one_class(cls))
 
 
 def open_raster(path: str, what: str) -> Any:
@@ -173,13 +182,7 @@ def open_reference(opts: EvaluateOptions, grid: Grid) -> Side:
         kind = "instances" if plain else "classes"
     if kind == "classes":
         return Side(classes=_band_reader(ds, placed))
-    ids = _band_reader(ds, placed, fill=0)
-    cls = int(opts.reference_class)
-
-    def classes(win: Window) -> np.ndarray:
-        return np.where(ids(win) > 0, cls, 0).astype("uint8")
-
-    return Side(classes=classes, ids=ids, class_of=lambda i: np.where(i > 0, cls, 0))
+    return object_side(_band_reader(ds, placed, fill=0), one_class(int(opts.reference_class)))
 
 
 def _placement(grid: Grid, ref: Grid, path: str) -> Window:
@@ -216,8 +219,7 @@ def _vector_side(opts: EvaluateOptions, grid: Grid) -> Side:
         cls = np.concatenate(([0], gdf[opts.class_column].to_numpy(dtype="int64")))
     else:
         cls = np.concatenate(([0], np.full(len(gdf), int(opts.reference_class), "int64")))
-    ids = rasterizer(gdf, grid)
-    return Side(classes=lambda w: cls[ids(w)].astype("uint8"), ids=ids, class_of=lambda i: cls[i])
+    return object_side(rasterizer(gdf, grid), lambda i: cls[i])
 
 
 def read_vector(path: str, grid: Grid) -> Any:

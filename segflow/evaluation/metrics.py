@@ -199,18 +199,22 @@ def match_objects(
     return objects, matched
 
 
-def _scores(tp: int, n_pred: int, n_ref: int, ious: np.ndarray) -> dict[str, Any]:
-    """Counts and ratios of one class (or all) at every threshold."""
-    fp, fn = n_pred - tp, n_ref - tp
+def _scores(ious: np.ndarray, iou: float, n_pred: int, n_ref: int) -> dict[str, Any]:
+    """Counts and ratios of one class (or all), from the IoUs of its matches: tp/fp/fn at
+    ``iou``, and at every threshold of :data:`AP_THRESHOLDS`."""
 
     def ratio(a: float, b: float) -> float | None:
         return a / b if b else None
 
-    per_t = {f"{t:.2f}": ratio(int((ious >= t).sum()), n_pred + n_ref - int((ious >= t).sum()))
-             for t in AP_THRESHOLDS}  # fmt: skip
+    def hits(t: float) -> int:
+        return int((ious >= t).sum())
+
+    tp = hits(iou)
+    fp, fn = n_pred - tp, n_ref - tp
+    per_t = {f"{t:.2f}": ratio(hits(t), n_pred + n_ref - hits(t)) for t in AP_THRESHOLDS}
     defined = [v for v in per_t.values() if v is not None]
     matched_iou = float(ious[ious >= 0.5].sum())
-    n05 = int((ious >= 0.5).sum())
+    n05 = hits(0.5)
     rq = ratio(n05, n05 + (n_pred - n05) / 2 + (n_ref - n05) / 2)
     sq = ratio(matched_iou, n05)
     return {
@@ -250,14 +254,14 @@ def object_metrics(
     ious = obj.pairs_iou[matched]
     cls = obj.pairs_ref[matched]
     match_cls = ref_class(cls) if cls.size else np.zeros(0, "int64")
-    out = _scores(int((ious >= iou).sum()), obj.pred_ids.size, obj.ref_ids.size, ious)
+    out = _scores(ious, iou, obj.pred_ids.size, obj.ref_ids.size)
     out["iou_threshold"] = iou
     out["per_class"] = {}
     for c in sorted(set(obj.pred_cls.tolist()) | set(obj.ref_cls.tolist())):
         sel = match_cls == c
         name = (names or {}).get(int(c), str(c))
-        out["per_class"][name] = _scores(int((ious[sel] >= iou).sum()), int((obj.pred_cls == c).sum()),
-                                         int((obj.ref_cls == c).sum()), ious[sel])  # fmt: skip
+        out["per_class"][name] = _scores(ious[sel], iou, int((obj.pred_cls == c).sum()),
+                                         int((obj.ref_cls == c).sum()))  # fmt: skip
     out.update(_touching(overlaps, obj, matched))
     return out
 
