@@ -34,9 +34,9 @@ SAMPLES = ROOT / "data" / "samples"
 CHIP = SAMPLES / "spacenet_atlanta" / "sample_geotiff.tif"
 ISBI = SAMPLES / "isbi2012" / "train"
 
-INGEST, PREPARE, TRAIN, SEGMENT, PIPELINE = (
+INGEST, PREPARE, TRAIN, SEGMENT, PIPELINE, EVALUATE = (
     str(ROOT / "flows" / f"{n}.py")
-    for n in ("ingest", "prepare", "train", "segment_region", "pipeline")
+    for n in ("ingest", "prepare", "train", "segment_region", "pipeline", "evaluate")
 )
 
 
@@ -528,6 +528,63 @@ def cases(a: Path) -> list[dict[str, Any]]:
             "scene store",
         ),
         # ---- pipeline
+        # ---- evaluate
+        (
+            "evaluate-missing-prediction",
+            EVALUATE,
+            [
+                "--prediction",
+                str(a / "gone.tif"),
+                "--reference",
+                str(a / "scene.tif"),
+                "--out-json",
+                str(a / "e1.json"),
+            ],
+            ["e1.json"],
+            "prediction not found",
+        ),
+        (
+            "evaluate-not-a-class-cog",
+            EVALUATE,
+            [
+                "--prediction",
+                str(a / "scene.tif"),
+                "--reference",
+                str(a / "scene.tif"),
+                "--out-json",
+                str(a / "e2.json"),
+            ],
+            ["e2.json"],
+            "no class table",
+        ),
+        (
+            "evaluate-report-is-input",
+            EVALUATE,
+            [
+                "--prediction",
+                str(a / "scene.tif"),
+                "--reference",
+                str(a / "scene.tif"),
+                "--out-json",
+                str(a / "scene.tif"),
+            ],
+            [],
+            "input",
+        ),
+        (
+            "evaluate-both-polygons",
+            EVALUATE,
+            [
+                "--prediction",
+                str(a / "p.geojson"),
+                "--reference",
+                str(a / "r.geojson"),
+                "--out-markdown",
+                str(a / "e3.md"),
+            ],
+            ["e3.md"],
+            "both the prediction and the reference are polygons",
+        ),
         ("pipeline-missing-config", PIPELINE, [str(a / "gone.yaml")], [], "gone.yaml"),
         ("pipeline-broken-yaml", PIPELINE, [str(a / "broken.yaml")], [], "broken.yaml"),
         ("pipeline-unknown-key", PIPELINE, [str(a / "unknown_key.yaml")], [], "colour"),
