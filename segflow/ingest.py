@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
@@ -38,6 +39,7 @@ from segflow import __version__
 from segflow.config import DEFAULT_CLASSES, ClassDef, IngestConfig, PipelineConfig
 from segflow.errors import ConfigError, LabelError, SegflowError, StoreError, option
 from segflow.geometry import BlockGrid, BlockIndex, Window
+from segflow.io import remote
 from segflow.io.labels import (
     LabelReader,
     PixelGrid,
@@ -46,8 +48,16 @@ from segflow.io.labels import (
     prepare_raster_labels,
     prepare_vector_labels,
 )
+from segflow.io.remote import check_location, is_url
 from segflow.io.sources import Source, SourceInfo, open_source, source_sha256
-from segflow.io.store import SceneStore, SourceRecord, remove_tree, staging_path
+from segflow.io.store import (
+    SceneStore,
+    SourceRecord,
+    publish_store,
+    remove_store,
+    staging_location,
+    store_complete,
+)
 from segflow.outputs import check_unlocked, output_lock, plan_outputs
 
 __all__ = ["IngestReport", "IngestSpec", "check_inputs", "ingest", "plan_tasks"]
@@ -268,7 +278,7 @@ def _run_key(spec: IngestSpec, source_hash: str, label_hashes: Mapping[str, str]
 @functools.lru_cache(maxsize=8)
 def _worker_store(path: str, ingest_key: str) -> SceneStore:
     """The staging store, opened once per worker process (keyed by its content key too)."""
-    return SceneStore.open(path, mode="r+")
+    return SceneStore.open(path, mode="r+", unfinished=True)
 
 
 def _ingest_task(
@@ -358,17 +368,30 @@ def _open_labels(
     return labels, instances
 
 
-def _store_key(path: Path) -> str | None:
+def _store_key(path: Path | str) -> str | None:
     """The ingest key recorded in the store at ``path`` (None if there is no readable one)."""
     try:
-        return SceneStore.open(path).meta.get("ingest_key")
+        return SceneStore.open(path, unfinished=True).meta.get("ingest_key")
     except SegflowError:
         return None
 
 
-def _check_out_dir(spec: IngestSpec) -> Path:
+def _out_location(out: str) -> Path | str:
+    """The store's location: a local path, or a URL (``s3://...``) checked for its scheme."""
+    text = check_location(out, what="--out", write=True)
+    return text.rstrip("/") if is_url(text) else Path(text)
+
+
+def _check_out_dir(spec: IngestSpec) -> Path | str:
     """The store path, once it is known not to be an input and its directory writable."""
-    out = Path(spec.out)
+    out = _out_location(spec.out)
+    if isinstance(out, str):  # object storage: the bucket answers, the prefix holds no other data
+        remote.check_prefix(out, what="--out")
+        if remote.list_keys(out, limit=1) and not remote.exists(f"{out}/zarr.json"):
+            raise StoreError(
+                f"{out!r} holds objects and is not a scene store: remove them or choose another --out"
+            )
+        return out
     if not out.parent.is_dir():
         raise StoreError(
             f"output directory does not exist: {str(out.parent)!r}: create it or choose another --out"
@@ -445,15 +468,15 @@ def _ingest(
 ) -> IngestReport:
     """:func:`ingest` under the store's lock."""
     t0 = time.perf_counter()
-    out = Path(spec.out)
+    out = _out_location(spec.out)
     source = open_source(spec.source, level=spec.level, max_pixels=spec.max_pixels)
     info = source.info
     source_hash = source_sha256(spec.source)
     run_key = _run_key(spec, source_hash, _input_hashes(spec))
-    if out.exists():
+    if store_complete(out):
         return _already_complete(out, run_key, t0)
 
-    staging = staging_path(out)
+    staging = staging_location(out)
     labels, instances = _open_staging_labels(spec, info, staging, run_key)
     store = _open_or_create_staging(spec, info, staging, run_key, source_hash, labels, instances)
 
@@ -474,11 +497,11 @@ def _ingest(
     }
     _run_tasks(tasks, task_kwargs, store, staging, executor=executor, progress=progress)
     _finalize(store, spec)
-    os.replace(staging, out)
+    publish_store(staging, out)
     return _report(SceneStore.open(out), units_written=n_todo, units_skipped=len(done), t0=t0)
 
 
-def _already_complete(out: Path, run_key: str, t0: float) -> IngestReport:
+def _already_complete(out: Path | str, run_key: str, t0: float) -> IngestReport:
     """The report on the finished store ``out``, if these inputs made it (else an error)."""
     if _store_key(out) != run_key:
         raise StoreError(
@@ -496,29 +519,43 @@ def _already_complete(out: Path, run_key: str, t0: float) -> IngestReport:
 
 
 def _open_staging_labels(
-    spec: IngestSpec, info: SourceInfo, staging: Path, run_key: str
+    spec: IngestSpec, info: SourceInfo, staging: Path | str, run_key: str
 ) -> tuple[LabelReader | None, LabelReader | None]:
     """Open the label inputs into ``staging``, first discarding one made from other inputs.
 
     Bad labels remove a staging store this call started, and leave a resumable one alone.
     """
-    if staging.exists() and _store_key(staging) != run_key:
+    exists = _store_key(staging) is not None or _exists_locally(staging)
+    if exists and _store_key(staging) != run_key:
         log.warning("discarding unfinished store %s made from other inputs", staging)
-        remove_tree(staging)
-    fresh = not staging.exists()
+        remove_store(staging)
+        exists = False
     try:
-        return _open_labels(spec, info, staging / "_segflow" / "labels")
+        return _open_labels(spec, info, _labels_workdir(staging))
     except SegflowError:
-        if fresh:
-            remove_tree(staging)
+        if not exists:
+            remove_store(staging)
         raise
+
+
+def _exists_locally(location: Path | str) -> bool:
+    return isinstance(location, Path) and location.exists()
+
+
+def _labels_workdir(staging: Path | str) -> Path:
+    """Where vector labels are rasterized for this store: inside a local one; for a store on
+    object storage, a local cache directory named after it (GDAL rasterizes to a file)."""
+    if isinstance(staging, Path):
+        return staging / "_segflow" / "labels"
+    digest = hashlib.sha256(staging.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "segflow-labels" / digest
 
 
 def _run_tasks(
     tasks: Sequence[_Task],
     task_kwargs: Mapping[str, Any],
     store: SceneStore,
-    staging: Path,
+    staging: Path | str,
     *,
     executor: Executor | None,
     progress: Callable[[int], None] | None,
@@ -541,7 +578,7 @@ def _run_tasks(
             f.cancel()
         if own_pool:
             pool.shutdown(wait=True, cancel_futures=True)
-        remove_tree(staging)
+        remove_store(staging)
         raise
     if own_pool:
         pool.shutdown(wait=True)
@@ -550,7 +587,7 @@ def _run_tasks(
 def _open_or_create_staging(
     spec: IngestSpec,
     info: SourceInfo,
-    staging: Path,
+    staging: Path | str,
     run_key: str,
     source_hash: str,
     labels: LabelReader | None,
@@ -558,7 +595,7 @@ def _open_or_create_staging(
 ) -> SceneStore:
     """Open the unfinished store of this run, or create it."""
     if _store_key(staging) == run_key:
-        return SceneStore.open(staging, mode="r+")
+        return SceneStore.open(staging, mode="r+", unfinished=True)
     store = SceneStore.create(
         staging,
         bands=info.bands,
@@ -572,7 +609,7 @@ def _open_or_create_staging(
         georef=info.georef,
         slide=info.slide,
         source=SourceRecord(
-            uri=str(Path(spec.source).resolve()),
+            uri=spec.source if is_url(spec.source) else str(Path(spec.source).resolve()),
             sha256=source_hash,
             kind=info.kind,
             level=spec.level,

@@ -270,7 +270,17 @@ def check_output_directory(
 
 # ----------------------------------------------------------------------------- locks
 def lock_path(path: str | Path) -> Path:
-    """The lock file of an output: ``NAME.lock`` beside it."""
+    """The lock file of an output: ``NAME.lock`` beside it; for an object-storage URL, a
+    file named after the URL in this machine's temporary directory (one run per output on
+    this machine: object stores have no locks)."""
+    if "://" in str(path):
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:24]
+        folder = Path(tempfile.gettempdir()) / "segflow-locks"
+        folder.mkdir(exist_ok=True)
+        return folder / f"{digest}.lock"
     p = _resolved(path)
     return p.with_name(p.name + ".lock")
 
@@ -286,7 +296,7 @@ def _holder(lock: Path) -> str:
         return "another process"
 
 
-def _acquire(path: Path) -> int:
+def _acquire(path: str | Path) -> int:
     """Open and ``flock`` the lock file of ``path``; raises :class:`LockedError` if held."""
     import fcntl
 
@@ -331,7 +341,7 @@ def output_lock(path: str | Path, *, record: bool = True) -> Iterator[Path]:
     run is simply locked again by the next one. The file holds the holder's pid, host and
     start time, for the message another run gets, and is removed on release.
     """
-    fd = _acquire(_resolved(path))
+    fd = _acquire(path if "://" in str(path) else _resolved(path))
     lock = lock_path(path)
     try:
         if record:

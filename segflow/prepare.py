@@ -104,7 +104,7 @@ Progress = Callable[[Any], Any]
 class PrepareResult:
     """What :func:`prepare_store` did."""
 
-    store: Path
+    store: Path | str
     skipped: bool
     instances: str
     class_counts: dict[int, int]
@@ -113,10 +113,10 @@ class PrepareResult:
     fingerprint_path: Path
 
 
-
 T = TypeVar("T")
 #: Runs one named step of :func:`prepare_store`: ``step(name, work) -> work()``.
 Step = Callable[[str, Callable[[], Any]], Any]
+
 
 # --------------------------------------------------------------------------- validation
 def make_config(**options: Any) -> PrepareConfig:

@@ -194,3 +194,29 @@ def tiff_header_bomb(path: Path, *, side: int = 10**6, big: bool = False) -> Pat
         ifd += struct.pack("<I", 0)
     path.write_bytes(head + ifd + data)
     return path
+
+
+# ------------------------------------------------------------------------ object storage
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real S3-compatible server (moto_server) on loopback for the whole session."""
+    from tests._s3 import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: object, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the loopback server, this test's environment pointing at it;
+    ``s3://bucket``."""
+    from tests._s3 import S3Server
+
+    assert isinstance(s3_server, S3Server)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    return s3_server.create_bucket(bucket)

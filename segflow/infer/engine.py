@@ -483,7 +483,9 @@ def write_units(
     return tiles_empty
 
 
-def _finish_run(target: _Target, run: _Run, options: InferenceOptions, region: Window) -> Path:
+def _finish_run(
+    target: _Target, run: _Run, options: InferenceOptions, region: Window
+) -> Path | str:
     """Record a complete prediction (its arrays' parameters, consolidated metadata) and move
     a standalone store from ``NAME.partial`` to ``NAME``; returns the store's path."""
     store = target.store
@@ -494,7 +496,8 @@ def _finish_run(target: _Target, run: _Run, options: InferenceOptions, region: W
         if target.standalone:
             store.record_array("valid", region=asdict(region))
         store.consolidate()
-        if target.standalone and store.path.name.endswith(".partial"):
+        partial = isinstance(store.path, Path) and store.path.name.endswith(".partial")
+        if target.standalone and isinstance(store.path, Path) and partial:
             final = store.path.with_name(store.path.name[: -len(".partial")])
             os.replace(store.path, final)
             return final

@@ -25,8 +25,11 @@ Examples
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -42,6 +45,8 @@ from segflow.config import SCHEMA_VERSION, ClassDef
 from segflow.errors import StoreError
 from segflow.geometry import BlockGrid, BlockIndex, Window
 from segflow.georef import GeoRef, SlideInfo
+from segflow.io import remote
+from segflow.io.remote import check_location, is_url, zarr_store
 
 __all__ = [
     "ARRAY_DIMS",
@@ -49,7 +54,11 @@ __all__ = [
     "SceneStore",
     "SlideInfo",
     "SourceRecord",
+    "publish_store",
+    "remove_store",
+    "staging_location",
     "staging_path",
+    "store_complete",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +93,44 @@ def staging_path(path: str | Path) -> Path:
     return p.with_name(p.name + ".partial")
 
 
+#: On object storage (no atomic rename) a store is complete once this object exists: it is
+#: written last, after every array and record.
+COMPLETE_MARKER = "_segflow/complete.json"
+
+
+def staging_location(location: str | Path) -> Path | str:
+    """Where the store for ``location`` is built: ``NAME.partial`` beside a local one (moved
+    into place when done); on object storage the store itself (completed by a marker)."""
+    return str(location).rstrip("/") if is_url(location) else staging_path(location)
+
+
+def store_complete(location: str | Path) -> bool:
+    """Whether a finished store is at ``location`` (local: it exists under its final name;
+    object storage: its :data:`COMPLETE_MARKER` exists)."""
+    if is_url(location):
+        return remote.exists(f"{str(location).rstrip('/')}/{COMPLETE_MARKER}")
+    return Path(location).exists()
+
+
+def publish_store(staging: str | Path, final: str | Path) -> None:
+    """Make the finished store at ``staging`` the one at ``final`` (see
+    :func:`staging_location`): one rename, or the completion marker written last."""
+    if is_url(final):
+        stamp = {"complete": True, "code_version": __version__, "time": time.time()}
+        remote.write_bytes(f"{str(final).rstrip('/')}/{COMPLETE_MARKER}",
+                           json.dumps(stamp).encode())  # fmt: skip
+    else:
+        os.replace(staging, final)
+
+
+def remove_store(location: str | Path) -> None:
+    """Remove the store at ``location`` (a directory, or every object under a prefix)."""
+    if is_url(location):
+        remote.remove_prefix(str(location).rstrip("/"))
+    else:
+        remove_tree(Path(location))
+
+
 def _codecs(level: int) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")
 
@@ -95,7 +142,8 @@ class SceneStore:
     """
 
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
-        self.path = Path(path)
+        #: a local directory, or the URL of a store on object storage
+        self.path: Path | str = str(path) if is_url(path) else Path(path)
         self.group = group
         self._arrays: dict[str, zarr.Array] = {}
 
@@ -123,13 +171,13 @@ class SceneStore:
 
         ``path`` must not hold a store yet (an existing directory without one is used).
         """
-        p = Path(path).absolute()  # Dask workers may run in another directory
-        if (p / "zarr.json").exists() or p.is_file():
+        p, target = _location(path, write=True)
+        if _has_group(p) or (isinstance(p, Path) and p.is_file()):
             raise StoreError(f"store already exists: {str(p)!r}: remove it or choose another --out")
         band_names = tuple(bands)
         grid = BlockGrid(height, width, shard or chunk)
         # "a": the directory may already hold our own non-Zarr files (checked above: no group)
-        group = zarr.open_group(str(p), mode="a", zarr_format=3)
+        group = zarr.open_group(target, mode="a", zarr_format=3)
         meta: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "code_version": __version__,
@@ -167,19 +215,25 @@ class SceneStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path, *, mode: str = "r") -> SceneStore:
-        """Open an existing store (``mode`` ``"r"`` or ``"r+"``)."""
-        p = Path(path).absolute()  # Dask workers may run in another directory
-        if not (p / "zarr.json").is_file():
+    def open(cls, path: str | Path, *, mode: str = "r", unfinished: bool = False) -> SceneStore:
+        """Open an existing store (``mode`` ``"r"`` or ``"r+"``).
+
+        A store on object storage opens only once complete (its :data:`COMPLETE_MARKER`
+        exists), unless ``unfinished`` (its builder resuming it).
+        """
+        p, target = _location(path, write=mode != "r")
+        if isinstance(p, str) and not unfinished and not store_complete(p) and _has_group(p):
+            raise StoreError(f"the store at {p!r} is unfinished: re-run ingest to finish it")
+        if not _has_group(p):
             hint = (
                 f" (an unfinished one is at {str(staging_path(p))!r}: re-run ingest to finish it)"
-                if staging_path(p).exists()
+                if isinstance(p, Path) and staging_path(p).exists()
                 else ": run flows/ingest.py first"
             )
             raise StoreError(f"no scene store at {str(p)!r}{hint}")
         # consolidated metadata is for readers like xarray; segflow reads the real metadata,
         # so arrays added after the last consolidation are always seen
-        group = zarr.open_group(str(p), mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
+        group = zarr.open_group(target, mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
         if "segflow" not in group.attrs:
             raise StoreError(f"{str(p)!r} is a Zarr group but not a segflow scene store")
         return cls(p, group)
@@ -393,6 +447,22 @@ class SceneStore:
                 attributes={"axis": dim.upper()},
             )
             arr[:] = values
+
+
+def _location(path: str | Path, *, write: bool) -> tuple[Path | str, Any]:
+    """A store's location (absolute local path, or URL) and what zarr opens for it."""
+    text = check_location(path, what="scene store", write=write)
+    if is_url(text):
+        return text.rstrip("/"), zarr_store(text, read_only=not write)
+    p = Path(text).absolute()  # Dask workers may run in another directory
+    return p, str(p)
+
+
+def _has_group(location: Path | str) -> bool:
+    """Whether a Zarr group's metadata is at ``location``."""
+    if isinstance(location, Path):
+        return (location / "zarr.json").is_file()
+    return remote.exists(f"{location}/zarr.json")
 
 
 def _geozarr_attrs(georef: GeoRef, height: int, width: int) -> dict[str, Any]:

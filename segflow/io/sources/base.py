@@ -17,6 +17,7 @@ import numpy as np
 
 from segflow.errors import RegionError, SourceError
 from segflow.geometry import Window
+from segflow.io.remote import is_url
 from segflow.io.store import GeoRef, SlideInfo
 from segflow.stats import valid_and_finite
 
@@ -86,11 +87,22 @@ class Source:
     _TRANSIENT: ClassVar[tuple[str, ...]] = ("_handles", "_lock", "_local")
 
     def __init__(self, path: str | Path, level: int = 0) -> None:
-        self.path = Path(os.path.abspath(path))
+        # a URL (s3://, https://, /vsicurl/...) is kept as given: GDAL opens it
+        self.path: str | Path = str(path) if is_url(path) else Path(os.path.abspath(path))
         if not isinstance(level, int) or isinstance(level, bool) or level < 0:
             raise SourceError(f"level must be an integer >= 0, got {level!r}: pass e.g. level=0")
         self.level = level
         self._init_transient()
+
+    @property
+    def file(self) -> Path:
+        """The local file (the readers that need one: tifffile, OpenSlide, Pillow)."""
+        if not isinstance(self.path, Path):
+            raise SourceError(
+                f"{self.path!r} is not a local file: only GDAL-readable rasters (GeoTIFF, COG, "
+                "VRT) are read from URLs"
+            )
+        return self.path
 
     # -------------------------------------------------------------- handles and pickling
     def _init_transient(self) -> None:

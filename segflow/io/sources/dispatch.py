@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from segflow.errors import ConfigError, SourceError
+from segflow.io.remote import check_location, configure_gdal, head, is_url, object_url
 from segflow.io.sources.base import TIFF_MAGICS, Source
 from segflow.io.sources.files import (
     _head,
@@ -73,6 +74,8 @@ def open_source(uri: str | Path, *, level: int = 0, max_pixels: int | None = Non
     ...     src.info.bands, src.info.nodata
     (('red', 'green', 'blue'), 0.0)
     """
+    if is_url(uri):
+        return _open_remote(str(uri), level=level, limit=_max_pixels_arg(max_pixels))
     path = _local_path(uri)
     if not isinstance(level, int) or isinstance(level, bool) or level < 0:
         raise SourceError(f"level must be an integer >= 0, got {level!r}: pass e.g. level=0")
@@ -99,6 +102,22 @@ def open_source(uri: str | Path, *, level: int = 0, max_pixels: int | None = Non
         f"{head[:12]!r}): pass a GeoTIFF, COG, VRT, whole-slide image (SVS, NDPI, MRXS, "
         "OME-TIFF, ...), TIFF, PNG or JPEG"
     )
+
+
+def _open_remote(url: str, *, level: int, limit: int) -> Source:
+    """A raster behind a URL, read window by window through GDAL's virtual file systems
+    (ranged GETs: a window of a COG costs a few requests, never the whole object)."""
+    check_location(url, what="image")
+    configure_gdal()
+    head(object_url(url))  # a missing bucket/key or bad credentials: one clear line
+    source = RasterioSource(url, level)
+    h, w = max(source.info.level_shapes, key=lambda s: s[0] * s[1])
+    try:
+        check_pixel_budget(url, w, h, limit=limit)
+    except SourceError:
+        source.close()
+        raise
+    return source
 
 
 def _dispatch(path: Path, head: bytes, is_tiff: bool, level: int) -> Source | None:

@@ -55,7 +55,7 @@ class PlainImageSource(_TiffBase):
     def __init__(self, path: str | Path, level: int = 0) -> None:
         super().__init__(path, level)
         self._backend: Literal["pil", "tiff"]
-        head = _head(self.path)
+        head = _head(self.file)
         if head.startswith(TIFF_MAGICS):
             self._backend = "tiff"
             tif, self._layout, shapes, dtype, nbands, block = self._probe_tiff()

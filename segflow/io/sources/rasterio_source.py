@@ -124,7 +124,7 @@ class RasterioSource(Source):
         return np.asarray(mask) != 0
 
 
-def _rio_open(path: Path, **kw: Any) -> Any:
+def _rio_open(path: str | Path, **kw: Any) -> Any:
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 

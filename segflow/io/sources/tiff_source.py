@@ -128,7 +128,7 @@ class _TiffBase(Source):
     def _probe_tiff(
         self,
     ) -> tuple[Any, _TiffLayout, list[tuple[int, int]], str, int, tuple[int, int]]:
-        tif = _tiff_open(self.path)
+        tif = _tiff_open(self.file)
         try:
             series = tif.series[0]
             levels = series.levels
@@ -136,12 +136,12 @@ class _TiffBase(Source):
                 raise self._level_error(len(levels))
             shapes = []
             for lvl in levels:
-                _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.path)  # each level is 2-D
+                _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.file)  # each level is 2-D
                 shapes.append(
                     (int(lvl.shape[lvl.axes.index("Y")]), int(lvl.shape[lvl.axes.index("X")]))
                 )
             lvl = levels[self.level]
-            lay = _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.path)
+            lay = _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.file)
             nbands = 1 if lay.band_axis is None else int(lvl.shape[lay.band_axis])
             page = lvl.pages[0] if lvl.pages else series.pages[0]
             return tif, lay, shapes, str(np.dtype(lvl.dtype)), nbands, _tiff_block(page)
@@ -150,7 +150,7 @@ class _TiffBase(Source):
             raise
 
     def _open_handle(self) -> Any:
-        tif = _tiff_open(self.path)
+        tif = _tiff_open(self.file)
         try:
             return _TiffHandle(tif, _tiff_level_array(tif, self.level))
         except Exception as err:
@@ -201,7 +201,7 @@ class TiffSlideSource(_TiffBase):
             rgb8 = dtype == "uint8" and bands[:3] == ("red", "green", "blue")
             self.threshold: int | None = None
             if rgb8:
-                thumb = _tiff_thumbnail(tif, shapes, self.path)
+                thumb = _tiff_thumbnail(tif, shapes, self.file)
                 self.threshold = _slide_threshold(
                     thumb[:3], thumb[3] if self._alpha and thumb.shape[0] > 3 else None
                 )
