@@ -90,13 +90,7 @@ def open_source(uri: str | Path, *, level: int = 0, max_pixels: int | None = Non
     source = _dispatch(path, head, is_tiff, level)
     if source is not None:
         # again from the reader's own view, for headers declared_size could not parse
-        h, w = max(source.info.level_shapes, key=lambda s: s[0] * s[1])
-        try:
-            check_pixel_budget(path, w, h, limit=limit)
-        except SourceError:
-            source.close()
-            raise
-        return source
+        return _within_budget(source, path, limit)
     raise SourceError(
         f"cannot open {str(path)!r}: no image reader recognises it (it starts with "
         f"{head[:12]!r}): pass a GeoTIFF, COG, VRT, whole-slide image (SVS, NDPI, MRXS, "
@@ -110,10 +104,14 @@ def _open_remote(url: str, *, level: int, limit: int) -> Source:
     check_location(url, what="image")
     configure_gdal()
     head(object_url(url))  # a missing bucket/key or bad credentials: one clear line
-    source = RasterioSource(url, level)
+    return _within_budget(RasterioSource(url, level), url, limit)
+
+
+def _within_budget(source: Source, where: str | Path, limit: int) -> Source:
+    """``source``, once its largest level (as its reader sees it) fits the pixel budget."""
     h, w = max(source.info.level_shapes, key=lambda s: s[0] * s[1])
     try:
-        check_pixel_budget(url, w, h, limit=limit)
+        check_pixel_budget(where, w, h, limit=limit)
     except SourceError:
         source.close()
         raise
