@@ -171,7 +171,18 @@ def dask_client(
         Client(cluster) as client,
     ):
         log.info("embedded Dask cluster: dashboard on %s", dashboard)
+        _no_gc_diagnosis()
         yield client
+
+
+def _no_gc_diagnosis() -> None:
+    """Remove distributed's GC-pause diagnosis from this process (an in-process scheduler and
+    worker install it). Its ``gc.callbacks`` hook runs at every collection, and a signal
+    handler's exception raised there (Ctrl-C, SIGTERM) is swallowed as "Exception ignored",
+    so a terminated command ran on to the end; segflow never shows its warnings anyway."""
+    from distributed.gc import disable_gc_diagnosis
+
+    disable_gc_diagnosis(force=True)
 
 
 def gpu_worker_specs(gpus: int, threads: int, host: str) -> dict[str, dict[str, Any]]:
