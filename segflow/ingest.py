@@ -379,15 +379,14 @@ def _store_key(path: Path | str) -> str | None:
 def _out_location(out: str) -> Path | str:
     """The store's location: a local path, or a URL (``s3://...``) checked for its scheme."""
     text = check_location(out, what="--out", write=True)
-    return text.rstrip("/") if is_url(text) else Path(text)
+    return text if is_url(text) else Path(text)
 
 
 def _check_out_dir(spec: IngestSpec) -> Path | str:
     """The store path, once it is known not to be an input and its directory writable."""
     out = _out_location(spec.out)
     if isinstance(out, str):  # object storage: the bucket answers, the prefix holds no other data
-        remote.check_prefix(out, what="--out")
-        if remote.list_keys(out, limit=1) and not remote.exists(f"{out}/zarr.json"):
+        if remote.check_prefix(out, what="--out") and not remote.exists(f"{out}/zarr.json"):
             raise StoreError(
                 f"{out!r} holds objects and is not a scene store: remove them or choose another --out"
             )
@@ -525,8 +524,9 @@ def _open_staging_labels(
 
     Bad labels remove a staging store this call started, and leave a resumable one alone.
     """
-    exists = _store_key(staging) is not None or _exists_locally(staging)
-    if exists and _store_key(staging) != run_key:
+    key = _store_key(staging)
+    exists = key is not None or _exists_locally(staging)
+    if exists and key != run_key:
         log.warning("discarding unfinished store %s made from other inputs", staging)
         remove_store(staging)
         exists = False

@@ -15,7 +15,7 @@ from segflow.io import remote
 from segflow.io.remote import ObjectURL, check_location, is_url
 from segflow.io.sources import open_source, source_sha256
 from segflow.io.store import SceneStore
-from tests._s3 import SECRET
+from tests._s3 import SECRET, S3Server, byte_counter
 
 
 def _put(s3: str, local: Path, key: str) -> str:
@@ -68,34 +68,20 @@ def test_remote_source_equals_local(s3: str, samples: Path) -> None:
         np.testing.assert_array_equal(b.read_valid(w), a.read_valid(w))
 
 
-def test_remote_identity_is_a_head_not_a_download(s3: str, samples: Path) -> None:
-    from tests._s3 import byte_counter
-
+def test_remote_identity_is_a_head_not_a_download(
+    s3: str, s3_server: S3Server, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     local = samples / "spacenet_atlanta" / "sample_geotiff.tif"
     url = _put(s3, local, "a.tif")
     first = source_sha256(url)
     assert first == source_sha256(url)  # stable
-    server = _server_of_env()
-    with byte_counter(server) as counter:
-        import os
-
-        os.environ["AWS_ENDPOINT_URL"] = counter.endpoint
-        try:
-            again = source_sha256(url)
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = server.endpoint
+    with byte_counter(s3_server) as counter, monkeypatch.context() as m:
+        m.setenv("AWS_ENDPOINT_URL", counter.endpoint)
+        again = source_sha256(url)
     assert again == first
     assert counter.sent < 4096 < local.stat().st_size  # headers only
     remote.write_bytes(url, local.read_bytes()[:-1] + b"\0")  # same size, new content
     assert source_sha256(url) != first
-
-
-def _server_of_env():  # the session server behind the s3 fixture's environment
-    import os
-
-    from tests._s3 import S3Server
-
-    return S3Server(os.environ["AWS_ENDPOINT_URL"], proc=None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

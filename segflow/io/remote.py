@@ -132,7 +132,7 @@ def check_location(value: str | os.PathLike[str], *, what: str, write: bool = Fa
         )
     if not ObjectURL.parse(text).bucket:
         raise ConfigError(f"{what}: {text!r} names no bucket or host: e.g. s3://bucket/key")
-    return text
+    return text.rstrip("/")  # one spelling of a prefix: keys are joined with "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +297,8 @@ def _reason(err: BaseException) -> str:
         return "no such bucket: check the bucket name"
     if isinstance(err, FileNotFoundError) or "404" in first:
         return "no such object (or bucket): check the bucket and key"
-    if any(w in lower for w in ("connect", "dns error", "timed out", "after 10 retries")):
+    gave_up = re.search(r"after \d+ retries", lower) and "status:" not in lower
+    if gave_up or any(w in lower for w in ("connect", "dns error", "timed out")):
         return "cannot reach the endpoint: check AWS_ENDPOINT_URL and the network"
     return redact(first)[:160]
 
@@ -416,10 +417,11 @@ def list_keys(url: str, *, limit: int | None = None) -> list[str]:
     return keys
 
 
-def check_prefix(url: str, *, what: str) -> None:
-    """Fail now, in one line, if the bucket of ``url`` is missing or refuses us (one LIST)."""
+def check_prefix(url: str, *, what: str) -> bool:
+    """Whether any object lies below prefix ``url``; fails now, in one line, if its bucket
+    is missing or refuses us (one LIST request)."""
     try:
-        list_keys(url, limit=1)
+        return bool(list_keys(url, limit=1))
     except RemoteError as err:
         raise RemoteError(f"{what}: {err}") from None
 

@@ -453,7 +453,7 @@ def _location(path: str | Path, *, write: bool) -> tuple[Path | str, Any]:
     """A store's location (absolute local path, or URL) and what zarr opens for it."""
     text = check_location(path, what="scene store", write=write)
     if is_url(text):
-        return text.rstrip("/"), zarr_store(text, read_only=not write)
+        return text, zarr_store(text, read_only=not write)
     p = Path(text).absolute()  # Dask workers may run in another directory
     return p, str(p)
 

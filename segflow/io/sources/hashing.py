@@ -18,8 +18,9 @@ def source_sha256(uri: str | Path) -> str:
     """The SHA-256 content hash of a source (hex).
 
     An object behind a URL is identified by its URL, size, ETag and last-modified time
-    (:func:`~segflow.io.remote.object_identity`). A file hashes its bytes. A VRT hashes its XML followed by the hashes of the files it
-    refers to, in document order (recursively), so editing a tile changes the mosaic's hash.
+    (:func:`~segflow.io.remote.object_identity`). A file hashes its bytes. A VRT hashes its
+    XML followed by the hashes of the files it refers to, in document order (recursively), so
+    editing a tile changes the mosaic's hash.
 
     Examples
     --------
