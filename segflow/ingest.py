@@ -57,6 +57,7 @@ from segflow.io.store import (
     remove_store,
     staging_location,
     store_complete,
+    store_exists,
 )
 from segflow.outputs import check_unlocked, output_lock, plan_outputs
 
@@ -386,7 +387,7 @@ def _check_out_dir(spec: IngestSpec) -> Path | str:
     """The store path, once it is known not to be an input and its directory writable."""
     out = _out_location(spec.out)
     if isinstance(out, str):  # object storage: the bucket answers, the prefix holds no other data
-        if remote.check_prefix(out, what="--out") and not remote.exists(f"{out}/zarr.json"):
+        if remote.check_prefix(out, what="--out") and not store_exists(out):
             raise StoreError(
                 f"{out!r} holds objects and is not a scene store: remove them or choose another --out"
             )
@@ -397,7 +398,7 @@ def _check_out_dir(spec: IngestSpec) -> Path | str:
         )
     inputs = [p for p in (spec.source, spec.labels, spec.instances) if p]
     plan_outputs({"out": out}, inputs=inputs, directories=("out",))
-    if out.exists() and not (out / "zarr.json").is_file():
+    if out.exists() and not store_exists(out):
         raise StoreError(
             f"{str(out)!r} exists and is not a scene store: remove it or choose another --out"
         )

@@ -21,7 +21,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,8 +52,10 @@ from segflow.infer.exports import (
     export_outputs,
     instance_classes,
 )
+from segflow.io import remote
 from segflow.io.sources import Source, open_source
-from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord
+from segflow.io.staging import plan_urls, staged_outputs, url_stamp
+from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord, store_exists
 from segflow.outputs import (
     OutputRecord,
     check_output_directory,
@@ -113,9 +115,8 @@ class _Input:
 
 
 def _open_input(path: str, level: int) -> _Input:
-    p = Path(path)
     if _is_scene_store(path):
-        store = SceneStore.open(p)
+        store = SceneStore.open(path)
         return _Input(
             StoreReader(store),
             store,
@@ -126,7 +127,7 @@ def _open_input(path: str, level: int) -> _Input:
             store.georef,
             store.slide,
         )
-    src = open_source(p, level=level)
+    src = open_source(path if remote.is_url(path) else Path(path), level=level)
     i = src.info
     return _Input(SourceReader(src), None, src, i.height, i.width, i.bands, i.georef, i.slide)
 
@@ -137,18 +138,30 @@ def _load_model(path: str) -> tuple[Any, Any]:
     return load_checkpoint_cached(path)
 
 
-def _is_scene_store(path: str) -> bool:
-    return (Path(path) / "zarr.json").is_file()
+def _is_scene_store(path: str | Path) -> bool:
+    where = remote.check_location(path, what="image")
+    return not where.startswith("/vsi") and store_exists(where)
 
 
-def _prediction_store_path(req: SegmentRequest) -> Path:
+def _absolute(path: str) -> str:
+    """``path`` made absolute (Dask workers may run elsewhere in the tree); URLs as given."""
+    return path if remote.is_url(path) else str(Path(path).resolve())
+
+
+#: Request fields of the outputs whose name in plans and messages differs.
+_FIELDS = {"qupath": "qupath_geojson"}
+
+
+def _prediction_store_path(req: SegmentRequest) -> Path | str:
     """The store the run writes predictions and progress into."""
-    return Path(req.image) if req.into_store else req.work_store
+    if req.into_store:
+        return req.image if remote.is_url(req.image) else Path(req.image)
+    return req.work_store
 
 
-def _earlier_outputs(store: Path) -> OutputRecord:
+def _earlier_outputs(store: Path | str) -> OutputRecord:
     """The outputs the last finished run recorded in its prediction store (none if absent)."""
-    if not _is_scene_store(str(store)):
+    if not _is_scene_store(store):
         return OutputRecord({})
     try:
         return OutputRecord(dict(SceneStore.open(store).meta.get("outputs") or {}))
@@ -156,36 +169,55 @@ def _earlier_outputs(store: Path) -> OutputRecord:
         return OutputRecord({})
 
 
-def plan_request(req: SegmentRequest) -> dict[str, Path]:
+def plan_request(req: SegmentRequest) -> dict[str, Path | str]:
     """Check every output path of ``req`` before anything is read or written.
 
     Outputs are never inputs (the image, the checkpoint) nor inside them, never two at one
     path, each in an existing writable directory; an existing file is replaced only when the
     last run of this command recorded it in its prediction store, or with ``overwrite``. A
-    scene store given as ``image`` is written only with ``into_store``. Returns
-    ``{option name: absolute path}`` (``work``: the prediction store, unless ``into_store``).
+    scene store given as ``image`` is written only with ``into_store``. Outputs on object
+    storage are checked by :func:`~segflow.io.staging.plan_urls`. Returns ``{option name:
+    absolute path or URL}`` (``work``: the prediction store, unless ``into_store``).
     """
     if req.into_store and not _is_scene_store(req.image):
         raise ConfigError(
             f"into_store needs a scene store as the image, got {req.image!r}: "
             f"drop {option('into_store')}, or pass a store written by flows/ingest.py"
         )
-    if req.into_store:
+    if req.into_store and not remote.is_url(req.image):
         check_output_directory("into_store", req.image)  # a read-only store fails now
     work = None if req.into_store else req.work_store
-    if work is not None and work.exists() and not _is_scene_store(str(work)):
+    if work is not None:
+        _check_work(work)
+    named = {**req.outputs(), "work": None if work is None else str(work)}
+    record = _earlier_outputs(_prediction_store_path(req))
+    inputs = [req.image, req.model]
+    plan: dict[str, Path | str] = {}
+    plan.update(plan_outputs(
+        {k: None if v and remote.is_url(v) else v for k, v in named.items()},
+        inputs=[p for p in inputs if not remote.is_url(p)], overwrite=req.overwrite,
+        record=record, directories=("work",), trees=("ome_zarr",),
+    ))  # fmt: skip
+    urls = {k: v for k, v in named.items() if k != "work"}
+    plan.update(plan_urls(urls, inputs=inputs, overwrite=req.overwrite, record=record,
+                          trees=("ome_zarr",)))  # fmt: skip
+    if isinstance(work, str):
+        plan["work"] = work
+    return plan
+
+
+def _check_work(work: Path | str) -> None:
+    """The prediction store's location holds nothing but a prediction store."""
+    if isinstance(work, str):
+        url = remote.check_location(work, what="work", write=True)
+        taken = remote.check_prefix(url, what="work") and not _is_scene_store(url)
+    else:
+        taken = work.exists() and not _is_scene_store(work)
+    if taken:
         raise ConfigError(
             f"work: {str(work)!r} exists and is not a segflow prediction store: "
             f"remove it, or choose another {option('work')} or {option('out')}"
         )
-    return plan_outputs(
-        {**req.outputs(), "work": None if work is None else str(work)},
-        inputs=[req.image, req.model],
-        overwrite=req.overwrite,
-        record=_earlier_outputs(_prediction_store_path(req)),
-        directories=("work",),
-        trees=("ome_zarr",),
-    )
 
 
 def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, InferenceOptions]:
@@ -203,7 +235,7 @@ def check_request(req: SegmentRequest) -> tuple[_Input, Window, Any, Any, Infere
 def _check_inputs(
     req: SegmentRequest, *, local: bool = True
 ) -> tuple[_Input, Window, Any, Any, InferenceOptions]:
-    if not Path(req.model).exists():
+    if not remote.is_url(req.model) and not Path(req.model).exists():
         raise CheckpointError(
             f"checkpoint not found: {req.model!r}: pass the directory flows/train.py wrote"
         )
@@ -377,6 +409,7 @@ def segment_region(
     """
     t0 = time.perf_counter()
     plan = plan_request(req)
+    urls = {k: v for k, v in plan.items() if k in req.outputs() and isinstance(v, str)}
     with output_lock(plan["out"]), _cluster(req) as client:  # reached before anything is written
         inp, region, model, meta, options = _check_inputs(req, local=client is None)
         runner = None if client is None else _cluster_runner(req, client)
@@ -386,12 +419,18 @@ def segment_region(
         georef = inp.georef[region] if inp.georef else None
         classes: tuple[ClassDef, ...] = tuple(meta.classes)
         counter = ClassCounter(classes)
-        job = ExportJob(req, store, view_region, region, georef, inp.slide, classes,
-                        preview=functools.partial(_decimated_image, inp, region))  # fmt: skip
-        outputs = export_outputs(job, counter)
-        paths = [plan[k] for k in req.outputs() if k in plan]
+        # outputs on object storage are written here and uploaded once all are complete
+        with staged_outputs(urls, trees=("ome_zarr",)) as local:
+            job = ExportJob(
+                req.model_copy(update={_FIELDS.get(k, k): v for k, v in local.items()}),
+                store, view_region, region, georef, inp.slide, classes,
+                preview=functools.partial(_decimated_image, inp, region),
+            )  # fmt: skip
+            written = export_outputs(job, counter)
+        back = {str(local[k]): urls[k] for k in local}
+        outputs = {k: back.get(str(v), v) for k, v in written.items()}
         # what this run wrote, so that the same command may replace it next time
-        store.update_meta(outputs={str(p): file_stamp(p) for p in paths if file_stamp(p)})
+        store.update_meta(outputs=_stamps(plan, req.outputs()))
     return SegmentReport(
         region=region,
         outputs={k: str(v) for k, v in outputs.items() if not k.endswith("_count")},
@@ -402,6 +441,18 @@ def segment_region(
         seconds=time.perf_counter() - t0,
         georef=asdict(georef) if georef else None,
     )
+
+
+def _stamps(plan: dict[str, Path | str], names: Iterable[str]) -> dict[str, str]:
+    """``{path or URL: stamp}`` of the outputs ``names`` that the run wrote."""
+    stamps: dict[str, str] = {}
+    for name in (n for n in names if n in plan):
+        where = plan[name]
+        got = (url_stamp(where, tree=name == "ome_zarr") if isinstance(where, str)
+               else file_stamp(where))  # fmt: skip
+        if got:
+            stamps[str(where)] = got
+    return stamps
 
 
 def cluster_address(req: SegmentRequest) -> str | None:
@@ -450,8 +501,8 @@ def _cluster_runner(req: SegmentRequest, client: Any) -> UnitRunner:
     from segflow.infer.cluster import cluster_runner
 
     # workers may run elsewhere in the file system tree: absolute paths
-    return cluster_runner(client, image=str(Path(req.image).resolve()), level=req.level,
-                          model=str(Path(req.model).resolve()), device=req.device)  # fmt: skip
+    return cluster_runner(client, image=_absolute(req.image), level=req.level,
+                          model=_absolute(req.model), device=req.device)  # fmt: skip
 
 
 def _infer(
@@ -494,7 +545,7 @@ def _infer(
             slide=inp.slide,
             classes=classes,
             source=SourceRecord(
-                uri=str(Path(req.image).resolve()),
+                uri=_absolute(req.image),
                 sha256="",
                 kind=inp.source.info.kind if inp.source else "store",
             ),

@@ -220,10 +220,14 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
         return self
 
     @property
-    def work_store(self) -> Path:
-        """Where the prediction store lives (``OUT.predictions.zarr`` unless ``work``)."""
+    def work_store(self) -> Path | str:
+        """Where the prediction store lives (``OUT.predictions.zarr`` unless ``work``): a
+        path, or a URL beside an ``out`` on object storage."""
         if self.work:
-            return Path(self.work)
+            return self.work.rstrip("/") if "://" in self.work else Path(self.work)
+        if "://" in self.out:
+            parent, _, name = self.out.rpartition("/")
+            return f"{parent}/{Path(name).stem}.predictions.zarr"
         out = Path(self.out)
         return out.with_name(out.stem + ".predictions.zarr")
 

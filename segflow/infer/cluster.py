@@ -129,7 +129,7 @@ def run_units(job: UnitJob) -> dict[str, Any]:
             torch.set_num_threads(_worker_threads())
         model, _meta = load_checkpoint_cached(job.model)
         reader = open_reader(job.image, job.level)
-        store = SceneStore.open(job.store, mode="r+")
+        store = SceneStore.open(job.store, mode="r+", unfinished=True)
     except (SegflowError, OSError) as err:
         raise WorkerError(f"worker {name}: {err}") from None
     marker = store.progress(prediction_arrays(job.options)[0])

@@ -108,7 +108,7 @@ from segflow.infer.store import (
     prediction_unit,
 )
 from segflow.infer.stream import _stream, reader_band
-from segflow.io.store import SceneStore
+from segflow.io.store import SceneStore, publish_store, unpublish_store
 from segflow.normalization import Normalization
 from segflow.tiling import (
     TileLayout,
@@ -386,6 +386,8 @@ def _start_run(target: _Target, options: InferenceOptions, params: dict[str, Any
     if recorded.get("params") != params:
         if recorded:
             log.info("prediction parameters changed: recomputing %s from scratch", store.path)
+        if target.standalone:  # no longer a finished prediction until this run ends
+            unpublish_store(store.path)
         for name in (LABELS, PROBABILITIES):
             store.forget_array(name)
         marker.reset()
@@ -496,6 +498,8 @@ def _finish_run(
         if target.standalone:
             store.record_array("valid", region=asdict(region))
         store.consolidate()
+        if target.standalone and isinstance(store.path, str):  # object storage: its marker
+            publish_store(store.path, store.path)
         partial = isinstance(store.path, Path) and store.path.name.endswith(".partial")
         if target.standalone and isinstance(store.path, Path) and partial:
             final = store.path.with_name(store.path.name[: -len(".partial")])

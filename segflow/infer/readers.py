@@ -14,7 +14,8 @@ import numpy as np
 
 from segflow.errors import ConfigError, StoreError
 from segflow.geometry import Window
-from segflow.io.store import SceneStore
+from segflow.io.remote import is_url
+from segflow.io.store import SceneStore, store_exists
 from segflow.normalization import Normalization
 from segflow.stats import valid_and_finite
 from segflow.tiling import MirrorPlan, Tile, mirror_plan
@@ -132,10 +133,9 @@ def open_reader(path: str | Path, level: int = 0) -> WindowReader:
     ignored: a store holds one), or a source read at pyramid ``level``."""
     from segflow.io.sources import open_source
 
-    p = Path(path)
-    if (p / "zarr.json").is_file():
-        return StoreReader(SceneStore.open(p))
-    return SourceReader(open_source(p, level=level))
+    if not str(path).startswith("/vsi") and store_exists(path):  # GDAL paths are sources
+        return StoreReader(SceneStore.open(path))
+    return SourceReader(open_source(path if is_url(path) else Path(path), level=level))
 
 
 class _Normalizer:

@@ -13,7 +13,16 @@ from segflow.errors import StoreError
 from segflow.geometry import Window
 from segflow.infer.options import InferenceOptions
 from segflow.infer.readers import WindowReader
-from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord, staging_path
+from segflow.io.remote import check_location, is_url
+from segflow.io.store import (
+    GeoRef,
+    SceneStore,
+    SlideInfo,
+    SourceRecord,
+    staging_location,
+    staging_path,
+    store_exists,
+)
 
 __all__ = [
     "LABELS",
@@ -85,18 +94,21 @@ def open_prediction_store(
     like any scene store. ``meta["prediction_store"]["source_window"]`` records where the
     region lies in the source. Returns the finished store at ``path`` if there is one,
     else the unfinished one at ``path.partial`` (resumed), else a new one there;
-    :func:`predict_region` moves it to ``path`` once every unit is done.
+    :func:`predict_region` moves it to ``path`` once every unit is done. On object storage
+    the store is built at ``path`` itself and completed by its marker
+    (:func:`~segflow.io.store.publish_store`).
     """
-    p = Path(path)
     window = {
         "row_off": region.row_off,
         "col_off": region.col_off,
         "height": region.height,
         "width": region.width,
     }
-    for candidate in (p, staging_path(p)):
-        if (candidate / "zarr.json").is_file():
-            store = SceneStore.open(candidate, mode="r+")
+    here = check_location(path, what="prediction store", write=True)
+    p = here if is_url(here) else Path(here)
+    for candidate in (p,) if isinstance(p, str) else (p, staging_path(p)):
+        if store_exists(candidate):
+            store = SceneStore.open(candidate, mode="r+", unfinished=True)
             got = store.meta.get(_META_KEY, {}).get("source_window")
             if got != window:
                 raise StoreError(
@@ -104,8 +116,8 @@ def open_prediction_store(
                     "remove it or choose another output path"
                 )
             return store
-    stage = staging_path(p)
-    if stage.exists():
+    stage = staging_location(p)
+    if isinstance(stage, Path) and stage.exists():
         shutil.rmtree(stage)  # a staging directory without metadata: nothing to resume
     store = SceneStore.create(
         stage,

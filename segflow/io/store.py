@@ -59,6 +59,8 @@ __all__ = [
     "staging_location",
     "staging_path",
     "store_complete",
+    "store_exists",
+    "unpublish_store",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,13 @@ def staging_location(location: str | Path) -> Path | str:
     return str(location).rstrip("/") if is_url(location) else staging_path(location)
 
 
+def store_exists(location: str | Path) -> bool:
+    """Whether a store (finished or not) is at ``location``: its group metadata exists."""
+    if is_url(location):
+        return remote.exists(f"{str(location).rstrip('/')}/zarr.json")
+    return (Path(location) / "zarr.json").is_file()
+
+
 def store_complete(location: str | Path) -> bool:
     """Whether a finished store is at ``location`` (local: it exists under its final name;
     object storage: its :data:`COMPLETE_MARKER` exists)."""
@@ -121,6 +130,13 @@ def publish_store(staging: str | Path, final: str | Path) -> None:
                            json.dumps(stamp).encode())  # fmt: skip
     else:
         os.replace(staging, final)
+
+
+def unpublish_store(location: str | Path) -> None:
+    """Make a store on object storage count as unfinished again (its marker removed) before
+    it is rewritten in place; a local store needs nothing."""
+    if is_url(location):
+        remote.delete(f"{str(location).rstrip('/')}/{COMPLETE_MARKER}")
 
 
 def remove_store(location: str | Path) -> None:
@@ -172,7 +188,7 @@ class SceneStore:
         ``path`` must not hold a store yet (an existing directory without one is used).
         """
         p, target = _location(path, write=True)
-        if _has_group(p) or (isinstance(p, Path) and p.is_file()):
+        if store_exists(p) or (isinstance(p, Path) and p.is_file()):
             raise StoreError(f"store already exists: {str(p)!r}: remove it or choose another --out")
         band_names = tuple(bands)
         grid = BlockGrid(height, width, shard or chunk)
@@ -222,9 +238,9 @@ class SceneStore:
         exists), unless ``unfinished`` (its builder resuming it).
         """
         p, target = _location(path, write=mode != "r")
-        if isinstance(p, str) and not unfinished and not store_complete(p) and _has_group(p):
+        if isinstance(p, str) and not unfinished and not store_complete(p) and store_exists(p):
             raise StoreError(f"the store at {p!r} is unfinished: re-run ingest to finish it")
-        if not _has_group(p):
+        if not store_exists(p):
             hint = (
                 f" (an unfinished one is at {str(staging_path(p))!r}: re-run ingest to finish it)"
                 if isinstance(p, Path) and staging_path(p).exists()
@@ -456,13 +472,6 @@ def _location(path: str | Path, *, write: bool) -> tuple[Path | str, Any]:
         return text, zarr_store(text, read_only=not write)
     p = Path(text).absolute()  # Dask workers may run in another directory
     return p, str(p)
-
-
-def _has_group(location: Path | str) -> bool:
-    """Whether a Zarr group's metadata is at ``location``."""
-    if isinstance(location, Path):
-        return (location / "zarr.json").is_file()
-    return remote.exists(f"{location}/zarr.json")
 
 
 def _geozarr_attrs(georef: GeoRef, height: int, width: int) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def run_segment(
     dask_address: str | None = None,
 ) -> dict[str, Any]:
     """segment_region over ``cfg.segment`` with the checkpoint ``model``."""
-    from segflow.io.store import remove_tree, staging_path
+    from segflow.io.store import remove_store, staging_location
     from segflow.outputs import remove_output
     from segflow.segment import segment_region
 
@@ -213,8 +213,8 @@ def run_segment(
         for old in run.previous.outputs if run.previous else ():
             remove_output(old)  # e.g. polygons no longer asked for; with its .aux.xml
         if not prediction_store_reusable(run):
-            remove_tree(req.work_store)
-            remove_tree(staging_path(req.work_store))
+            for where in {req.work_store, staging_location(req.work_store)}:
+                remove_store(where)
     with options_named("yaml", prefix="segment."):  # the user wrote the YAML section
         r = segment_region(req).to_dict()
     result = {

@@ -56,6 +56,7 @@ from segflow import __version__
 from segflow.atomic import write_json_atomic
 from segflow.config import DEFAULT_CLASSES, ClassDef, format_validation_error
 from segflow.errors import CheckpointError, ConfigError
+from segflow.io import remote
 from segflow.normalization import Normalization
 from segflow.train import models as _models
 from segflow.train.models import ModelConfig, build_model, size_multiple, tile_independent
@@ -252,7 +253,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Checkp
     checkpoint is loadable), ``meta.tensors`` is filled from the state dict, and both
     files are written into a temporary sibling directory that is then renamed to
     ``path``. With ``overwrite=True`` an existing checkpoint is replaced (moved aside,
-    then deleted after the new one is in place).
+    then deleted after the new one is in place). On object storage (``s3://``) the files
+    are written locally and uploaded, ``checkpoint.json`` last: a reader finds the weights
+    it describes.
 
     Raises
     ------
@@ -260,6 +263,16 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Checkp
         ``path`` exists (without ``overwrite``), or the model does not match
         ``meta.model``.
     """
+    if remote.is_url(path):
+        url = remote.check_location(path, what="checkpoint", write=True)
+        if not overwrite and remote.exists(f"{url}/{META_FILE}"):
+            raise CheckpointError(f"checkpoint {url!r} already exists: choose a new URL or "
+                                  "pass overwrite=True")
+        with tempfile.TemporaryDirectory(prefix="segflow-checkpoint-") as scratch:
+            save_checkpoint(Path(scratch) / "checkpoint", model, meta)
+            for name in (WEIGHTS_FILE, META_FILE):
+                remote.upload(Path(scratch) / "checkpoint" / name, f"{url}/{name}")
+        return
     target = Path(path)
     if target.exists() and not overwrite:
         raise CheckpointError(
@@ -319,7 +332,39 @@ def _refuse_pickle(path: Path, kind: str) -> CheckpointError:
     )
 
 
+def fetch_checkpoint(url: str) -> Path:
+    """A local copy of the checkpoint directory at ``url`` (object storage or HTTP).
+
+    Kept in ``checkpoints/`` of the cache directory (:func:`halo_cache_dir`'s parent, or a
+    temporary directory without one) under a digest of the two objects' identities (URL,
+    size, ETag, time: two HEAD requests), so a checkpoint is downloaded once and again only
+    when it changes. The copy is built under a temporary name and renamed into place.
+    """
+    base = remote.check_location(url, what="checkpoint")
+    names = (META_FILE, WEIGHTS_FILE)
+    ids = [remote.object_identity(f"{base}/{name}") for name in names]
+    cache = halo_cache_dir()
+    root = (cache.parent if cache else Path(tempfile.gettempdir()) / "segflow") / "checkpoints"
+    folder = root / hashlib.sha256("\n".join(ids).encode()).hexdigest()[:24]
+    if all((folder / name).is_file() for name in names):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
+    try:
+        for name in names:
+            remote.download(f"{base}/{name}", tmp / name)
+        os.replace(tmp, folder)
+    except OSError:  # another process put the same copy in place first
+        if not all((folder / name).is_file() for name in names):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def _checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    if remote.is_url(path):
+        return fetch_checkpoint(str(path))
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {str(p)!r}: check the path")
@@ -560,7 +605,7 @@ def load_checkpoint_cached(path: str | os.PathLike[str]) -> tuple[nn.Module, Che
     the wire). The cache holds two checkpoints; the model is shared, so callers must not
     change its weights.
     """
-    root = Path(path)
+    root = fetch_checkpoint(str(path)) if remote.is_url(path) else Path(path)
     files = [root] if root.is_file() else [root / META_FILE, root / WEIGHTS_FILE]
     stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files)
     return _load_cached(str(root.resolve()), stamp)
