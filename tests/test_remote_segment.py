@@ -18,6 +18,7 @@ from segflow.io.store import COMPLETE_MARKER, SceneStore
 from segflow.segment import SegmentRequest, segment_region
 from segflow.train.checkpoint import build_meta, save_checkpoint
 from segflow.train.models import ModelConfig, build_model
+from tests._s3 import S3Server, byte_counter
 
 CLASSES = (ClassDef(id=0, name="background"), ClassDef(id=1, name="building", color="#ff3030"))
 CFG = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=4, depth=2,
@@ -105,3 +106,53 @@ def test_segment_region_on_s3_equals_local(
         segment_region(_request(image_url, model_url, f"{s3}/user"))
     assert remote.read_bytes(f"{s3}/user/p.gpkg") == b"mine"
     assert not remote.exists(f"{s3}/user/m.tif")
+
+
+def _gigapixel_cog(source: Path, out: Path, side: int = 32768) -> Path:
+    """A ``side`` x ``side`` COG (1.07 gigapixels for 32768): ``source`` enlarged by nearest
+    neighbour through a VRT, so it takes seconds and compresses to about 20 MB."""
+    import rasterio.shutil
+
+    with rasterio.open(source) as src:
+        scale = src.width / side
+        t = src.transform @ src.transform.scale(scale, scale)
+        h, w = src.height, src.width
+        wkt = src.crs.to_wkt()
+    vrt = (
+        f'<VRTDataset rasterXSize="{side}" rasterYSize="{side}"><SRS>{wkt}</SRS>'
+        f"<GeoTransform>{t.c},{t.a},{t.b},{t.f},{t.d},{t.e}</GeoTransform>"
+        '<VRTRasterBand dataType="UInt16" band="1"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{source}</SourceFilename><SourceBand>1</SourceBand>'
+        f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+        f'<DstRect xOff="0" yOff="0" xSize="{side}" ySize="{side}"/>'
+        "</SimpleSource></VRTRasterBand></VRTDataset>"
+    )
+    rasterio.shutil.copy(vrt, out, driver="COG", COMPRESS="DEFLATE", PREDICTOR=2,
+                         BLOCKSIZE=512, OVERVIEWS="NONE", NUM_THREADS=2)  # fmt: skip
+    return out
+
+
+def test_window_of_a_gigapixel_cog_on_s3_reads_a_few_megabytes(
+    s3: str, s3_server: S3Server, samples: Path, model_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """No whole download: a 512 x 512 window of a 1.07-gigapixel COG costs the server a few
+    MB (counted by a TCP proxy in front of it), and equals the same window of the local file."""
+    big = _gigapixel_cog(samples / "spacenet_atlanta" / "sample_geotiff.tif", tmp_path / "big.tif")
+    url = f"{s3}/big.tif"
+    remote.upload(big, url)
+    window = (20000, 12000, 512, 512)
+    local = segment_region(SegmentRequest(image=str(big), model=str(model_dir), window=window,
+                                          out=str(tmp_path / "local.tif"), tile=256))  # fmt: skip
+    with byte_counter(s3_server) as counter, monkeypatch.context() as m:
+        m.setenv("AWS_ENDPOINT_URL", counter.endpoint)
+        rep = segment_region(SegmentRequest(image=url, model=str(model_dir), window=window,
+                                            out=str(tmp_path / "m.tif"), tile=256))  # fmt: skip
+    size = remote.head(url).size
+    print(f"gigapixel COG {size / 2**20:.1f} MiB; sent for a 512 x 512 window: "
+          f"{counter.sent / 2**20:.2f} MiB ({counter.sent / size:.1%})")  # fmt: skip
+    assert counter.sent < 4 * 2**20 and counter.sent < size / 5
+    assert rep.class_pixels == local.class_pixels
+    with rasterio.open(tmp_path / "m.tif") as a, rasterio.open(tmp_path / "local.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert a.transform == b.transform
