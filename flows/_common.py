@@ -108,6 +108,7 @@ def warm_prefect_api() -> Callable[[], None]:
 
     if PREFECT_API_URL.value():
         return lambda: None
+    used: list[bool] = []
     try:
         import atexit
 
@@ -118,10 +119,26 @@ def warm_prefect_api() -> Callable[[], None]:
             server.port = server.find_available_port()
             server.server_process = server._run_uvicorn_command()
             server.running = True
-            atexit.register(server.stop)
+            atexit.register(_stop, server, used)
     except Exception:  # a Prefect without these internals starts its server itself
         return lambda: None
-    return lambda: _wait_healthy(server)
+
+    def wait() -> None:
+        used.append(True)
+        _wait_healthy(server)
+
+    return wait
+
+
+def _stop(server: Any, used: list[bool]) -> None:
+    """Stop the warm server at exit. One no flow used (the command failed its checks) is
+    killed outright: stopped politely while still starting, uvicorn prints a traceback
+    after the command's one ``error:`` line."""
+    if used or server.server_process is None:
+        server.stop()
+    else:
+        server.server_process.kill()
+        server.server_process.wait()
 
 
 def _wait_healthy(server: Any) -> None:

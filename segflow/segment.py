@@ -187,20 +187,22 @@ def plan_request(req: SegmentRequest) -> dict[str, Path | str]:
     if req.into_store and not remote.is_url(req.image):
         check_output_directory("into_store", req.image)  # a read-only store fails now
     work = None if req.into_store else req.work_store
-    if work is not None:
-        _check_work(work)
     named = {**req.outputs(), "work": None if work is None else str(work)}
+    for name, value in named.items():  # URLs that cannot be written fail before any request
+        if value and remote.is_url(value):
+            remote.check_location(value, what=name, write=True)
     record = _earlier_outputs(_prediction_store_path(req))
     inputs = [req.image, req.model]
     plan: dict[str, Path | str] = {}
+    plan.update(plan_urls(req.outputs(), inputs=inputs, overwrite=req.overwrite, record=record,
+                          trees=("ome_zarr",)))  # fmt: skip
+    if work is not None:
+        _check_work(work)
     plan.update(plan_outputs(
         {k: None if v and remote.is_url(v) else v for k, v in named.items()},
         inputs=[p for p in inputs if not remote.is_url(p)], overwrite=req.overwrite,
         record=record, directories=("work",), trees=("ome_zarr",),
     ))  # fmt: skip
-    urls = {k: v for k, v in named.items() if k != "work"}
-    plan.update(plan_urls(urls, inputs=inputs, overwrite=req.overwrite, record=record,
-                          trees=("ome_zarr",)))  # fmt: skip
     if isinstance(work, str):
         plan["work"] = work
     return plan

@@ -73,17 +73,28 @@ class S3Server:
             self.proc.wait()
 
 
-def start_s3_server(log: Path) -> S3Server:
+#: Requests an authenticating server answers before it checks credentials: the set-up of
+#: :func:`authorised_bucket` (user, access key, policy, bucket).
+SETUP_REQUESTS = 4
+
+
+def start_s3_server(log: Path, *, authenticate: bool = False) -> S3Server:
+    """``moto_server`` on a free loopback port; with ``authenticate``, every request after
+    the first :data:`SETUP_REQUESTS` must be signed with an IAM access key it issued."""
     cmd = moto_server_command()
     if cmd is None:
         raise RuntimeError("moto_server is not installed: pip install 'moto[server]'")
     port = free_port()
+    env = dict(os.environ)
+    if authenticate:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(SETUP_REQUESTS)
     with log.open("wb") as fh:
         proc = subprocess.Popen(
             [*cmd, "-H", "127.0.0.1", "-p", str(port)],
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -152,3 +163,24 @@ def byte_counter(server: S3Server) -> Iterator[ByteCounter]:
         yield counter
     finally:
         counter.close()
+
+
+def authorised_bucket(server: S3Server, bucket: str) -> dict[str, str]:
+    """On an authenticating server: an IAM user allowed everything, its access key and
+    ``bucket`` (the :data:`SETUP_REQUESTS` unsigned requests); the environment that uses
+    that key."""
+    import json
+
+    import boto3
+
+    kw = {"endpoint_url": server.endpoint, "region_name": "us-east-1",
+          "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}  # fmt: skip
+    iam = boto3.client("iam", **kw)
+    iam.create_user(UserName="segflow")
+    key = iam.create_access_key(UserName="segflow")["AccessKey"]
+    allow = {"Version": "2012-10-17",
+             "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}  # fmt: skip
+    iam.put_user_policy(UserName="segflow", PolicyName="all", PolicyDocument=json.dumps(allow))
+    boto3.client("s3", **kw).create_bucket(Bucket=bucket)
+    return {**server.env(), "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}  # fmt: skip

@@ -8,6 +8,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -210,13 +211,28 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture
-def s3(s3_server: object, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+def s3(
+    s3_server: object,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> Iterator[str]:
     """A fresh bucket on the loopback server, this test's environment pointing at it;
-    ``s3://bucket``."""
-    from tests._s3 import S3Server
+    ``s3://bucket``. Afterwards, no log record (any level) and nothing the test printed to
+    stdout or stderr holds the secret key."""
+    import logging
+
+    from tests._s3 import SECRET, S3Server
 
     assert isinstance(s3_server, S3Server)
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
+    caplog.set_level(logging.DEBUG)
     bucket = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
-    return s3_server.create_bucket(bucket)
+    yield s3_server.create_bucket(bucket)
+    out, err = capfd.readouterr()
+    sys.stdout.write(out)  # shown again with the test's report
+    sys.stderr.write(err)
+    assert SECRET not in caplog.text, "a log record holds the secret key"
+    assert SECRET not in out + err, "the output holds the secret key"

@@ -598,10 +598,8 @@ def cases(a: Path) -> list[dict[str, Any]]:
     ]
 
 
-def test_hostile_command_lines(arena: Path, tmp_path: Path) -> None:
-    table = cases(arena)
-    assert len(table) >= 40
-    before, samples_before = tree_digest(arena), tree_digest(SAMPLES)
+def _run_cases(table: list[dict[str, Any]], tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Run every case through tests/_flow_runner.py; its results by case id."""
     (tmp_path / "cases.json").write_text(json.dumps(table))
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), SEGFLOW_DEBUG="")
     subprocess.run(
@@ -616,19 +614,29 @@ def test_hostile_command_lines(arena: Path, tmp_path: Path) -> None:
         check=True,
         timeout=600,
     )
-    results = {r["id"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    return {r["id"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+
+
+def _one_error_line(case: dict[str, Any], result: dict[str, Any]) -> bool:
+    lines = [ln for ln in result["stderr"].splitlines() if ln.strip()]
+    return (
+        result["status"] == 2
+        and len(lines) == 1
+        and lines[0].startswith("error: ")
+        and case["match"].lower() in lines[0].lower()
+    )
+
+
+def test_hostile_command_lines(arena: Path, tmp_path: Path) -> None:
+    table = cases(arena)
+    assert len(table) >= 40
+    before, samples_before = tree_digest(arena), tree_digest(SAMPLES)
+    results = _run_cases(table, tmp_path)
     failures = []
     for case in table:
         r = results[case["id"]]
-        lines = [ln for ln in r["stderr"].splitlines() if ln.strip()]
-        ok = (
-            r["status"] == 2
-            and len(lines) == 1
-            and lines[0].startswith("error: ")
-            and case["match"].lower() in lines[0].lower()
-        )
         present = [o for o in case["outputs"] if (arena / o).exists()]
-        if not ok or present:
+        if not _one_error_line(case, r) or present:
             failures.append(
                 f"{case['id']}: exit {r['status']}, outputs left {present}, stderr:\n{r['stderr'][-2000:]}"
             )
@@ -639,3 +647,88 @@ def test_hostile_command_lines(arena: Path, tmp_path: Path) -> None:
     new = [k for k in after if k not in before and ".partial" not in k]
     assert not new, f"files appeared: {new}"
     assert tree_digest(SAMPLES) == samples_before
+
+
+# ------------------------------------------------------------------------ object storage
+BUCKET = "segflow-hostile"
+WRONG_SECRET = "segflow-WRONG-secret-51d2e8"
+
+
+@pytest.fixture(scope="module")
+def s3_auth(tmp_path_factory: pytest.TempPathFactory, arena: Path) -> Iterator[dict[str, str]]:
+    """A moto_server that checks credentials, a bucket holding the scene and the checkpoint,
+    and the environment with a valid access key."""
+    from segflow.io import remote
+    from tests._s3 import authorised_bucket, start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3auth") / "moto.log", authenticate=True)
+    try:
+        env = authorised_bucket(server, BUCKET)
+        with pytest.MonkeyPatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            remote.upload(arena / "scene.tif", f"s3://{BUCKET}/scene.tif")
+            for f in (arena / "ck").iterdir():
+                remote.upload(f, f"s3://{BUCKET}/ck/{f.name}")
+        yield env
+    finally:
+        server.stop()
+
+
+def s3_cases(env: dict[str, str]) -> list[dict[str, Any]]:
+    """Bad object-storage input: (id, script, argv, environment changes, error fragment)."""
+    from tests._s3 import free_port
+
+    b = f"s3://{BUCKET}"
+    seg = [SEGMENT, "--image", f"{b}/scene.tif", "--model", f"{b}/ck"]
+    t: list[tuple[str, str, list[str], dict[str, str], str]] = [
+        ("s3-missing-key", INGEST, [f"{b}/gone.tif", "--out", f"{b}/o1.zarr"], {},
+         "no such object"),
+        ("s3-missing-bucket", INGEST, ["s3://segflow-no-such-bucket/x.tif", "--out",
+                                       f"{b}/o2.zarr"], {}, "no such"),
+        ("s3-wrong-secret", INGEST, [f"{b}/scene.tif", "--out", f"{b}/o3.zarr"],
+         {"AWS_SECRET_ACCESS_KEY": WRONG_SECRET}, "access denied"),
+        ("s3-unknown-key-id", seg[0], [*seg[1:], "--out", f"{b}/o4.tif"],
+         {"AWS_ACCESS_KEY_ID": "AKIASEGFLOWUNKNOWN01"}, "access denied"),
+        ("s3-unreachable", seg[0], [*seg[1:], "--out", f"{b}/o5.tif"],
+         {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, "cannot reach"),
+        ("s3-unsupported-scheme", INGEST, ["ftp://example.org/x.tif", "--out", f"{b}/o6.zarr"],
+         {}, "unsupported url scheme"),
+        ("s3-out-read-only", seg[0], [*seg[1:], "--out", "https://example.org/o7.tif"], {},
+         "read only"),
+        ("s3-out-missing-bucket", seg[0], [*seg[1:], "--out", "s3://segflow-no-such-bucket/o.tif"],
+         {}, "no such"),
+        ("s3-missing-model", SEGMENT, ["--image", f"{b}/scene.tif", "--model", f"{b}/nomodel",
+                                       "--out", f"{b}/o9.tif"], {}, "no such object"),
+        ("s3-out-s3a", INGEST, [f"{b}/scene.tif", "--out", f"s3a://{BUCKET}/o10.zarr"], {},
+         "unsupported url scheme"),
+    ]  # fmt: skip
+    return [
+        {"id": i, "script": s, "argv": argv, "outputs": [], "match": m, "env": {**env, **e}}
+        for i, s, argv, e, m in t
+    ]
+
+
+def test_hostile_object_storage_command_lines(
+    arena: Path, s3_auth: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Missing key or bucket, a wrong secret, an unknown key, an unreachable endpoint and
+    unsupported or read-only URLs: one line naming the URL and never a secret, exit 2,
+    nothing written to the bucket or the disk."""
+    from segflow.io import remote
+
+    for k, v in s3_auth.items():
+        monkeypatch.setenv(k, v)
+    table = s3_cases(s3_auth)
+    before, keys = tree_digest(arena), set(remote.list_keys(f"s3://{BUCKET}"))
+    results = _run_cases(table, tmp_path)
+    failures = [
+        f"{c['id']}: exit {results[c['id']]['status']}, stderr:\n{results[c['id']]['stderr'][-2000:]}"
+        for c in table
+        if not _one_error_line(c, results[c["id"]])
+    ]
+    assert not failures, "\n\n".join(failures)
+    secrets = (s3_auth["AWS_SECRET_ACCESS_KEY"], WRONG_SECRET)
+    assert not [r["id"] for r in results.values() if any(x in r["stderr"] for x in secrets)]
+    assert set(remote.list_keys(f"s3://{BUCKET}")) == keys  # nothing written
+    assert tree_digest(arena) == before

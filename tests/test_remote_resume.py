@@ -21,6 +21,7 @@ from segflow.io.store import COMPLETE_MARKER, SceneStore
 from segflow.segment import SegmentRequest, segment_region
 from segflow.train.checkpoint import build_meta, save_checkpoint
 from segflow.train.models import ModelConfig, build_model
+from tests._s3 import SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,7 @@ def _killed(*args: str) -> None:
     proc = subprocess.run([sys.executable, "-c", KILL, *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == -9, proc.stderr[-2000:]
+    assert SECRET not in proc.stdout + proc.stderr
 
 
 def test_ingest_on_s3_resumes_after_kill_9(s3: str, samples: Path, tmp_path: Path) -> None:
@@ -76,9 +78,7 @@ def test_ingest_on_s3_resumes_after_kill_9(s3: str, samples: Path, tmp_path: Pat
         np.testing.assert_array_equal(a.array(name)[...], b.array(name)[...])
 
 
-def test_segment_region_on_s3_resumes_after_kill_9(
-    s3: str, samples: Path, tmp_path: Path
-) -> None:
+def test_segment_region_on_s3_resumes_after_kill_9(s3: str, samples: Path, tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from make_big_geotiff import mosaic_block
 

@@ -3,6 +3,7 @@ real S3-compatible server (moto_server on loopback), equal to the local-disk run
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import geopandas as gpd
@@ -18,7 +19,7 @@ from segflow.io.store import COMPLETE_MARKER, SceneStore
 from segflow.segment import SegmentRequest, segment_region
 from segflow.train.checkpoint import build_meta, save_checkpoint
 from segflow.train.models import ModelConfig, build_model
-from tests._s3 import S3Server, byte_counter
+from tests._s3 import SECRET, S3Server, byte_counter
 
 CLASSES = (ClassDef(id=0, name="background"), ClassDef(id=1, name="building", color="#ff3030"))
 CFG = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=4, depth=2,
@@ -91,6 +92,8 @@ def test_segment_region_on_s3_equals_local(
     b_store = SceneStore.open(tmp_path / "local" / "m.predictions.zarr")
     for name in ("prediction/labels", "valid", "prediction/instances"):
         np.testing.assert_array_equal(a_store.array(name)[...], b_store.array(name)[...])
+
+    assert SECRET not in json.dumps(a_store.meta)  # records name URLs, never credentials
 
     # the same command again: every unit recorded, its own outputs replaced
     again = segment_region(req)

@@ -229,27 +229,28 @@ def configure_gdal() -> None:
 
     GDAL reads ``AWS_ACCESS_KEY_ID`` & co. itself but not ``AWS_ENDPOINT_URL``: an endpoint
     there becomes ``AWS_S3_ENDPOINT`` (host:port), ``AWS_HTTPS`` and path-style addressing
-    (S3-compatible servers rarely serve virtual-hosted buckets). Values already set win.
-    ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` stops GDAL from listing the whole "directory"
-    of an object on open. ``AWS_NO_SIGN_REQUEST=YES`` GDAL reads as it is. Called before every remote open (cheap, idempotent), so Dask
-    workers configure themselves from their own environment.
+    (S3-compatible servers rarely serve virtual-hosted buckets). Environment variables the
+    user set win. ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` stops GDAL from listing the
+    whole "directory" of an object on open. ``AWS_NO_SIGN_REQUEST=YES`` GDAL reads as it is.
+    Called before every remote open (cheap, idempotent), so Dask workers configure
+    themselves from their own environment.
     """
-    derived = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    derived: dict[str, str | None] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
     endpoint = _endpoint()
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         derived["AWS_S3_ENDPOINT"] = host.rstrip("/")
         derived["AWS_HTTPS"] = "NO" if scheme == "http" else "YES"
         derived["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    from rasterio._env import set_gdal_config
+
+    for name in ("AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING"):
+        derived.setdefault(name, None)  # no endpoint now: drop what an earlier call derived
     for name, value in derived.items():
-        # a value the user set stays; one this function set follows the environment
-        if name not in os.environ or os.environ[name] == _DERIVED.get(name):
-            os.environ[name] = value
-            _DERIVED[name] = value
-
-
-#: What :func:`configure_gdal` last wrote (so it updates its own values, never the user's).
-_DERIVED: dict[str, str] = {}
+        # GDAL configuration options of this process, not environment variables: they follow
+        # the environment on every call, and a child process (a Dask worker) derives its own
+        # from its environment instead of inheriting stale ones. A variable the user set wins.
+        set_gdal_config(name, None if name in os.environ else value)
 
 
 def object_url(value: str) -> str:
