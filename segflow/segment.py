@@ -51,6 +51,7 @@ from segflow.infer.exports import (
     RegionView,
     export_outputs,
     instance_classes,
+    write_prediction_item,
 )
 from segflow.io import remote
 from segflow.io.sources import Source, open_source
@@ -150,6 +151,8 @@ def _absolute(path: str) -> str:
 
 #: Request fields of the outputs whose name in plans and messages differs.
 _FIELDS = {"qupath": "qupath_geojson"}
+#: Plan names of the exports' results whose key differs.
+_PLAN_NAMES = {"cog": "out", "qupath_geojson": "qupath"}
 
 
 def _prediction_store_path(req: SegmentRequest) -> Path | str:
@@ -423,12 +426,18 @@ def segment_region(
         counter = ClassCounter(classes)
         # outputs on object storage are written here and uploaded once all are complete
         with staged_outputs(urls, trees=("ome_zarr",)) as local:
+            fields = {_FIELDS.get(k, k): v for k, v in local.items() if k != "stac"}
             job = ExportJob(
-                req.model_copy(update={_FIELDS.get(k, k): v for k, v in local.items()}),
-                store, view_region, region, georef, inp.slide, classes,
-                preview=functools.partial(_decimated_image, inp, region),
+                req.model_copy(update=fields), store, view_region, region, georef, inp.slide,
+                classes, preview=functools.partial(_decimated_image, inp, region),
             )  # fmt: skip
             written = export_outputs(job, counter)
+            finals = {k: str(plan[_PLAN_NAMES.get(k, k)]) for k in written
+                      if _PLAN_NAMES.get(k, k) in plan}  # fmt: skip
+            finals["stac"] = str(plan["stac"])
+            written["stac"] = write_prediction_item(job, written, finals,
+                                                    str(local.get("stac", plan["stac"])),
+                                                    class_pixels=counter.by_name())  # fmt: skip
         back = {str(local[k]): urls[k] for k in local}
         outputs = {k: back.get(str(v), v) for k, v in written.items()}
         # what this run wrote, so that the same command may replace it next time

@@ -94,6 +94,11 @@ def test_segment_region_on_s3_equals_local(
         np.testing.assert_array_equal(a_store.array(name)[...], b_store.array(name)[...])
 
     assert SECRET not in json.dumps(a_store.meta)  # records name URLs, never credentials
+    _check_stac(json.loads(remote.read_bytes(f"{s3}/out/m.stac.json")), got / "m.tif", rep)
+    assert (
+        json.loads((tmp_path / "local" / "m.stac.json").read_text())["assets"]["mask"]["href"]
+        == "./m.tif"
+    )
 
     # the same command again: every unit recorded, its own outputs replaced
     again = segment_region(req)
@@ -159,3 +164,39 @@ def test_window_of_a_gigapixel_cog_on_s3_reads_a_few_megabytes(
     with rasterio.open(tmp_path / "m.tif") as a, rasterio.open(tmp_path / "local.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
         assert a.transform == b.transform
+
+
+def validate_stac(doc: dict) -> None:
+    """Validate a STAC Item with pystac's validator, offline: the core schemas come with
+    pystac, the projection extension's from tests/data/stac."""
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.validation.stac_validator import JsonSchemaSTACValidator
+
+    validator = JsonSchemaSTACValidator()
+    schema = Path(__file__).parent / "data" / "stac" / "projection-v2.0.0-schema.json"
+    validator.schema_cache[ProjectionExtension.get_schema_uri()] = json.loads(schema.read_text())
+    pystac.validation.set_validator(validator)
+    item = pystac.Item.from_dict(doc)
+    assert item.validate()  # the schemas it was checked against
+    assert ProjectionExtension.get_schema_uri() in item.stac_extensions
+
+
+def _check_stac(doc: dict, cog: Path, rep) -> None:
+    """The Item validates; its proj: fields, footprint and assets are the COG's."""
+    from rasterio.warp import transform_bounds
+
+    validate_stac(doc)
+    props = doc["properties"]
+    with rasterio.open(cog) as src:
+        assert props["proj:code"] == f"EPSG:{src.crs.to_epsg()}"
+        assert props["proj:shape"] == list(src.shape)
+        assert props["proj:transform"] == list(src.transform)[:6]
+        assert props["proj:bbox"] == list(src.bounds)
+        np.testing.assert_allclose(doc["bbox"], transform_bounds(src.crs, "EPSG:4326", *src.bounds))
+    assert doc["assets"]["mask"]["href"] == "./m.tif"  # beside the Item: they move together
+    assert {"mask", "probabilities", "instances", "polygons", "parquet", "overview"} <= set(
+        doc["assets"]
+    )
+    assert props["segflow:class_pixels"] == rep.class_pixels
+    assert props["segflow:parameters"]["tile"] == 256

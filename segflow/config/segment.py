@@ -231,8 +231,17 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
         out = Path(self.out)
         return out.with_name(out.stem + ".predictions.zarr")
 
+    @property
+    def stac_item(self) -> str:
+        """The STAC Item written beside ``out``: ``OUT.stac.json`` (without ``.tif``)."""
+        if "://" in self.out:
+            parent, _, name = self.out.rpartition("/")
+            return f"{parent}/{Path(name).stem}.stac.json"
+        return str(Path(self.out).with_name(Path(self.out).stem + ".stac.json"))
+
     def outputs(self) -> dict[str, str | None]:
-        """Every file output by option name (``None``: not asked for)."""
+        """Every file output by option name (``None``: not asked for; ``stac``: the STAC
+        Item, always written)."""
         return {
             "out": self.out,
             "probabilities": self.probabilities,
@@ -243,4 +252,5 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
             "ome_zarr": self.ome_zarr,
             "qupath": self.qupath_geojson,
             "instances": self.instances,
+            "stac": self.stac_item,
         }

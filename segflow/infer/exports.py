@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from segflow.io.store import GeoRef, SceneStore, SlideInfo
 
 __all__ = [
     "INSTANCES",
+    "write_prediction_item",
     "ClassCounter",
     "ExportJob",
     "RegionView",
@@ -232,3 +234,42 @@ def _quicklook(job: ExportJob, labels: RegionView) -> Any:
     step = max(1, -(-max(region.height, region.width) // 1024))
     return quicklook_png(job.preview(step), labels[::step, ::step], job.req.quicklook,
                          classes=job.classes, nodata=255, max_size=1024)  # fmt: skip
+
+
+#: STAC asset keys of the outputs, by their key in :func:`export_outputs`'s result.
+_ASSETS = {"cog": "mask", "probabilities": "probabilities", "instances": "instances",
+           "polygons": "polygons", "parquet": "parquet", "quicklook": "overview"}  # fmt: skip
+
+
+def write_prediction_item(
+    job: ExportJob,
+    written: dict[str, Any],
+    finals: dict[str, str],
+    path: str,
+    *,
+    class_pixels: dict[str, int],
+) -> str:
+    """Write the STAC Item of a prediction at the local ``path``.
+
+    ``written`` is :func:`export_outputs`'s result (local files), ``finals`` where each of
+    them ends up (``{key: path or URL}``, the Item's own under ``stac``).
+    """
+    from segflow import __version__
+    from segflow.io.export.stac import stac_item, write_stac_item
+
+    req = job.req
+    params = req.model_dump(include={"tile", "mode", "overlap", "tta_flips", "tta_set", "level",
+                                     "window", "bbox", "bbox_crs", "min_area"})  # fmt: skip
+    properties = {
+        "segflow:version": __version__,
+        "segflow:image": req.image,
+        "segflow:model": req.model,
+        "segflow:parameters": params,
+        "segflow:classes": [{"id": c.id, "name": c.name} for c in job.classes],
+        "segflow:class_pixels": class_pixels,
+    }
+    assets = {_ASSETS[k]: finals[k] for k in _ASSETS if k in written and k in finals}
+    item = stac_item(written["cog"], item_id=Path(finals["cog"]).stem, href=finals["stac"],
+                     assets=assets, properties=properties)  # fmt: skip
+    write_stac_item(path, item)
+    return path
