@@ -197,6 +197,22 @@ def tiff_header_bomb(path: Path, *, side: int = 10**6, big: bool = False) -> Pat
     return path
 
 
+def mosaic_geotiff(chip: Path, out: Path, *, size: int = 2048) -> Path:
+    """A ``size`` x ``size`` tiled GeoTIFF of ``chip`` mirror-tiled (benchmarks'
+    make_big_geotiff), with 256-pixel blocks."""
+    import rasterio
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from make_big_geotiff import mosaic_block
+
+    with rasterio.open(chip) as src:
+        profile, pixels = src.profile, src.read()
+    profile.update(width=size, height=size, tiled=True, blockxsize=256, blockysize=256)
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(mosaic_block(pixels, 0, 0, size, size))
+    return out
+
+
 # ------------------------------------------------------------------------ object storage
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import mosaic_geotiff
 
 from segflow.errors import StoreError
 from segflow.ingest import IngestSpec, ingest
@@ -79,15 +80,9 @@ def test_ingest_on_s3_resumes_after_kill_9(s3: str, samples: Path, tmp_path: Pat
 
 
 def test_segment_region_on_s3_resumes_after_kill_9(s3: str, samples: Path, tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from make_big_geotiff import mosaic_block
-
-    with rasterio.open(samples / "spacenet_atlanta" / "sample_geotiff.tif") as src:
-        profile, chip = src.profile, src.read()
-    profile.update(width=2048, height=2048, tiled=True, blockxsize=256, blockysize=256)
-    image = tmp_path / "big.tif"
-    with rasterio.open(image, "w", **profile) as dst:
-        dst.write(mosaic_block(chip, 0, 0, 2048, 2048))
+    image = mosaic_geotiff(
+        samples / "spacenet_atlanta" / "sample_geotiff.tif", tmp_path / "big.tif"
+    )
     cfg = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=8, depth=2,
                       num_res_units=0)  # fmt: skip
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import kill_9
+from conftest import kill_9, mosaic_geotiff
 from rasterio.features import rasterize
 
 from segflow.config import ClassDef
@@ -343,15 +343,7 @@ def test_cli_bad_input_one_line(mask_scene: tuple[Path, Path], tmp_path: Path) -
 
 def test_resume_after_kill_9(samples: Path, tmp_path: Path) -> None:
     """SIGKILL segment_region mid-run; the same command again skips finished units and gives the same COG."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from make_big_geotiff import mosaic_block
-
-    with rasterio.open(samples / "spacenet_atlanta" / "sample_geotiff.tif") as src:
-        profile, chip = src.profile, src.read()
-    profile.update(width=2048, height=2048, tiled=True, blockxsize=256, blockysize=256)
-    image = tmp_path / "big.tif"
-    with rasterio.open(image, "w", **profile) as dst:
-        dst.write(mosaic_block(chip, 0, 0, 2048, 2048))
+    image = mosaic_geotiff(samples / "spacenet_atlanta" / "sample_geotiff.tif", tmp_path / "big.tif")
     torch.manual_seed(0)
     ckpt = _checkpoint(tmp_path / "ck", build_model(CFG).eval(), mean=400.0, std=300.0)
     args = ["--image", str(image), "--model", str(ckpt), "--tile", "256", "--batch-size", "2"]
