@@ -140,8 +140,7 @@ def _load_model(path: str) -> tuple[Any, Any]:
 
 
 def _is_scene_store(path: str | Path) -> bool:
-    where = remote.check_location(path, what="image")
-    return not where.startswith("/vsi") and store_exists(where)
+    return store_exists(remote.check_location(path, what="image"))
 
 
 def _absolute(path: str) -> str:
@@ -438,8 +437,7 @@ def segment_region(
             written["stac"] = write_prediction_item(job, written, finals,
                                                     str(local.get("stac", plan["stac"])),
                                                     class_pixels=counter.by_name())  # fmt: skip
-        back = {str(local[k]): urls[k] for k in local}
-        outputs = {k: back.get(str(v), v) for k, v in written.items()}
+        outputs = {k: urls.get(_PLAN_NAMES.get(k, k), v) for k, v in written.items()}
         # what this run wrote, so that the same command may replace it next time
         store.update_meta(outputs=_stamps(plan, req.outputs()))
     return SegmentReport(

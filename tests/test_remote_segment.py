@@ -200,3 +200,23 @@ def _check_stac(doc: dict, cog: Path, rep) -> None:
     )
     assert props["segflow:class_pixels"] == rep.class_pixels
     assert props["segflow:parameters"]["tile"] == 256
+
+
+def test_url_outputs_replace_only_what_the_run_recorded(s3: str) -> None:
+    """plan_urls: an object (or a directory tree without its root object) of the user's at
+    an output URL is refused; the run's own recorded one is replaced."""
+    from segflow.io.staging import plan_urls, url_stamp
+    from segflow.outputs import OutputRecord
+
+    remote.write_bytes(f"{s3}/run/labels.zarr/0/0", b"user data, no zarr.json")
+    remote.write_bytes(f"{s3}/run/m.tif", b"an earlier run's mask")
+    with pytest.raises(ConfigError, match="already exists"):
+        plan_urls({"ome_zarr": f"{s3}/run/labels.zarr"}, inputs=[], trees=("ome_zarr",))
+    with pytest.raises(ConfigError, match="already exists"):
+        plan_urls({"out": f"{s3}/run/m.tif"}, inputs=[])
+    mine = OutputRecord({f"{s3}/run/m.tif": url_stamp(f"{s3}/run/m.tif") or ""})
+    assert plan_urls({"out": f"{s3}/run/m.tif"}, inputs=[], record=mine) == {
+        "out": f"{s3}/run/m.tif"
+    }
+    with pytest.raises(ConfigError, match="overlaps an input"):
+        plan_urls({"out": f"{s3}/run/m.tif"}, inputs=[f"{s3}/run"])

@@ -225,19 +225,20 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
         path, or a URL beside an ``out`` on object storage."""
         if self.work:
             return self.work.rstrip("/") if "://" in self.work else Path(self.work)
-        if "://" in self.out:
-            parent, _, name = self.out.rpartition("/")
-            return f"{parent}/{Path(name).stem}.predictions.zarr"
-        out = Path(self.out)
-        return out.with_name(out.stem + ".predictions.zarr")
+        work = self._beside_out(".predictions.zarr")
+        return work if "://" in work else Path(work)
 
     @property
     def stac_item(self) -> str:
         """The STAC Item written beside ``out``: ``OUT.stac.json`` (without ``.tif``)."""
+        return self._beside_out(".stac.json")
+
+    def _beside_out(self, suffix: str) -> str:
+        """The path or URL beside ``out`` named after its stem, with ``suffix``."""
         if "://" in self.out:
             parent, _, name = self.out.rpartition("/")
-            return f"{parent}/{Path(name).stem}.stac.json"
-        return str(Path(self.out).with_name(Path(self.out).stem + ".stac.json"))
+            return f"{parent}/{Path(name).stem}{suffix}"
+        return str(Path(self.out).with_name(Path(self.out).stem + suffix))
 
     def outputs(self) -> dict[str, str | None]:
         """Every file output by option name (``None``: not asked for; ``stac``: the STAC

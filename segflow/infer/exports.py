@@ -25,12 +25,12 @@ from segflow.io.store import GeoRef, SceneStore, SlideInfo
 
 __all__ = [
     "INSTANCES",
-    "write_prediction_item",
     "ClassCounter",
     "ExportJob",
     "RegionView",
     "export_outputs",
     "instance_classes",
+    "write_prediction_item",
 ]
 
 log = logging.getLogger(__name__)

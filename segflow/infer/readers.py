@@ -133,7 +133,7 @@ def open_reader(path: str | Path, level: int = 0) -> WindowReader:
     ignored: a store holds one), or a source read at pyramid ``level``."""
     from segflow.io.sources import open_source
 
-    if not str(path).startswith("/vsi") and store_exists(path):  # GDAL paths are sources
+    if store_exists(path):
         return StoreReader(SceneStore.open(path))
     return SourceReader(open_source(path if is_url(path) else Path(path), level=level))
 

@@ -65,6 +65,7 @@ __all__ = [
     "redact",
     "remove_prefix",
     "staged_upload",
+    "stat",
     "upload",
     "zarr_store",
 ]
@@ -242,7 +243,7 @@ def configure_gdal() -> None:
         derived["AWS_S3_ENDPOINT"] = host.rstrip("/")
         derived["AWS_HTTPS"] = "NO" if scheme == "http" else "YES"
         derived["AWS_VIRTUAL_HOSTING"] = "FALSE"
-    from rasterio._env import set_gdal_config
+    from rasterio.env import set_gdal_config
 
     for name in ("AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_VIRTUAL_HOSTING"):
         derived.setdefault(name, None)  # no endpoint now: drop what an earlier call derived
@@ -334,15 +335,20 @@ def object_identity(url: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def exists(url: str) -> bool:
-    """Whether an object is at ``url`` (missing bucket or no access: an error)."""
+def stat(url: str) -> ObjectInfo | None:
+    """:func:`head`, or ``None`` when no object is at ``url`` (a missing bucket or no
+    access: an error)."""
     try:
-        head(url)
+        return head(url)
     except RemoteError as err:
         if "no such object" in str(err):
-            return False
+            return None
         raise
-    return True
+
+
+def exists(url: str) -> bool:
+    """Whether an object is at ``url`` (missing bucket or no access: an error)."""
+    return stat(url) is not None
 
 
 def read_bytes(url: str) -> bytes:

@@ -41,12 +41,10 @@ def url_parent(url: str) -> str:
 
 def url_stamp(url: str, *, tree: bool = False) -> str | None:
     """Size and ETag of the object at ``url`` (of a tree's root object), or ``None``: what
-    :class:`~segflow.outputs.OutputRecord` compares for outputs on object storage."""
-    target = f"{url}/{_TREE_ROOT}" if tree else url
-    if not remote.exists(target):
-        return None
-    info = remote.head(target)
-    return f"{info.size}:{info.etag}"
+    :class:`~segflow.outputs.OutputRecord` compares for outputs on object storage (one
+    HEAD request)."""
+    info = remote.stat(f"{url}/{_TREE_ROOT}" if tree else url)
+    return None if info is None else f"{info.size}:{info.etag}"
 
 
 def _files(url: str) -> set[str]:
@@ -103,8 +101,10 @@ def plan_urls(
                 )
         remote.check_prefix(url_parent(url), what=name)  # the bucket answers: fail now
         tree = name in tree_names
-        there = remote.check_prefix(url, what=name) if tree else remote.exists(url)
-        if there and not overwrite and owned.stamps.get(url) != url_stamp(url, tree=tree):
+        stamp = url_stamp(url, tree=tree)
+        there = stamp is not None or (tree and remote.check_prefix(url, what=name))
+        ours = stamp is not None and owned.stamps.get(url) == stamp
+        if there and not overwrite and not ours:
             raise ConfigError(
                 f"{name}: {raw!r} already exists and is not an output of this command's earlier "
                 "run: pass --overwrite to replace it, or choose another URL"

@@ -107,7 +107,10 @@ def staging_location(location: str | Path) -> Path | str:
 
 
 def store_exists(location: str | Path) -> bool:
-    """Whether a store (finished or not) is at ``location``: its group metadata exists."""
+    """Whether a store (finished or not) is at ``location``: its group metadata exists (a
+    GDAL virtual path ``/vsi...`` names a raster, never a store)."""
+    if str(location).startswith("/vsi"):
+        return False
     if is_url(location):
         return remote.exists(f"{str(location).rstrip('/')}/zarr.json")
     return (Path(location) / "zarr.json").is_file()
