@@ -91,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="image to ingest")
     p.add_argument("--out", required=True, help="scene store to write (STORE.zarr)")
-    add_options(p, IngestConfig, skip=("source", "class_map"))  # --labels, --chunk, ...
+    # --labels, --chunk, ...
+    add_options(p, IngestConfig, skip=("source", "class_map"), flags={"assets": "--asset"})
     p.add_argument(
         "--class-map", help='raw label value -> class id, JSON, e.g. \'{"0": 1, "255": 0}\''
     )

@@ -78,6 +78,7 @@ class IngestSpec:
 
     source: str
     out: str
+    assets: tuple[str, ...] = ()
     labels: str | None = None
     instances: str | None = None
     class_field: str | None = None
@@ -106,6 +107,7 @@ class IngestSpec:
         """Build a spec from the validated ``ingest`` section of a pipeline config."""
         return cls(
             source=cfg.source,
+            assets=cfg.assets,
             out=out,
             labels=cfg.labels,
             instances=cfg.instances,
@@ -166,6 +168,7 @@ class IngestSpec:
         try:
             IngestConfig(
                 source=self.source,
+                assets=self.assets,
                 labels=self.labels,
                 instances=self.instances,
                 class_field=self.class_field,
@@ -261,6 +264,11 @@ def plan_tasks(
     return tasks
 
 
+def _source_options(spec: IngestSpec) -> dict[str, Any]:
+    """How :func:`~segflow.io.sources.open_source` opens ``spec``'s source."""
+    return {"level": spec.level, "max_pixels": spec.max_pixels, "assets": spec.assets}
+
+
 def _run_key(spec: IngestSpec, source_hash: str, label_hashes: Mapping[str, str]) -> str:
     """A digest of everything the store's content depends on."""
     doc = {
@@ -269,7 +277,8 @@ def _run_key(spec: IngestSpec, source_hash: str, label_hashes: Mapping[str, str]
         "params": {
             k: v
             for k, v in asdict(spec).items()
-            if k not in ("source", "out", "labels", "instances", "max_pixels")
+            # the assets are in the source's hash (a STAC Item's: the assets, in order)
+            if k not in ("source", "assets", "out", "labels", "instances", "max_pixels")
         },
         "schema": 1,
     }
@@ -418,7 +427,7 @@ def check_inputs(spec: IngestSpec) -> SourceInfo:
     spec.validated()
     _check_out_dir(spec)
     check_unlocked(spec.out)
-    with open_source(spec.source, level=spec.level, max_pixels=spec.max_pixels) as source:
+    with open_source(spec.source, **_source_options(spec)) as source:
         info = source.info
     _input_hashes(spec)
     with tempfile.TemporaryDirectory(prefix="segflow-check-") as tmp:
@@ -469,9 +478,9 @@ def _ingest(
     """:func:`ingest` under the store's lock."""
     t0 = time.perf_counter()
     out = _out_location(spec.out)
-    source = open_source(spec.source, level=spec.level, max_pixels=spec.max_pixels)
+    source = open_source(spec.source, **_source_options(spec))
     info = source.info
-    source_hash = source_sha256(spec.source)
+    source_hash = source_sha256(spec.source, assets=spec.assets)
     run_key = _run_key(spec, source_hash, _input_hashes(spec))
     if store_complete(out):
         return _already_complete(out, run_key, t0)

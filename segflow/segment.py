@@ -54,7 +54,7 @@ from segflow.infer.exports import (
     write_prediction_item,
 )
 from segflow.io import remote
-from segflow.io.sources import Source, open_source
+from segflow.io.sources import RasterioSource, Source, asset_hrefs, is_stac_item, open_source
 from segflow.io.staging import plan_urls, staged_outputs, url_stamp
 from segflow.io.store import GeoRef, SceneStore, SlideInfo, SourceRecord, store_exists
 from segflow.outputs import (
@@ -115,7 +115,7 @@ class _Input:
     slide: SlideInfo | None
 
 
-def _open_input(path: str, level: int) -> _Input:
+def _open_input(path: str, level: int, assets: tuple[str, ...] = ()) -> _Input:
     if _is_scene_store(path):
         store = SceneStore.open(path)
         return _Input(
@@ -128,7 +128,7 @@ def _open_input(path: str, level: int) -> _Input:
             store.georef,
             store.slide,
         )
-    src = open_source(path if remote.is_url(path) else Path(path), level=level)
+    src = open_source(path if remote.is_url(path) else Path(path), level=level, assets=assets)
     i = src.info
     return _Input(SourceReader(src), None, src, i.height, i.width, i.bands, i.georef, i.slide)
 
@@ -195,6 +195,8 @@ def plan_request(req: SegmentRequest) -> dict[str, Path | str]:
             remote.check_location(value, what=name, write=True)
     record = _earlier_outputs(_prediction_store_path(req))
     inputs = [req.image, req.model]
+    if is_stac_item(req.image):
+        inputs += asset_hrefs(req.image, req.assets)
     plan: dict[str, Path | str] = {}
     plan.update(plan_urls(req.outputs(), inputs=inputs, overwrite=req.overwrite, record=record,
                           trees=("ome_zarr",)))  # fmt: skip
@@ -243,7 +245,8 @@ def _check_inputs(
         raise CheckpointError(
             f"checkpoint not found: {req.model!r}: pass the directory flows/train.py wrote"
         )
-    inp = _open_input(req.image, req.level)  # before the model: its imports take seconds
+    # the image before the model: its imports take seconds
+    inp = _open_input(req.image, req.level, req.assets)
     region = resolve_region(
         height=inp.height,
         width=inp.width,
@@ -378,19 +381,8 @@ def _decimated_image(inp: _Input, region: Window, step: int) -> np.ndarray:
         return RegionView(inp.store.array("image"), region)[..., ::step, ::step]
     assert inp.source is not None
     out_h, out_w = -(-region.height // step), -(-region.width // step)
-    if inp.source.info.kind == "geotiff":  # GDAL decimates (and uses overviews) itself
-        import rasterio
-        from rasterio.enums import Resampling
-        from rasterio.windows import Window as RWindow
-
-        with rasterio.open(inp.source.info.uri) as ds:
-            return np.asarray(
-                ds.read(
-                    window=RWindow(region.col_off, region.row_off, region.width, region.height),
-                    out_shape=(ds.count, out_h, out_w),
-                    resampling=Resampling.nearest,
-                )
-            )
+    if isinstance(inp.source, RasterioSource):  # GDAL decimates (and uses overviews) itself
+        return inp.source.read_decimated(region, (out_h, out_w))
     rows = []
     strip = step * max(1, 512 // step)  # whole multiples of step: the sampling stays regular
     for r0 in range(0, region.height, strip):
@@ -511,7 +503,8 @@ def _cluster_runner(req: SegmentRequest, client: Any) -> UnitRunner:
 
     # workers may run elsewhere in the file system tree: absolute paths
     return cluster_runner(client, image=_absolute(req.image), level=req.level,
-                          model=_absolute(req.model), device=req.device)  # fmt: skip
+                          assets=req.assets, model=_absolute(req.model),
+                          device=req.device)  # fmt: skip
 
 
 def _infer(

@@ -59,6 +59,7 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     raw = CHIP.read_bytes()
     (a / "truncated.tif").write_bytes(raw[: len(raw) // 3])
     tiff_header_bomb(a / "bomb.tif")
+    _stac_items(a)
     (a / "a_dir").mkdir()
     (a / "a_dir" / "keep.txt").write_text("keep\n")
     torch.manual_seed(0)
@@ -118,6 +119,19 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield a
     for m in ("ro", "full", "ro_store.zarr"):
         unmount(a / m)
+
+
+def _stac_items(a: Path) -> None:
+    """STAC Items the cases misuse: two raster assets, one pointing nowhere; a collection."""
+
+    def item(assets: dict[str, str]) -> dict[str, Any]:
+        return {"type": "Feature", "stac_version": "1.1.0", "id": "scene", "geometry": None,
+                "properties": {"datetime": "2020-01-01T00:00:00Z"}, "links": [],
+                "assets": {k: {"href": h, "type": "image/tiff"} for k, h in assets.items()}}  # fmt: skip
+
+    (a / "two_assets.json").write_text(json.dumps(item({"pan": "./scene.tif", "rgb": "./rgb.tif"})))
+    (a / "gone_asset.json").write_text(json.dumps(item({"pan": "./gone_asset.tif"})))
+    (a / "collection.json").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
 
 
 def cases(a: Path) -> list[dict[str, Any]]:
@@ -584,6 +598,65 @@ def cases(a: Path) -> list[dict[str, Any]]:
             ],
             ["e3.md"],
             "both the prediction and the reference are polygons",
+        ),
+        # ---- STAC Items as the image
+        (
+            "stac-no-asset-chosen",
+            INGEST,
+            [str(a / "two_assets.json"), "--out", str(a / "t1.zarr")],
+            ["t1.zarr"],
+            "choose the band assets",
+        ),
+        (
+            "stac-unknown-asset",
+            SEGMENT,
+            [
+                "--image",
+                str(a / "two_assets.json"),
+                "--asset",
+                "nir",
+                "--model",
+                str(a / "ck"),
+                "--out",
+                str(a / "t2.tif"),
+            ],
+            ["t2.tif"],
+            "has no asset 'nir'",
+        ),
+        (
+            "stac-asset-file-missing",
+            INGEST,
+            [str(a / "gone_asset.json"), "--out", str(a / "t3.zarr")],
+            ["t3.zarr"],
+            "gone_asset.tif",
+        ),
+        (
+            "stac-not-an-item",
+            SEGMENT,
+            [
+                "--image",
+                str(a / "collection.json"),
+                "--model",
+                str(a / "ck"),
+                "--out",
+                str(a / "t4.tif"),
+            ],
+            ["t4.tif"],
+            "is not a STAC Item",
+        ),
+        (
+            "stac-different-grids",
+            INGEST,
+            [str(a / "two_assets.json"), "--asset", "pan", "rgb", "--out", str(a / "t5.zarr")],
+            ["t5.zarr"],
+            "different CRSs",
+        ),
+        (
+            "stac-asset-without-item",
+            INGEST,
+            [str(a / "scene.tif"), "--asset", "pan", "--out", str(a / "t6.zarr")],
+            ["t6.zarr"],
+            "need a STAC Item",
         ),
         ("pipeline-missing-config", PIPELINE, [str(a / "gone.yaml")], [], "gone.yaml"),
         ("pipeline-broken-yaml", PIPELINE, [str(a / "broken.yaml")], [], "broken.yaml"),

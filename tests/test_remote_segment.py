@@ -20,6 +20,7 @@ from segflow.segment import SegmentRequest, segment_region
 from segflow.train.checkpoint import build_meta, save_checkpoint
 from segflow.train.models import ModelConfig, build_model
 from tests._s3 import SECRET, S3Server, byte_counter
+from tests._stac import validate_stac
 
 CLASSES = (ClassDef(id=0, name="background"), ClassDef(id=1, name="building", color="#ff3030"))
 CFG = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=4, depth=2,
@@ -164,22 +165,6 @@ def test_window_of_a_gigapixel_cog_on_s3_reads_a_few_megabytes(
     with rasterio.open(tmp_path / "m.tif") as a, rasterio.open(tmp_path / "local.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
         assert a.transform == b.transform
-
-
-def validate_stac(doc: dict) -> None:
-    """Validate a STAC Item with pystac's validator, offline: the core schemas come with
-    pystac, the projection extension's from tests/data/stac."""
-    import pystac
-    from pystac.extensions.projection import ProjectionExtension
-    from pystac.validation.stac_validator import JsonSchemaSTACValidator
-
-    validator = JsonSchemaSTACValidator()
-    schema = Path(__file__).parent / "data" / "stac" / "projection-v2.0.0-schema.json"
-    validator.schema_cache[ProjectionExtension.get_schema_uri()] = json.loads(schema.read_text())
-    pystac.validation.set_validator(validator)
-    item = pystac.Item.from_dict(doc)
-    assert item.validate()  # the schemas it was checked against
-    assert ProjectionExtension.get_schema_uri() in item.stac_extensions
 
 
 def _check_stac(doc: dict, cog: Path, rep) -> None:

@@ -48,10 +48,15 @@ class IngestConfig(SchemaModel):
     Attributes
     ----------
     source
-        Image file to ingest (anything GDAL opens, PNG/JPEG/TIFF, whole-slide images;
-        nodata, alpha or non-tissue pixels become invalid); ``flows/pipeline.py`` ingests
-        it into ``{work_dir}/scene.zarr``, and it is ``segment.image``'s default. ``flows/train.py`` uses this section as the template
+        Image file to ingest (anything GDAL opens, PNG/JPEG/TIFF, whole-slide images, a STAC
+        Item ``.json``; nodata, alpha or non-tissue pixels become invalid);
+        ``flows/pipeline.py`` ingests it into ``{work_dir}/scene.zarr``, and it is
+        ``segment.image``'s default. ``flows/train.py`` uses this section as the template
         for ``train.stores`` entries and replaces this path with theirs.
+    assets
+        With a STAC Item as ``source``: the keys of the assets read as the image's bands, in
+        this order (several band assets are stacked on the finest one's grid); empty: the
+        Item's only raster asset.
     labels
         Class labels: a vector file (``.geojson``, ``.gpkg``, ``.shp``, ``.parquet``,
         ``.fgb``..., rasterized by pixel centre, later features winning, uncovered pixels
@@ -88,6 +93,7 @@ class IngestConfig(SchemaModel):
     """
 
     source: str
+    assets: tuple[str, ...] = ()
     labels: str | None = None
     instances: str | None = None
     class_field: str | None = None

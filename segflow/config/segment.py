@@ -28,7 +28,12 @@ __all__ = ["FLAGS", "InstanceOptions", "RegionOptions", "SegmentOptions", "Segme
 
 #: Command-line flags that are not ``--option-name``: ``--qupath``, and ``--tta [SET]`` for
 #: ``tta_flips`` and ``tta_set`` together.
-FLAGS = {"qupath_geojson": "--qupath", "tta_flips": "--tta", "tta_set": "--tta"}
+FLAGS = {
+    "assets": "--asset",
+    "qupath_geojson": "--qupath",
+    "tta_flips": "--tta",
+    "tta_set": "--tta",
+}
 
 
 class RegionOptions(SchemaModel):
@@ -134,8 +139,13 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
     Attributes
     ----------
     image
-        GeoTIFF/COG/VRT, SVS/OME-TIFF slide, PNG/TIFF, or a scene store directory (read
-        only: the predictions go to ``work`` unless ``into_store``).
+        GeoTIFF/COG/VRT, SVS/OME-TIFF slide, PNG/TIFF, a STAC Item (``.json``; see
+        ``assets``), or a scene store directory (read only: the predictions go to ``work``
+        unless ``into_store``). Paths or URLs (``s3://``, ``gs://``, ``https://``).
+    assets
+        With a STAC Item as ``image``: the keys of the assets read as the image's bands, in
+        this order (several band assets are stacked on the finest one's grid); empty: the
+        Item's only raster asset.
     model
         Checkpoint directory written by training (e.g. ``outputs/x/train/best``).
     out
@@ -191,6 +201,7 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
     """
 
     image: str
+    assets: tuple[str, ...] = ()
     model: str
     out: str
     level: Annotated[int, Field(ge=0)] = 0

@@ -57,6 +57,7 @@ class UnitJob:
 
     image: str
     level: int
+    assets: tuple[str, ...]
     model: str
     store: str
     options: InferenceOptions
@@ -128,7 +129,7 @@ def run_units(job: UnitJob) -> dict[str, Any]:
         if device.type == "cpu":
             torch.set_num_threads(_worker_threads())
         model, _meta = load_checkpoint_cached(job.model)
-        reader = open_reader(job.image, job.level)
+        reader = open_reader(job.image, job.level, job.assets)
         store = SceneStore.open(job.store, mode="r+", unfinished=True)
     except (SegflowError, OSError) as err:
         raise WorkerError(f"worker {name}: {err}") from None
@@ -188,6 +189,7 @@ def cluster_runner(
     image: str,
     level: int,
     model: str,
+    assets: tuple[str, ...] = (),
     device: str | None = None,
     tasks_per_worker: int = 4,
     on_task: Callable[[dict[str, Any]], None] | None = None,
@@ -226,6 +228,7 @@ def cluster_runner(
             UnitJob(
                 image=image,
                 level=level,
+                assets=assets,
                 model=model,
                 store=str(target.store.path),
                 options=dataclasses.replace(options, device=device),

@@ -263,6 +263,7 @@ def write_prediction_item(
     properties = {
         "segflow:version": __version__,
         "segflow:image": req.image,
+        **({"segflow:assets": list(req.assets)} if req.assets else {}),
         "segflow:model": req.model,
         "segflow:parameters": params,
         "segflow:classes": [{"id": c.id, "name": c.name} for c in job.classes],
@@ -270,6 +271,17 @@ def write_prediction_item(
     }
     assets = {_ASSETS[k]: finals[k] for k in _ASSETS if k in written and k in finals}
     item = stac_item(written["cog"], item_id=Path(finals["cog"]).stem, href=finals["stac"],
-                     assets=assets, properties=properties)  # fmt: skip
+                     assets=assets, properties=properties,
+                     derived_from=_source_item(req.image))  # fmt: skip
     write_stac_item(path, item)
     return path
+
+
+def _source_item(image: str) -> str | None:
+    """The image's STAC Item (absolute path or URL), or None when it is not one."""
+    from segflow.io.remote import is_url
+    from segflow.io.sources.stac import is_stac_item
+
+    if not is_stac_item(image):
+        return None
+    return image if is_url(image) else str(Path(image).resolve())

@@ -7,6 +7,7 @@ into the model's input.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -128,14 +129,16 @@ class SourceReader:
         return self.source.read_with_valid(window)
 
 
-def open_reader(path: str | Path, level: int = 0) -> WindowReader:
+def open_reader(path: str | Path, level: int = 0, assets: Sequence[str] = ()) -> WindowReader:
     """The :class:`WindowReader` of an image path: a scene store's ``image`` (``level``
-    ignored: a store holds one), or a source read at pyramid ``level``."""
+    ignored: a store holds one), or a source read at pyramid ``level`` (``assets``: of a
+    STAC Item, see :func:`~segflow.io.sources.open_source`)."""
     from segflow.io.sources import open_source
 
     if store_exists(path):
         return StoreReader(SceneStore.open(path))
-    return SourceReader(open_source(path if is_url(path) else Path(path), level=level))
+    where = path if is_url(path) else Path(path)
+    return SourceReader(open_source(where, level=level, assets=assets))
 
 
 class _Normalizer:

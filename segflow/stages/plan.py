@@ -54,6 +54,7 @@ from segflow.errors import CheckpointError, ConfigError, SourceError
 
 if TYPE_CHECKING:
     from segflow.config import PipelineConfig
+    from segflow.config.pipeline import IngestConfig
 
 __all__ = [
     "RECORD_VERSION",
@@ -581,6 +582,16 @@ def _identity(path: str | Path, name: str, known: Mapping[str, Any]) -> dict[str
     return {"path": str(path), **path_identity(path, prev)}
 
 
+def _source_identity(ing: IngestConfig, known: Mapping[str, Any]) -> dict[str, Any]:
+    """The ingest source's identity; a STAC Item's is its selected assets' (their content,
+    not the Item's JSON)."""
+    from segflow.io.sources import is_stac_item, source_sha256
+
+    if is_stac_item(ing.source):
+        return {"path": ing.source, "sha256": source_sha256(ing.source, assets=ing.assets)}
+    return _identity(ing.source, "source", known)
+
+
 def check_pipeline_inputs(cfg: PipelineConfig) -> None:
     """Refuse a pipeline whose ingest source is missing, in a second, before anything starts."""
     if not Path(cfg.ingest.source).exists():
@@ -600,7 +611,7 @@ def plan_ingest(cfg: PipelineConfig) -> StageRun:
     work = cfg.work_path
     known = known_inputs(work, "ingest")
     ing = cfg.ingest
-    inputs = {"source": _identity(ing.source, "source", known)}
+    inputs = {"source": _source_identity(ing, known)}
     for name in ("labels", "instances"):
         path = getattr(ing, name)
         if path is not None:

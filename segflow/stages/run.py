@@ -158,6 +158,7 @@ def segment_request(
         # the instance options count only with the instance output
         **(s.model_dump(include=set(InstanceOptions.model_fields)) if s.instances else {}),
         image=s.image or cfg.ingest.source,
+        assets=() if s.image else cfg.ingest.assets,
         # the model was trained at ingest.level: read the ingested source at that scale
         level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
         model=model,

@@ -46,12 +46,14 @@ def stac_item(
     href: str,
     assets: Mapping[str, str],
     properties: Mapping[str, Any],
+    derived_from: str | None = None,
     created: dt.datetime | None = None,
 ) -> Any:
     """The :class:`pystac.Item` of a prediction whose class COG is the local file ``cog``.
 
     ``href`` is where the Item will be (path or URL); ``assets`` maps asset keys to the
-    final path or URL of each output (``mask``: the class COG, with the ``data`` role).
+    final path or URL of each output (``mask``: the class COG, with the ``data`` role);
+    ``derived_from``: the STAC Item of the image, linked with that relation.
     """
     import pystac
     import rasterio
@@ -71,6 +73,8 @@ def stac_item(
         media = MEDIA_TYPES.get(Path(where).suffix.lower())
         roles = ["data"] if key == "mask" else ["data", key]
         item.add_asset(key, pystac.Asset(href=_href(where, href), media_type=media, roles=roles))
+    if derived_from:
+        item.add_link(pystac.Link("derived_from", derived_from, media_type="application/json"))
     if crs:
         proj = ProjectionExtension.ext(item, add_if_missing=True)
         epsg = crs.to_epsg()

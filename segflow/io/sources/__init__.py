@@ -1,6 +1,6 @@
 """Image sources: read a large image window by window, exactly as stored.
 
-:func:`open_source` inspects a file's *content* and returns one of four readers, all with the
+:func:`open_source` inspects a file's *content* and returns one of five readers, all with the
 same interface (:class:`Source`): ``read(window)`` gives the pixels as ``(band, row, col)``,
 ``read_valid(window)`` the ``(row, col)`` mask of the data footprint, and ``info`` describes
 the image (:class:`SourceInfo`).
@@ -14,6 +14,8 @@ Readers (``info.kind`` in brackets):
 - :class:`TiffSlideSource` (``slide``): tiled/pyramidal TIFF and OME-TIFF that OpenSlide
   cannot open or of which it sees only level 0 (SubIFD pyramids), read with tifffile through
   Zarr. Valid = tissue for 8-bit RGB; otherwise everything (alpha aside).
+- :class:`StacSource` (``geotiff``): the chosen assets of a STAC Item (``.json``), stacked
+  as bands through an in-memory VRT (``open_source(item, assets=[...])``).
 - :class:`PlainImageSource` (``image``): PNG/JPEG (decoded once, on the first read, and
   cached: these are small images) and TIFFs with no georeference that are not slides (read
   by window with tifffile). Valid = alpha > 0 if there is an alpha band, else everything.
@@ -63,7 +65,8 @@ Modules: :mod:`~segflow.io.sources.base` (the interface), one per reader
 (``rasterio_source``, ``openslide_source``, ``tiff_source``, ``plain_source``),
 :mod:`~segflow.io.sources.dispatch` (which reader, the pixel budget),
 :mod:`~segflow.io.sources.files` (truncation and VRT checks),
-:mod:`~segflow.io.sources.hashing`; the tissue rule is pure numpy in :mod:`segflow.tissue`.
+:mod:`~segflow.io.sources.hashing`, :mod:`~segflow.io.sources.stac` (a STAC Item's
+assets as one image); the tissue rule is pure numpy in :mod:`segflow.tissue`.
 
 Sources can be pickled (Dask workers): pickling drops open file handles, and the copy
 reopens the file on first use. Each thread gets its own handle where the library is not
@@ -93,6 +96,7 @@ from segflow.io.sources.hashing import source_sha256
 from segflow.io.sources.openslide_source import OpenSlideSource
 from segflow.io.sources.plain_source import PlainImageSource
 from segflow.io.sources.rasterio_source import RasterioSource
+from segflow.io.sources.stac import StacSource, asset_hrefs, is_stac_item
 from segflow.io.sources.tiff_source import TiffSlideSource
 from segflow.stats import valid_and_finite
 from segflow.tissue import TISSUE_MAX_SATURATION, TISSUE_MIN_SATURATION, saturation, tissue_mask
@@ -107,11 +111,14 @@ __all__ = [
     "RasterioSource",
     "Source",
     "SourceInfo",
+    "StacSource",
     "SourceKind",
     "TiffSlideSource",
+    "asset_hrefs",
     "check_pixel_budget",
     "check_tiff_complete",
     "declared_size",
+    "is_stac_item",
     "max_pixels",
     "open_source",
     "saturation",

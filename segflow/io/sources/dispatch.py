@@ -9,6 +9,7 @@ import math
 import os
 import struct
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from segflow.io.sources.files import (
 from segflow.io.sources.openslide_source import OpenSlideSource
 from segflow.io.sources.plain_source import PlainImageSource
 from segflow.io.sources.rasterio_source import RasterioSource, _rio_open
+from segflow.io.sources.stac import StacSource, is_stac_item
 from segflow.io.sources.tiff_source import TiffSlideSource, _tiff_open
 
 __all__ = [
@@ -48,7 +50,13 @@ ENV_MAX_PIXELS = "SEGFLOW_MAX_PIXELS"
 
 
 # ------------------------------------------------------------------------------ dispatch
-def open_source(uri: str | Path, *, level: int = 0, max_pixels: int | None = None) -> Source:
+def open_source(
+    uri: str | Path,
+    *,
+    level: int = 0,
+    max_pixels: int | None = None,
+    assets: Sequence[str] = (),
+) -> Source:
     """Open an image file for window reads, choosing the reader by content.
 
     Parameters
@@ -59,6 +67,9 @@ def open_source(uri: str | Path, *, level: int = 0, max_pixels: int | None = Non
     max_pixels : the largest full-resolution image (width x height, as the file's header
         declares it) to accept; None: :func:`max_pixels` (``$SEGFLOW_MAX_PIXELS``, else
         :data:`DEFAULT_MAX_PIXELS`). Checked before any pixel is read.
+    assets : with a STAC Item (``.json``) as ``uri``: the keys of the assets to read as the
+        image's bands, in order (:class:`~segflow.io.sources.stac.StacSource`); empty: the
+        Item's only raster asset.
 
     Raises
     ------
@@ -74,6 +85,13 @@ def open_source(uri: str | Path, *, level: int = 0, max_pixels: int | None = Non
     ...     src.info.bands, src.info.nodata
     (('red', 'green', 'blue'), 0.0)
     """
+    if is_stac_item(uri):
+        return _within_budget(StacSource(uri, level, assets), uri, _max_pixels_arg(max_pixels))
+    if assets:
+        raise SourceError(
+            f"assets {list(assets)} need a STAC Item (.json) as the image, got {str(uri)!r}: "
+            "drop --asset, or pass the Item"
+        )
     if is_url(uri):
         return _open_remote(str(uri), level=level, limit=_max_pixels_arg(max_pixels))
     path = _local_path(uri)

@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from segflow.errors import SourceError
 from segflow.io.remote import is_url, object_identity, object_url
 from segflow.io.sources.base import _one_line
 from segflow.io.sources.files import _local_path, _looks_like_vrt, _vrt_references
+from segflow.io.sources.stac import is_stac_item, stac_sha256
 
 __all__ = ["source_sha256"]
 
 
 # ------------------------------------------------------------------------------- hashing
-def source_sha256(uri: str | Path) -> str:
+def source_sha256(uri: str | Path, *, assets: Sequence[str] = ()) -> str:
     """The SHA-256 content hash of a source (hex).
 
     An object behind a URL is identified by its URL, size, ETag and last-modified time
     (:func:`~segflow.io.remote.object_identity`). A file hashes its bytes. A VRT hashes its
     XML followed by the hashes of the files it refers to, in document order (recursively), so
-    editing a tile changes the mosaic's hash.
+    editing a tile changes the mosaic's hash. A STAC Item (``.json``) with ``assets`` is
+    identified by the selected assets and their grid
+    (:func:`~segflow.io.sources.stac.stac_sha256`).
 
     Examples
     --------
     >>> source_sha256("data/samples/landsat/RGB.byte.tif")[:8]  # doctest: +SKIP
     '...'
     """
+    if is_stac_item(uri):
+        return stac_sha256(str(uri), assets)
     if is_url(uri):  # an object: its ETag, size and time (a HEAD request, not a download)
         return object_identity(object_url(str(uri)))
     return _sha256(_local_path(uri), ())

@@ -29,10 +29,10 @@ class RasterioSource(Source):
     def __init__(self, path: str | Path, level: int = 0) -> None:
         super().__init__(path, level)
         try:
-            with _rio_open(self.path) as ds:
+            with _rio_open(self._dataset_name()) as ds:
                 shapes = [(int(ds.height), int(ds.width))]
                 for i in range(len(ds.overviews(1)) if ds.count else 0):
-                    with _rio_open(self.path, overview_level=i) as ov:
+                    with _rio_open(self._dataset_name(), overview_level=i) as ov:
                         shapes.append((int(ov.height), int(ov.width)))
         except SourceError:
             raise
@@ -78,7 +78,27 @@ class RasterioSource(Source):
 
     def _open_handle(self) -> Any:
         kw = {"overview_level": self.level - 1} if self.level else {}
-        return _rio_open(self.path, **kw)
+        return _rio_open(self._dataset_name(), **kw)
+
+    def _dataset_name(self) -> str | Path:
+        """What GDAL opens: the file or URL (a subclass may give a VRT's XML)."""
+        return self.path
+
+    def read_decimated(self, window: Window, shape: tuple[int, int]) -> np.ndarray:
+        """``window`` sampled to ``shape`` (rows, cols) by nearest neighbour; GDAL reads
+        from an overview where the file has one."""
+        from rasterio.enums import Resampling
+
+        try:
+            out = self._handle().read(window=self._rio_window(window),
+                                      out_shape=(len(self.info.bands), *shape),
+                                      resampling=Resampling.nearest)  # fmt: skip
+        except Exception as err:
+            raise SourceError(
+                f"reading {window} of {self.info.uri!r} failed ({_one_line(err)}): "
+                "check the file is complete"
+            ) from None
+        return np.asarray(out)
 
     @staticmethod
     def _rio_window(window: Window) -> Any:
