@@ -10,7 +10,7 @@ from segflow.errors import SourceError
 from segflow.io.remote import is_url, object_identity, object_url
 from segflow.io.sources.base import _one_line
 from segflow.io.sources.files import _local_path, _looks_like_vrt, _vrt_references
-from segflow.io.sources.stac import is_stac_item, stac_sha256
+from segflow.io.sources.stac import is_stac_item, stac_members, vrt_xml
 
 __all__ = ["source_sha256"]
 
@@ -23,8 +23,8 @@ def source_sha256(uri: str | Path, *, assets: Sequence[str] = ()) -> str:
     (:func:`~segflow.io.remote.object_identity`). A file hashes its bytes. A VRT hashes its
     XML followed by the hashes of the files it refers to, in document order (recursively), so
     editing a tile changes the mosaic's hash. A STAC Item (``.json``) with ``assets`` is
-    identified by the selected assets and their grid
-    (:func:`~segflow.io.sources.stac.stac_sha256`).
+    identified by the selected assets and their grid, not by the Item's JSON (unrelated
+    metadata may change).
 
     Examples
     --------
@@ -32,7 +32,7 @@ def source_sha256(uri: str | Path, *, assets: Sequence[str] = ()) -> str:
     '...'
     """
     if is_stac_item(uri):
-        return stac_sha256(str(uri), assets)
+        return _stac_sha256(str(uri), assets)
     if is_url(uri):  # an object: its ETag, size and time (a HEAD request, not a download)
         return object_identity(object_url(str(uri)))
     return _sha256(_local_path(uri), ())
@@ -61,4 +61,13 @@ def _sha256(path: Path, stack: tuple[Path, ...]) -> str:
             h.update(bytes.fromhex(_sha256(ref, (*stack, path))))
         else:  # a GDAL virtual path (/vsicurl/...): hash its name
             h.update(ref.encode())
+    return h.hexdigest()
+
+
+def _stac_sha256(location: str, assets: Sequence[str]) -> str:
+    """The stacked image's grid (its VRT) and each selected asset's own identity."""
+    members = stac_members(location, assets)
+    h = hashlib.sha256(vrt_xml(members).encode())
+    for m in members:
+        h.update(source_sha256(m.href).encode())
     return h.hexdigest()

@@ -9,7 +9,7 @@ footprint (a Sentinel-2 or Landsat Item's bands do); their hrefs, relative ones 
 against the Item's own location, are local files or URLs read window by window like any
 other source.
 
-The image's identity (:func:`stac_sha256`) is that of the selected assets' contents (their
+The image's identity (:func:`~segflow.io.sources.hashing.source_sha256`) is that of the selected assets' contents (their
 ETag, size and time on object storage, their bytes locally) and of the grid, not of the
 Item's JSON: editing an Item's unrelated metadata does not redo a stage.
 
@@ -20,7 +20,6 @@ those libraries would add a dependency for what is here a few lines of XML.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from segflow.io import remote
 from segflow.io.sources.base import _one_line
 from segflow.io.sources.rasterio_source import RasterioSource, _rio_open
 
-__all__ = ["StacSource", "asset_hrefs", "is_stac_item", "stac_members", "stac_sha256"]
+__all__ = ["StacSource", "asset_hrefs", "is_stac_item", "stac_members", "vrt_xml"]
 
 #: GDAL data type names of the numpy dtypes a VRT band can hold.
 _GDAL_TYPES = {
@@ -267,17 +266,6 @@ def vrt_xml(members: Sequence[Member]) -> str:
         f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">{srs}'
         f"<GeoTransform>{gt}</GeoTransform>{''.join(bands)}</VRTDataset>"
     )
-
-
-def stac_sha256(location: str, assets: Sequence[str] = ()) -> str:
-    """The identity of the image the selected assets make (see the module notes)."""
-    from segflow.io.sources.hashing import source_sha256
-
-    members = stac_members(location, assets)
-    h = hashlib.sha256(vrt_xml(members).encode())
-    for m in members:
-        h.update(source_sha256(m.href).encode())
-    return h.hexdigest()
 
 
 class StacSource(RasterioSource):
