@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from segflow.config import PipelineConfig, load_config
+from segflow.io import locations, remote
 from segflow.stages import (
     StagePlan,
     StageRun,
@@ -91,13 +93,21 @@ def evaluate_stage(run: StageRun, cfg: PipelineConfig) -> dict[str, Any]:
 def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[str, Any]:
     """Run one stage task: Prefect's cache answers only when the stage records say current."""
     configured: Callable[..., dict[str, Any]] = stage.with_options(
-        result_storage=Path(run.work).resolve() / RESULTS_DIR,
+        result_storage=_results_dir(run.work),
         refresh_cache=run.plan is not StagePlan.SKIP,
     )
     result = dict(configured(run, *args))
     if run.plan is StagePlan.SKIP:  # a cached result is the one of the run that made it
         result.update(ran=False, plan=run.plan.value)
     return result
+
+
+def _results_dir(work: str | Path) -> Path:
+    """Prefect's results: in the work directory, or for one on object storage (Prefect's
+    local result storage needs a directory) in segflow's cache, named by its URL."""
+    if not remote.is_url(work):
+        return Path(work).resolve() / RESULTS_DIR
+    return locations.cache_root() / "prefect-results" / sha256(str(work).encode()).hexdigest()[:24]
 
 
 @flow(name="pipeline", log_prints=False)
@@ -107,8 +117,9 @@ def pipeline_flow(
     """Run every stage of ``config_path`` that is not already current."""
     cfg = load_config(config_path)
     work = cfg.work_path
-    work.mkdir(parents=True, exist_ok=True)
-    store = str(work / "scene.zarr")
+    if isinstance(work, Path):
+        work.mkdir(parents=True, exist_ok=True)
+    store = str(locations.join(work, "scene.zarr"))
     stages: dict[str, Any] = {}
     ingest = plan_ingest(cfg)
     stages["ingest"] = _call(ingest_stage, ingest, cfg, store, dask_address)
@@ -117,7 +128,7 @@ def pipeline_flow(
     train = None
     if cfg.train is not None:
         train = plan_train(cfg, store, ingest, prepare)
-        stages["train"] = _call(train_stage, train, cfg, str(work / "train"), device)
+        stages["train"] = _call(train_stage, train, cfg, str(locations.join(work, "train")), device)
     segment = plan_segment(cfg, store, ingest, prepare, train)  # after training: keys the model
     stages["segment_region"] = _call(
         segment_stage, segment, cfg, str(model_path(cfg)), device, dask_address

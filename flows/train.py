@@ -32,6 +32,7 @@ from _common import run_cli
 
 from segflow.config import PipelineConfig, load_config
 from segflow.config.train import TrainConfig, make_train_config
+from segflow.io import locations, remote
 from segflow.stages.training import (
     build_training_stores,
     check_training_request,
@@ -50,9 +51,13 @@ def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[di
         return list(build_training_stores(cfg, tcfg, on_store=lambda _: bar.update(1)))
 
 
-def run_training(tcfg: TrainConfig, out: Path, *, resume: bool, device: str | None,
+def run_training(tcfg: TrainConfig, out: Path | str, *, resume: bool, device: str | None,
                  show: bool) -> dict[str, Any]:
-    """Call the library trainer with a tqdm progress bar; a JSON-ready summary."""
+    """Call the library trainer with a tqdm progress bar; a JSON-ready summary. An ``out`` on
+    object storage is trained into a local mirror of it, uploaded as training ends."""
+    if remote.is_url(out):
+        with locations.local_mirror(str(out), cache=locations.cache_root()) as local:
+            return run_training(tcfg, local, resume=resume, device=device, show=show)
     from segflow.train.loop import train
 
     bar = None
@@ -101,7 +106,7 @@ def make_flow() -> Any:
     @task(name="train", cache_policy=NO_CACHE)
     def train_task(train: dict[str, Any], out: str, resume: bool, device: str | None,
                    show: bool) -> dict[str, Any]:
-        return run_training(make_train_config(train), Path(out), resume=resume, device=device,
+        return run_training(make_train_config(train), out, resume=resume, device=device,
                             show=show)
 
     @flow(name="train", log_prints=False)
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config)
     # fail in a second, before Prefect starts
     tcfg = training_config(cfg, steps=args.steps, time_limit_s=args.time_limit, source=args.config)
-    out = Path(args.out) if args.out else cfg.work_path / "train"
+    out = args.out or str(locations.join(cfg.work_path, "train"))
+    out = out if remote.is_url(out) else Path(out)
     check_training_request(tcfg, out, device=args.device, prepare_only=args.prepare_only)
     show = not args.no_progress and sys.stderr.isatty()
     if args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -34,6 +34,7 @@ Examples
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from segflow.fingerprint import (
 )
 from segflow.fingerprint import _int_hist_spec as int_hist_spec
 from segflow.geometry import BlockIndex, Window
+from segflow.io import locations, remote
 from segflow.io.store import SceneStore
 from segflow.outputs import check_output_directory
 from segflow.stats import check_train_region, class_counts, class_weights, counts_to_dict
@@ -110,7 +112,7 @@ class PrepareResult:
     class_counts: dict[int, int]
     class_weights: dict[int, float]
     fingerprint: Fingerprint
-    fingerprint_path: Path
+    fingerprint_path: Path | str
 
 
 T = TypeVar("T")
@@ -576,10 +578,24 @@ def compute_fingerprint(
     )
 
 
-def default_fingerprint_path(store_path: str | Path) -> Path:
-    """Where the fingerprint JSON goes by default: ``scene.zarr`` -> ``scene.fingerprint.json``."""
+def default_fingerprint_path(store_path: str | Path) -> Path | str:
+    """Where the fingerprint JSON goes by default: ``scene.zarr`` -> ``scene.fingerprint.json``
+    (beside a store on object storage: a URL)."""
+    if remote.is_url(store_path):
+        parent, _, name = str(store_path).rstrip("/").rpartition("/")
+        return f"{parent}/{Path(name).stem}{FINGERPRINT_SUFFIX}"
     p = Path(store_path).resolve()
     return p.with_name(p.stem + FINGERPRINT_SUFFIX)
+
+
+def _fingerprint_location(path: str | Path) -> Path | str:
+    return str(path) if remote.is_url(path) else Path(path).resolve()
+
+
+def _write_fingerprint_json(fingerprint: Fingerprint, out: Path | str) -> None:
+    """The fingerprint's JSON, written whole (atomically on disk, one PUT on object storage)."""
+    doc = json.dumps(fingerprint.to_dict(), indent=2, sort_keys=True, default=str)
+    locations.write_text(out, doc + "\n")
 
 
 def write_fingerprint(
@@ -587,14 +603,14 @@ def write_fingerprint(
     fingerprint: Fingerprint,
     config: PrepareConfig,
     path: str | Path | None = None,
-) -> Path:
+) -> Path | str:
     """Store the fingerprint in the store's attributes and as JSON; record prepare complete.
 
     The JSON goes to ``path``, by default :func:`default_fingerprint_path`; the path written
     is recorded in the store attribute ``prepare.fingerprint_path`` (absolute).
     """
-    out = Path(path).resolve() if path is not None else default_fingerprint_path(store.path)
-    fingerprint.to_json(out)
+    out = _fingerprint_location(path) if path is not None else default_fingerprint_path(store.path)
+    _write_fingerprint_json(fingerprint, out)
     store.update_meta(
         fingerprint=fingerprint.to_dict(),
         prepare={"request": request_of(store, config), "fingerprint_path": str(out)},
@@ -629,13 +645,9 @@ def prepare_store(
     if not force and is_current(store, config):
         meta = store.meta
         fp = Fingerprint.from_dict(meta["fingerprint"])
-        out = (
-            Path(fingerprint_path).resolve()
-            if fingerprint_path
-            else Path(meta["prepare"]["fingerprint_path"])
-        )
-        if not out.is_file():
-            fp.to_json(out)
+        out = _fingerprint_location(fingerprint_path or meta["prepare"]["fingerprint_path"])
+        if not locations.exists(out):
+            _write_fingerprint_json(fp, out)
         log.info("prepare of %s is current: nothing to do", store.path)
         source = (store.array_params("instances") or {}).get("derived_from", "instances")
         return PrepareResult(store.path, True, source, fp.class_counts, fp.class_weights, fp, out)
@@ -646,7 +658,7 @@ def prepare_store(
     weights = compute_class_weights(counts, config)
     run("weight-map", lambda: write_weights(store, config, weights, force=force, **kw))
 
-    def fingerprint() -> tuple[Fingerprint, Path]:
+    def fingerprint() -> tuple[Fingerprint, Path | str]:
         fp = compute_fingerprint(store, config, counts, weights, **kw)
         return fp, write_fingerprint(store, fp, config, fingerprint_path)
 

@@ -748,11 +748,18 @@ def s3_auth(tmp_path_factory: pytest.TempPathFactory, arena: Path) -> Iterator[d
         server.stop()
 
 
-def s3_cases(env: dict[str, str]) -> list[dict[str, Any]]:
-    """Bad object-storage input: (id, script, argv, environment changes, error fragment)."""
+def s3_cases(env: dict[str, str], arena: Path, configs: Path) -> list[dict[str, Any]]:
+    """Bad object-storage input: (id, script, argv, environment changes, error fragment);
+    the pipeline configs with a bad ``work_dir`` are written into ``configs``."""
     from tests._s3 import free_port
 
     b = f"s3://{BUCKET}"
+    slice_cfg = yaml.safe_load((arena / "slice.yaml").read_text())
+    for name, work in (
+        ("no_bucket", "s3://segflow-no-such-bucket/w"),
+        ("s3a", f"s3a://{BUCKET}/w"),
+    ):
+        (configs / f"{name}.yaml").write_text(yaml.safe_dump(dict(slice_cfg, work_dir=work)))
     seg = [SEGMENT, "--image", f"{b}/scene.tif", "--model", f"{b}/ck"]
     t: list[tuple[str, str, list[str], dict[str, str], str]] = [
         ("s3-missing-key", INGEST, [f"{b}/gone.tif", "--out", f"{b}/o1.zarr"], {},
@@ -775,6 +782,9 @@ def s3_cases(env: dict[str, str]) -> list[dict[str, Any]]:
                                        "--out", f"{b}/o9.tif"], {}, "no such object"),
         ("s3-out-s3a", INGEST, [f"{b}/scene.tif", "--out", f"s3a://{BUCKET}/o10.zarr"], {},
          "unsupported url scheme"),
+        ("s3-work-dir-missing-bucket", PIPELINE, [str(configs / "no_bucket.yaml")], {},
+         "no such bucket"),
+        ("s3-work-dir-s3a", PIPELINE, [str(configs / "s3a.yaml")], {}, "unsupported url scheme"),
     ]  # fmt: skip
     return [
         {"id": i, "script": s, "argv": argv, "outputs": [], "match": m, "env": {**env, **e}}
@@ -792,7 +802,8 @@ def test_hostile_object_storage_command_lines(
 
     for k, v in s3_auth.items():
         monkeypatch.setenv(k, v)
-    table = s3_cases(s3_auth)
+    (tmp_path / "configs").mkdir()
+    table = s3_cases(s3_auth, arena, tmp_path / "configs")
     before, keys = tree_digest(arena), set(remote.list_keys(f"s3://{BUCKET}"))
     results = _run_cases(table, tmp_path)
     failures = [

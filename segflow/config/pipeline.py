@@ -308,9 +308,11 @@ class PipelineConfig(SchemaModel):
         return self
 
     @property
-    def work_path(self) -> Path:
-        """The pipeline's output directory (``work_dir`` with ``{name}`` filled in)."""
-        return Path(self.work_dir.format(name=self.name))
+    def work_path(self) -> Path | str:
+        """The pipeline's output directory (``work_dir`` with ``{name}`` filled in): a path,
+        or a URL (``s3://bucket/prefix``, no trailing slash) on object storage."""
+        work = self.work_dir.format(name=self.name)
+        return work.rstrip("/") if "://" in work else Path(work)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -83,13 +83,16 @@ def is_vector(path: str) -> bool:
 # ------------------------------------------------------------------------- prediction
 def open_prediction(path: str) -> tuple[Grid, tuple[ClassDef, ...], Side]:
     """A prediction raster or store: its grid, class table and class reader."""
-    p = Path(path)
-    if not p.exists():
-        raise SourceError(f"prediction not found: {path!r}: pass segment_region's OUT or store")
-    if (p / "zarr.json").is_file():
-        from segflow.io.store import SceneStore
+    from segflow.io import locations, remote
+    from segflow.io.store import SceneStore, store_exists
 
-        store = SceneStore.open(p)
+    if remote.is_url(path):
+        remote.check_location(path, what="prediction")
+        remote.configure_gdal()  # GDAL reads the COG window by window
+    if not locations.exists(path):
+        raise SourceError(f"prediction not found: {path!r}: pass segment_region's OUT or store")
+    if store_exists(path):
+        store = SceneStore.open(path)
         labels = store.array("prediction/labels")
         grid = Grid(store.height, store.width, store.georef)
         return grid, tuple(store.classes), Side(classes=lambda w: np.asarray(labels[w.slices]))

@@ -6,12 +6,15 @@ Keyed by the segment_region stage (the prediction), the reference's content and 
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from segflow.config import PipelineConfig
 from segflow.config.evaluate import EvaluateOptions, EvaluateRequest
 from segflow.errors import options_named
+from segflow.io import locations, remote
 from segflow.stages.plan import (
     StagePlan,
     StageRun,
@@ -36,9 +39,9 @@ def evaluate_request(cfg: PipelineConfig) -> EvaluateRequest:
     work = cfg.work_path
     return EvaluateRequest(
         **cfg.evaluate.model_dump(include=set(EvaluateOptions.model_fields)),
-        prediction=str(work / "prediction.tif"),
-        out_json=str(work / "evaluation.json"),
-        out_markdown=str(work / "evaluation.md"),
+        prediction=str(locations.join(work, "prediction.tif")),
+        out_json=str(locations.join(work, "evaluation.json")),
+        out_markdown=str(locations.join(work, "evaluation.md")),
         overwrite=True,  # the pipeline's own names in its work directory
     )
 
@@ -60,15 +63,13 @@ def plan_evaluate(cfg: PipelineConfig, segment: StageRun) -> StageRun:
 
 def run_evaluate(run: StageRun, cfg: PipelineConfig) -> dict[str, Any]:
     """Evaluate the pipeline's prediction; the headline metrics as the stage result."""
-    from segflow.evaluation import evaluate
-
     if run.plan is StagePlan.SKIP:
         return skipped(run)
     t0 = time.perf_counter()
     req = evaluate_request(cfg)
     begin_stage(run)
     with options_named("yaml", prefix="evaluate."):
-        report = evaluate(req)
+        report = _evaluate(req)
     objects = report["objects"]
     result = {
         "ran": True,
@@ -80,3 +81,23 @@ def run_evaluate(run: StageRun, cfg: PipelineConfig) -> dict[str, Any]:
     }
     finish_stage(run, [str(req.out_json), str(req.out_markdown)], result)
     return result
+
+
+def _evaluate(req: EvaluateRequest) -> dict[str, Any]:
+    """:func:`~segflow.evaluation.evaluate`; reports bound for object storage are written
+    locally and uploaded once both are complete."""
+    from segflow.evaluation import evaluate
+
+    urls = {
+        k: getattr(req, k)
+        for k in ("out_json", "out_markdown")
+        if remote.is_url(getattr(req, k) or "")
+    }
+    if not urls:
+        return evaluate(req)
+    with tempfile.TemporaryDirectory(prefix="segflow-evaluate-") as tmp:
+        local = {k: str(Path(tmp) / remote.ObjectURL.parse(url).name) for k, url in urls.items()}
+        report = evaluate(req.model_copy(update=local))
+        for name, url in urls.items():
+            remote.upload(local[name], url)
+    return report

@@ -38,19 +38,18 @@ False
 
 from __future__ import annotations
 
-import ast
 import enum
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import segflow
-from segflow.atomic import write_json_atomic
 from segflow.errors import CheckpointError, ConfigError, SourceError
+from segflow.io import locations, remote
+from segflow.stages.code import code_version, module_closure
 
 if TYPE_CHECKING:
     from segflow.config import PipelineConfig
@@ -92,9 +91,6 @@ log = logging.getLogger(__name__)
 
 #: Version of the key recipe and record layout: bumping it re-keys every stage.
 RECORD_VERSION = 1
-#: Modules whose edits cannot change any output (messages only): left out of code versions.
-_NEUTRAL_MODULES = frozenset({"segflow.errors"})
-_PACKAGE = "segflow"
 
 
 class StagePlan(enum.Enum):
@@ -199,128 +195,6 @@ def _content_only(ident: Any) -> Any:
     return ident
 
 
-# --------------------------------------------------------------------------- code version
-def _package_dir() -> Path:
-    return Path(segflow.__file__).resolve().parent
-
-
-def _module_file(name: str, root: Path) -> Path | None:
-    """The source file of ``segflow.x.y`` (a module or a package's ``__init__``), or None."""
-    parts = name.split(".")
-    if parts[0] != _PACKAGE:
-        return None
-    base = root.joinpath(*parts[1:]) if len(parts) > 1 else root
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _is_ours(name: str) -> bool:
-    return name == _PACKAGE or name.startswith(_PACKAGE + ".")
-
-
-def _reexports(init: Path) -> dict[str, str]:
-    """``{name: module}`` for the ``from segflow.x import name`` lines of a package ``__init__``."""
-    tree = ast.parse(init.read_bytes(), filename=str(init))
-    out: dict[str, str] = {}
-    for node in tree.body:
-        if (
-            isinstance(node, ast.ImportFrom)
-            and node.module
-            and node.level == 0
-            and _is_ours(node.module)
-        ):
-            for a in node.names:
-                out[a.asname or a.name] = node.module
-    return out
-
-
-def _imports_of(path: Path, root: Path) -> set[str]:
-    """The ``segflow`` modules whose code ``path`` uses (lazy imports inside functions count).
-
-    ``from segflow.io.export import write_cog`` is resolved through the package's
-    ``__init__`` to the module that defines ``write_cog``.
-    """
-    tree = ast.parse(path.read_bytes(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names if _is_ours(a.name))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if not _is_ours(node.module):
-                continue
-            names.add(node.module)
-            target = _module_file(node.module, root)
-            table = _reexports(target) if target and target.name == "__init__.py" else {}
-            for a in node.names:
-                sub = f"{node.module}.{a.name}"
-                if _module_file(sub, root) is not None:  # ``from segflow.io import export``
-                    names.add(sub)
-                elif a.name in table:  # a name the package re-exports
-                    names.add(table[a.name])
-                elif a.name == "*":
-                    names.update(table.values())
-    return names
-
-
-def module_closure(
-    modules: Iterable[str], *, exclude: Iterable[str] = (), root: Path | None = None
-) -> tuple[str, ...]:
-    """The ``segflow`` modules ``modules`` use, transitively, with their packages (sorted).
-
-    Imports are read from the source (nothing is imported), so lazy imports inside
-    functions count too. A package's ``__init__`` counts, but not everything it re-exports:
-    only the modules behind the names actually imported from it. Modules in ``exclude``
-    (and their submodules) are neither listed nor followed.
-
-    >>> "segflow.io.store" in module_closure(["segflow.ingest"])
-    True
-    """
-    root = root or _package_dir()
-    skip = tuple(exclude)
-
-    def excluded(name: str) -> bool:
-        return any(name == e or name.startswith(e + ".") for e in skip)
-
-    seen: set[str] = set()
-    todo = list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen or excluded(name):
-            continue
-        path = _module_file(name, root)
-        if path is None:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages
-        if path.name != "__init__.py":
-            todo.extend(_imports_of(path, root) - seen)
-    return tuple(sorted(seen))
-
-
-def code_version(
-    modules: Iterable[str], *, exclude: Iterable[str] = (), root: Path | None = None
-) -> str:
-    """``segflow.__version__`` plus a SHA-256 of the sources of :func:`module_closure`.
-
-    Modules whose edits cannot change outputs (``segflow.errors``) are left out.
-
-    >>> code_version(["segflow.ingest"]).startswith(segflow.__version__ + "+")
-    True
-    """
-    root = root or _package_dir()
-    h = hashlib.sha256()
-    for name in module_closure(modules, exclude=exclude, root=root):
-        if name in _NEUTRAL_MODULES:
-            continue
-        path = _module_file(name, root)
-        assert path is not None  # module_closure only returns modules with a file
-        h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return f"{segflow.__version__}+{h.hexdigest()[:16]}"
-
-
 # --------------------------------------------------------------------------- content identity
 def _file_sha256(path: Path) -> str:
     if path.suffix.lower() == ".vrt":  # a mosaic: its hash covers the files it refers to
@@ -359,13 +233,15 @@ def path_identity(path: str | Path, previous: Mapping[str, Any] | None = None) -
     unchanged, so a large unchanged source is not read again. A ``.vrt`` is always hashed
     with the files it refers to. A Zarr store (a directory with ``zarr.json``): its metadata
     documents (segflow records how every array was made in them). Another directory: every
-    file in it.
+    file in it. A URL: :func:`segflow.io.locations.identity`.
 
     Raises
     ------
     SourceError
         ``path`` does not exist or cannot be read.
     """
+    if remote.is_url(path):  # an object or a prefix: sizes, ETags and times
+        return locations.identity(str(path))
     p = Path(path)
     if p.is_file():
         return _file_identity(p, previous)
@@ -382,21 +258,22 @@ def path_identity(path: str | Path, previous: Mapping[str, Any] | None = None) -
 
 
 # --------------------------------------------------------------------------- records
-def record_path(work: str | Path, stage: str) -> Path:
-    """``<work>/stages/<stage>.json``."""
-    return Path(work) / "stages" / f"{stage}.json"
+def record_path(work: str | Path, stage: str) -> Path | str:
+    """``<work>/stages/<stage>.json`` (a URL under a ``work`` URL)."""
+    return locations.join(work, "stages", f"{stage}.json")
 
 
-def started_path(work: str | Path, stage: str) -> Path:
-    """``<work>/stages/<stage>.started.json``."""
-    return Path(work) / "stages" / f"{stage}.started.json"
+def started_path(work: str | Path, stage: str) -> Path | str:
+    """``<work>/stages/<stage>.started.json`` (a URL under a ``work`` URL)."""
+    return locations.join(work, "stages", f"{stage}.started.json")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
+def _read_json(path: Path | str) -> dict[str, Any] | None:
     try:
-        doc = json.loads(path.read_text())
+        text = locations.read_text(path)
+        if text is None:
+            return None
+        doc = json.loads(text)
     except (OSError, ValueError) as err:
         log.warning("ignoring unreadable stage record %s (%s)", path, err)
         return None
@@ -414,9 +291,14 @@ def read_record(work: str | Path, stage: str) -> StageRecord | None:
         return None
 
 
-def write_record(work: str | Path, record: StageRecord) -> Path:
+def _write_json(path: Path | str, doc: Mapping[str, Any]) -> Path | str:
+    """Write a record whole (atomically on disk; in one PUT on object storage)."""
+    return locations.write_text(path, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_record(work: str | Path, record: StageRecord) -> Path | str:
     """Record a finished stage (atomically)."""
-    return write_json_atomic(record_path(work, record.stage), record.to_dict())
+    return _write_json(record_path(work, record.stage), record.to_dict())
 
 
 def read_started(work: str | Path, stage: str) -> dict[str, Any] | None:
@@ -432,7 +314,7 @@ def write_started(
     *,
     code: str = "",
     params: Any = None,
-) -> Path:
+) -> Path | str:
     """Record that a run of ``stage`` with ``key`` started (before it writes anything)."""
     doc = {
         "record_version": RECORD_VERSION,
@@ -442,12 +324,12 @@ def write_started(
         "code": code,
         "params": json.loads(canonical_json(params)),
     }
-    return write_json_atomic(started_path(work, stage), doc)
+    return _write_json(started_path(work, stage), doc)
 
 
 def outputs_exist(outputs: Sequence[str | Path]) -> bool:
-    """Whether every path in ``outputs`` exists."""
-    return all(Path(p).exists() for p in outputs)
+    """Whether every path (or URL) in ``outputs`` exists."""
+    return all(locations.exists(p) for p in outputs)
 
 
 def plan_stage(
@@ -531,7 +413,7 @@ def begin_stage(run: StageRun) -> None:
     if run.plan is StagePlan.SKIP:
         return
     if run.plan is StagePlan.FRESH:
-        record_path(run.work, run.stage).unlink(missing_ok=True)
+        locations.remove(record_path(run.work, run.stage))
     write_started(run.work, run.stage, run.key, run.inputs, code=run.code, params=run.params)
 
 
@@ -572,7 +454,7 @@ def stage_code(stage: str) -> str:
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+    return locations.same(a, b)
 
 
 def _identity(path: str | Path, name: str, known: Mapping[str, Any]) -> dict[str, Any]:
@@ -593,13 +475,19 @@ def _source_identity(ing: IngestConfig, known: Mapping[str, Any]) -> dict[str, A
 
 
 def check_pipeline_inputs(cfg: PipelineConfig) -> None:
-    """Refuse a pipeline whose ingest source is missing, in a second, before anything starts."""
-    if not Path(cfg.ingest.source).exists():
+    """Refuse a pipeline whose ingest source is missing, or whose ``work_dir`` on object
+    storage cannot be written (an unsupported scheme, a missing bucket, no access), in a
+    second, before anything starts."""
+    work = cfg.work_path
+    if isinstance(work, str):
+        remote.check_prefix(remote.check_location(work, what="work_dir", write=True),
+                            what="work_dir")  # fmt: skip
+    if not locations.exists(cfg.ingest.source):
         raise ConfigError(
             f"ingest.source not found: {cfg.ingest.source!r} (paths are relative to the "
             "working directory)"
         )
-    if cfg.evaluate is not None and not Path(cfg.evaluate.reference).exists():
+    if cfg.evaluate is not None and not locations.exists(cfg.evaluate.reference):
         raise ConfigError(
             f"evaluate.reference not found: {cfg.evaluate.reference!r} (paths are relative "
             "to the working directory)"
@@ -662,9 +550,11 @@ def plan_train(
     )
 
 
-def model_path(cfg: PipelineConfig) -> Path:
+def model_path(cfg: PipelineConfig) -> Path | str:
     """The checkpoint segment_region uses: ``segment.model`` or the pipeline's own."""
-    return Path(cfg.segment.model) if cfg.segment.model else cfg.work_path / "train" / "best"
+    if cfg.segment.model:
+        return cfg.segment.model if remote.is_url(cfg.segment.model) else Path(cfg.segment.model)
+    return locations.join(cfg.work_path, "train", "best")
 
 
 def plan_segment(
@@ -683,7 +573,7 @@ def plan_segment(
     work = cfg.work_path
     known = known_inputs(work, "segment_region")
     model = model_path(cfg)
-    if not model.exists():
+    if not locations.exists(model):
         raise CheckpointError(
             f"checkpoint not found: {str(model)!r}: add a train section or set segment.model"
         )

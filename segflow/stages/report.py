@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from segflow.config import PipelineConfig
+from segflow.io import locations
 from segflow.stages.plan import StagePlan
 
 __all__ = ["stage_status", "summary"]
@@ -34,8 +35,8 @@ def summary(cfg: PipelineConfig, stages: dict[str, Any]) -> str:
     seg = stages["segment_region"]
     outputs = dict(seg.get("outputs") or {})
     if "train" in stages:
-        outputs["training curve"] = str(cfg.work_path / "train" / "curve.png")
-        outputs["model"] = str(cfg.work_path / "train" / "best")
+        outputs["training curve"] = str(locations.join(cfg.work_path, "train", "curve.png"))
+        outputs["model"] = str(locations.join(cfg.work_path, "train", "best"))
     lines += ["", *[f"- {k}: `{v}`" for k, v in outputs.items()]]
     lines += [f"- {k}: {v} px" for k, v in (seg.get("class_pixels") or {}).items()]
     ev = stages.get("evaluate")

@@ -11,8 +11,8 @@ tasks of ``flows/pipeline.py`` only wrap these functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from segflow.cluster import dask_client
 from segflow.config.segment import InstanceOptions, SegmentOptions, SegmentRequest
 from segflow.errors import options_named
+from segflow.io import locations, remote
 from segflow.stages.plan import StagePlan, StageRun, begin_stage, finish_stage
 
 if TYPE_CHECKING:
@@ -51,15 +52,15 @@ def run_ingest(
 ) -> dict[str, Any]:
     """Ingest ``cfg.ingest`` into ``store`` on a Dask client (``dask_address`` or embedded)."""
     from segflow.ingest import IngestSpec, ingest
-    from segflow.io.store import remove_tree, staging_path
+    from segflow.io.store import remove_store, staging_location
 
     if run.plan is StagePlan.SKIP:
         return skipped(run)
     t0 = time.perf_counter()
     begin_stage(run)
     if run.plan is StagePlan.FRESH:  # other inputs, options or code: never mix two stores
-        remove_tree(Path(store))
-        remove_tree(staging_path(store))
+        remove_store(store)
+        remove_store(staging_location(store))
     spec = IngestSpec.from_config(
         cfg.ingest, out=store, classes=cfg.classes, ignore_index=cfg.ignore_index
     )
@@ -97,7 +98,7 @@ def run_prepare(
     else:
         fingerprint = str(default_fingerprint_path(store))
     result = {"ran": ran, "plan": run.plan.value, "seconds": round(time.perf_counter() - t0, 1)}
-    finish_stage(run, [fingerprint, str(Path(store) / "weights")], result)
+    finish_stage(run, [fingerprint, str(locations.join(store, "weights"))], result)
     return result
 
 
@@ -114,9 +115,11 @@ def finished_training(out: Path, tcfg: TrainConfig) -> bool:
 def run_train(
     run: StageRun, cfg: PipelineConfig, out: str, *, device: str | None
 ) -> dict[str, Any]:
-    """Train ``cfg.train`` into ``out``, resuming its training state when there is one."""
-    from segflow.train.loop import STATE_DIR, train
+    """Train ``cfg.train`` into ``out``, resuming its training state when there is one.
 
+    An ``out`` on object storage is trained into a local mirror of it
+    (:func:`~segflow.io.locations.local_mirror`), uploaded as training ends or fails.
+    """
     if run.plan is StagePlan.SKIP:
         return skipped(run)
     t0 = time.perf_counter()
@@ -124,27 +127,42 @@ def run_train(
     tcfg = cfg.train
     if tcfg is None:
         raise ValueError("run_train needs a pipeline with a train section")
-    outp = Path(out)
-    if run.plan is StagePlan.FRESH and outp.exists():
-        shutil.rmtree(outp)  # inputs, config or code changed: a new run, not a resume
-    result: dict[str, Any]
-    if finished_training(outp, tcfg):  # finished by a run killed before it was recorded
-        result = {"ran": False, "plan": run.plan.value}
-    else:
-        resume = (outp / STATE_DIR).is_dir() or (outp / f"{STATE_DIR}.old").is_dir()
-        res = train(tcfg, out_dir=outp, device=device, resume=resume)
-        result = {
-            "ran": True,
-            "plan": run.plan.value,
-            "steps": res.steps,
-            "best_metric": res.best_metric,
-            "metric": tcfg.select_metric,
-            "resumed_from": res.resumed_from,
-        }
+    if run.plan is StagePlan.FRESH:  # inputs, config or code changed: a new run, not a resume
+        locations.remove(out)
+        if remote.is_url(out):
+            locations.forget_mirror(out, cache=locations.cache_root())
+    with contextlib.ExitStack() as stack:
+        local = (
+            stack.enter_context(locations.local_mirror(out, cache=locations.cache_root()))
+            if remote.is_url(out)
+            else Path(out)
+        )
+        result = _train_into(local, tcfg, device=device, plan=run.plan)
+        written = [n for n in ("best", "last", "metrics.json") if (local / n).exists()]
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    outputs = [p for p in (outp / "best", outp / "last", outp / "metrics.json") if p.exists()]
-    finish_stage(run, outputs, result)
+    finish_stage(run, [str(locations.join(out, n)) for n in written], result)
     return result
+
+
+def _train_into(
+    out: Path, tcfg: TrainConfig, *, device: str | None, plan: StagePlan
+) -> dict[str, Any]:
+    """Train into the local ``out``: resumed from its state, or nothing to do when a run
+    killed before it was recorded finished there."""
+    from segflow.train.loop import STATE_DIR, train
+
+    if finished_training(out, tcfg):
+        return {"ran": False, "plan": plan.value}
+    resume = (out / STATE_DIR).is_dir() or (out / f"{STATE_DIR}.old").is_dir()
+    res = train(tcfg, out_dir=out, device=device, resume=resume)
+    return {
+        "ran": True,
+        "plan": plan.value,
+        "steps": res.steps,
+        "best_metric": res.best_metric,
+        "metric": tcfg.select_metric,
+        "resumed_from": res.resumed_from,
+    }
 
 
 def segment_request(
@@ -152,7 +170,11 @@ def segment_request(
 ) -> SegmentRequest:
     """The segment_region request of a pipeline: ``cfg.segment`` with its outputs in the
     work directory (``prediction.tif``, and the other files the section asks for)."""
-    s, work = cfg.segment, cfg.work_path
+    s = cfg.segment
+
+    def at(name: str) -> str:
+        return str(locations.join(cfg.work_path, name))
+
     return SegmentRequest(
         **s.model_dump(include=set(SegmentOptions.model_fields)),
         # the instance options count only with the instance output
@@ -162,17 +184,17 @@ def segment_request(
         # the model was trained at ingest.level: read the ingested source at that scale
         level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
         model=model,
-        out=str(work / "prediction.tif"),
+        out=at("prediction.tif"),
         device=device,
         dask_address=dask_address,  # inference on that cluster's workers (None: here)
-        polygons=str(work / "prediction.gpkg") if s.polygons else None,
-        parquet=str(work / "prediction.parquet") if s.parquet else None,
-        probabilities=str(work / "probabilities.tif") if s.probabilities else None,
-        quicklook=str(work / "quicklook.png") if s.quicklook else None,
-        ome_tiff=str(work / "prediction.ome.tif") if s.ome_tiff else None,
-        qupath_geojson=str(work / "prediction.qupath.geojson") if s.qupath else None,
-        instances=str(work / "instances.tif") if s.instances else None,
-        ome_zarr=str(work / "prediction.ome.zarr") if s.ome_zarr else None,
+        polygons=at("prediction.gpkg") if s.polygons else None,
+        parquet=at("prediction.parquet") if s.parquet else None,
+        probabilities=at("probabilities.tif") if s.probabilities else None,
+        quicklook=at("quicklook.png") if s.quicklook else None,
+        ome_tiff=at("prediction.ome.tif") if s.ome_tiff else None,
+        qupath_geojson=at("prediction.qupath.geojson") if s.qupath else None,
+        instances=at("instances.tif") if s.instances else None,
+        ome_zarr=at("prediction.ome.zarr") if s.ome_zarr else None,
         # these names in work_dir are the pipeline's own: an earlier run's (whose record went
         # with a rebuilt inference store) are replaced, not refused
         overwrite=True,
@@ -212,7 +234,12 @@ def run_segment(
     begin_stage(run)
     if run.plan is StagePlan.FRESH:
         for old in run.previous.outputs if run.previous else ():
-            remove_output(old)  # e.g. polygons no longer asked for; with its .aux.xml
+            # e.g. polygons no longer asked for; with its .aux.xml
+            if remote.is_url(old):
+                for name in (old, f"{old}.aux.xml"):
+                    locations.remove(name)
+            else:
+                remove_output(old)
         if not prediction_store_reusable(run):
             for where in {req.work_store, staging_location(req.work_store)}:
                 remove_store(where)

@@ -9,6 +9,7 @@ alone. Stores without a source must exist already.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,16 +56,28 @@ def training_config(
 
 
 def check_training_request(
-    tcfg: TrainConfig, out: Path, *, device: str | None, prepare_only: bool
+    tcfg: TrainConfig, out: Path | str, *, device: str | None, prepare_only: bool
 ) -> None:
     """Refuse, in a second and before anything starts: an output directory that is an input
-    or not writable, a listed store that is missing and has no ``source`` to build it from,
-    an unknown or absent device (unless only the stores are built)."""
+    or not writable (on object storage: a bucket we cannot list, or a URL under a torchrun
+    launch, whose ranks would each mirror it), a listed store that is missing and has no
+    ``source`` to build it from, an unknown or absent device (unless only the stores are
+    built)."""
+    from segflow.io import remote
     from segflow.io.store import SceneStore
     from segflow.outputs import check_output_directory
 
     refs = (*tcfg.stores.train, *tcfg.stores.val)
-    check_output_directory("out", out, inputs=[r.store for r in refs])
+    if remote.is_url(out):
+        url = remote.check_location(out, what="out", write=True)
+        remote.check_prefix(url, what="out")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"out {url!r} is on object storage, which a torchrun launch cannot share: "
+                "train into a local directory and upload it"
+            )
+    else:
+        check_output_directory("out", out, inputs=[r.store for r in refs])
     for ref in refs:
         if ref.source is None:
             SceneStore.open(ref.store)  # a missing store without a source fails here

@@ -57,6 +57,7 @@ from segflow.atomic import write_json_atomic
 from segflow.config import DEFAULT_CLASSES, ClassDef, format_validation_error
 from segflow.errors import CheckpointError, ConfigError
 from segflow.io import remote
+from segflow.io.locations import ENV_CACHE_DIR, cache_root, configured_cache_dir
 from segflow.normalization import Normalization
 from segflow.train import models as _models
 from segflow.train.models import ModelConfig, build_model, size_multiple, tile_independent
@@ -83,8 +84,6 @@ CHECKPOINT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
-#: Directory of segflow's measurement cache (``none``: no cache on disk).
-ENV_CACHE_DIR = "SEGFLOW_CACHE_DIR"
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +342,7 @@ def fetch_checkpoint(url: str) -> Path:
     base = remote.check_location(url, what="checkpoint")
     names = (META_FILE, WEIGHTS_FILE)
     ids = [remote.object_identity(f"{base}/{name}") for name in names]
-    cache = halo_cache_dir()
-    root = (cache.parent if cache else Path(tempfile.gettempdir()) / "segflow") / "checkpoints"
+    root = cache_root() / "checkpoints"
     folder = root / hashlib.sha256("\n".join(ids).encode()).hexdigest()[:24]
     if all((folder / name).is_file() for name in names):
         return folder
@@ -478,11 +476,8 @@ def halo_cache_dir() -> Path | None:
     ``$SEGFLOW_CACHE_DIR/halo`` (``none`` turns the cache off), else
     ``$XDG_CACHE_HOME/segflow/halo``, else ``~/.cache/segflow/halo``.
     """
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env is not None:
-        return None if env.strip().lower() in ("", "none", "off", "0") else Path(env) / "halo"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "segflow" / "halo"
+    cache = configured_cache_dir()
+    return None if cache is None else cache / "halo"
 
 
 @functools.lru_cache(maxsize=1)
