@@ -52,12 +52,13 @@ def ensure_stores(cfg: PipelineConfig, tcfg: TrainConfig, show: bool) -> list[di
 
 
 def run_training(tcfg: TrainConfig, out: Path | str, *, resume: bool, device: str | None,
-                 show: bool) -> dict[str, Any]:
-    """Call the library trainer with a tqdm progress bar; a JSON-ready summary. An ``out`` on
-    object storage is trained into a local mirror of it, uploaded as training ends."""
+                 show: bool, upload: Any = None) -> dict[str, Any]:
+    """The library trainer with a progress bar; a JSON-ready summary. An ``out`` on object
+    storage: trained into a local mirror of it, uploaded with each saved state."""
     if remote.is_url(out):
         with locations.local_mirror(str(out), cache=locations.cache_root()) as local:
-            return run_training(tcfg, local, resume=resume, device=device, show=show)
+            return run_training(tcfg, local, resume=resume, device=device, show=show,
+                                upload=lambda _: locations.sync_up(local, str(out)))
     from segflow.train.loop import train
 
     bar = None
@@ -77,7 +78,8 @@ def run_training(tcfg: TrainConfig, out: Path | str, *, resume: bool, device: st
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
-    res = train(tcfg, out_dir=out, resume=resume, device=device, progress=progress)
+    res = train(tcfg, out_dir=out, resume=resume, device=device, progress=progress,
+                on_state_saved=upload)
     if bar is not None:
         bar.close()
     return res.summary()
@@ -131,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python flows/train.py",
                                 description="Build the training stores of a pipeline and train.")
     p.add_argument("--config", required=True, help="pipeline YAML with a 'train' section")
-    p.add_argument("--out", help="output directory (default: the config's work_dir/train)")
+    p.add_argument("--out", help="output directory or URL (default: the config's work_dir/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--time-limit", type=float, help="stop after this many seconds of training")
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config)
     # fail in a second, before Prefect starts
     tcfg = training_config(cfg, steps=args.steps, time_limit_s=args.time_limit, source=args.config)
-    out = args.out or str(locations.join(cfg.work_path, "train"))
-    out = out if remote.is_url(out) else Path(out)
+    out = args.out or locations.join(cfg.work_path, "train")  # a path, or a URL
     check_training_request(tcfg, out, device=args.device, prepare_only=args.prepare_only)
     show = not args.no_progress and sys.stderr.isatty()
     if args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -14,7 +14,7 @@ import pytest
 import rasterio
 import yaml
 
-from segflow.io import remote
+from segflow.io import locations, remote
 from segflow.io.store import SceneStore
 from tests.test_pipeline import _write_config, pipeline  # noqa: F401 (a fixture)
 
@@ -76,7 +76,10 @@ def test_pipeline_on_s3_equals_the_local_disk_run(
     with rasterio.open(got / "prediction.tif") as x, rasterio.open(local / "prediction.tif") as y:
         np.testing.assert_array_equal(x.read(), y.read())
         assert (x.crs, x.transform, x.nodata) == (y.crs, y.transform, y.nodata)
-    for name, read in (("prediction.gpkg", gpd.read_file), ("prediction.parquet", gpd.read_parquet)):
+    for name, read in (
+        ("prediction.gpkg", gpd.read_file),
+        ("prediction.parquet", gpd.read_parquet),
+    ):
         p, q = read(got / name), read(local / name)
         assert len(p) == len(q) > 0 and p.crs == q.crs
         assert p.geometry.geom_equals_exact(q.geometry, 0).all()
@@ -94,3 +97,63 @@ def test_pipeline_on_s3_equals_the_local_disk_run(
 
     again = pipeline.pipeline_flow(str(cfg), device="cpu")
     assert {k: v["plan"] for k, v in again.items()} == dict.fromkeys(STAGES, "skip")
+
+
+def test_a_local_mirror_goes_up_whole_and_comes_back_elsewhere(s3: str, tmp_path: Path) -> None:
+    """What training writes into the mirror is uploaded (changed files only, deletions too,
+    also when the body fails); another machine's empty cache starts from those objects."""
+    url = f"{s3}/run/train"
+    with locations.local_mirror(url, cache=tmp_path / "a") as local:
+        assert not [p for p in local.iterdir() if not p.name.startswith(".segflow")]
+        (local / "best").mkdir()
+        (local / "best" / "model.safetensors").write_bytes(b"w" * 1000)
+        (local / "best" / "checkpoint.json").write_text("{}")
+        (local / "old.json").write_text("x")
+    assert remote.read_bytes(f"{url}/best/model.safetensors") == b"w" * 1000
+    with (
+        pytest.raises(RuntimeError, match="killed"),
+        locations.local_mirror(url, cache=tmp_path / "a") as local,
+    ):
+        assert locations.sync_up(local, url) == 0  # nothing changed since the upload
+        (local / "old.json").unlink()
+        (local / "state.json").write_text('{"step": 7}')
+        raise RuntimeError("killed")
+    assert not remote.exists(f"{url}/old.json")
+    assert remote.read_bytes(f"{url}/state.json") == b'{"step": 7}'
+    # another machine: nothing in its cache, so the mirror starts from the objects
+    with locations.local_mirror(url, cache=tmp_path / "b") as other:
+        assert (other / "state.json").read_text() == '{"step": 7}'
+        assert (other / "best" / "model.safetensors").read_bytes() == b"w" * 1000
+        assert locations.sync_up(other, url) == 0  # downloaded files are not sent back
+
+
+def test_train_flow_writes_checkpoints_and_state_to_s3(s3: str, samples: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """flows/train.py --out s3://...: the store is built from its source, the checkpoints and
+    the resumable state are objects, and the checkpoint loads from its URL."""
+    import importlib.util
+
+    from segflow.train.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("SEGFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    chip = samples / "spacenet_atlanta" / "sample_geotiff.tif"
+    path = _write_config(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["train"]["stores"]["train"] = [{"store": str(tmp_path / "s.zarr"), "source": str(chip),
+                                        "labels": str(chip.parent / "geotiff_labels.geojson")}]  # fmt: skip
+    path.write_text(yaml.safe_dump(doc))
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "segflow_flow_train_s3", root / "flows" / "train.py"
+    )
+    assert spec and spec.loader
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    out = f"{s3}/runs/t/train"
+    flow.main(["--config", str(path), "--out", out, "--no-prefect", "--no-progress",
+               "--steps", "4", "--device", "cpu"])  # fmt: skip
+    for name in ("best/checkpoint.json", "last/model.safetensors", "state/state.json"):
+        assert remote.exists(f"{out}/{name}"), name
+    _, meta = load_checkpoint(f"{out}/last")
+    assert meta.training["step"] == 4
+    assert not list(tmp_path.glob("s3*"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +138,9 @@ def run_train(
             if remote.is_url(out)
             else Path(out)
         )
-        result = _train_into(local, tcfg, device=device, plan=run.plan)
+        # each resumable state goes up as it is saved: a run killed here resumes elsewhere
+        upload = (lambda _step: locations.sync_up(local, out)) if remote.is_url(out) else None
+        result = _train_into(local, tcfg, device=device, plan=run.plan, on_state_saved=upload)
         written = [n for n in ("best", "last", "metrics.json") if (local / n).exists()]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     finish_stage(run, [str(locations.join(out, n)) for n in written], result)
@@ -145,7 +148,12 @@ def run_train(
 
 
 def _train_into(
-    out: Path, tcfg: TrainConfig, *, device: str | None, plan: StagePlan
+    out: Path,
+    tcfg: TrainConfig,
+    *,
+    device: str | None,
+    plan: StagePlan,
+    on_state_saved: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """Train into the local ``out``: resumed from its state, or nothing to do when a run
     killed before it was recorded finished there."""
@@ -154,7 +162,7 @@ def _train_into(
     if finished_training(out, tcfg):
         return {"ran": False, "plan": plan.value}
     resume = (out / STATE_DIR).is_dir() or (out / f"{STATE_DIR}.old").is_dir()
-    res = train(tcfg, out_dir=out, device=device, resume=resume)
+    res = train(tcfg, out_dir=out, device=device, resume=resume, on_state_saved=on_state_saved)
     return {
         "ran": True,
         "plan": plan.value,
