@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from segflow.errors import ConfigError, SourceError
-from segflow.io.remote import check_location, configure_gdal, head, is_url, object_url
+from segflow.io.remote import (
+    check_location,
+    configure_gdal,
+    head,
+    is_url,
+    object_url,
+    read_range,
+)
 from segflow.io.sources.base import TIFF_MAGICS, Source
 from segflow.io.sources.files import (
     _head,
@@ -117,11 +124,16 @@ def open_source(
 
 
 def _open_remote(url: str, *, level: int, limit: int) -> Source:
-    """A raster behind a URL, read window by window through GDAL's virtual file systems
-    (ranged GETs: a window of a COG costs a few requests, never the whole object)."""
+    """An image behind a URL, read window by window by ranged GETs (a window of a COG costs
+    a few requests, never the whole object): a georeferenced raster (or anything but a TIFF)
+    through GDAL's virtual file systems; a TIFF without a CRS (SVS, OME-TIFF and other
+    slides, plain TIFFs) through tifffile over the object, as :func:`_open_tiff` chooses
+    (OpenSlide reads only local files)."""
     check_location(url, what="image")
     configure_gdal()
     head(object_url(url))  # a missing bucket/key or bad credentials: one clear line
+    if read_range(object_url(url), 0, 4).startswith(TIFF_MAGICS) and not _gdal_has_crs(url):
+        return _within_budget(_open_tiff(url, level), url, limit)
     return _within_budget(RasterioSource(url, level), url, limit)
 
 
@@ -154,7 +166,9 @@ def _dispatch(path: Path, head: bytes, is_tiff: bool, level: int) -> Source | No
     return None
 
 
-def _open_tiff(path: Path, level: int) -> Source:
+def _open_tiff(path: Path | str, level: int) -> Source:
+    """The reader of a TIFF (a local file, or a URL: then tifffile, or GDAL for a plain
+    image, since OpenSlide and Pillow read local files only)."""
     tif = _tiff_open(path)
     try:
         series = tif.series[0] if tif.series else None
@@ -175,7 +189,8 @@ def _open_tiff(path: Path, level: int) -> Source:
         tiff_levels = len(levels)
     finally:
         tif.close()
-    vendor = _openslide_vendor(path) if rgb8 else None
+    local = isinstance(path, Path)
+    vendor = _openslide_vendor(path) if rgb8 and local else None
     if vendor is not None:
         import openslide
 
@@ -213,7 +228,7 @@ def _open_tiff(path: Path, level: int) -> Source:
         return TiffSlideSource(path, level)
     if slide_like:
         return TiffSlideSource(path, level)
-    return PlainImageSource(path, level)
+    return PlainImageSource(path, level) if local else RasterioSource(path, level)
 
 
 # --------------------------------------------------------------------------- pixel budget
@@ -382,7 +397,7 @@ def _vrt_declared_size(path: Path) -> tuple[int, int] | None:
     return None
 
 
-def _gdal_has_crs(path: Path) -> bool:
+def _gdal_has_crs(path: Path | str) -> bool:
     try:
         with _rio_open(path) as ds:
             return ds.crs is not None and ds.count > 0
@@ -398,7 +413,7 @@ def _gdal_opens(path: Path) -> bool:
         return False
 
 
-def _openslide_vendor(path: Path) -> str | None:
+def _openslide_vendor(path: Path | str) -> str | None:
     try:
         import openslide
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class _TiffLayout:
     band_axis: int | None
 
     @classmethod
-    def of(cls, axes: str, shape: tuple[int, ...], path: Path) -> _TiffLayout:
+    def of(cls, axes: str, shape: tuple[int, ...], path: Path | str) -> _TiffLayout:
         if "Y" not in axes or "X" not in axes:
             raise SourceError(
                 f"TIFF {str(path)!r} has axes {axes!r} with no Y/X plane: pass a 2-D image"
@@ -78,11 +78,20 @@ class _TiffLayout:
         return np.ascontiguousarray(data)
 
 
-def _tiff_open(path: Path) -> Any:
+def _tiff_open(path: Path | str) -> Any:
+    """tifffile over a local file, or over an object read by ranged GETs (a URL)."""
     import tifffile
 
+    from segflow.io import remote
+
     try:
+        if isinstance(path, str) and remote.is_url(path):
+            # a RawIOBase: seek, tell and read, as tifffile's FileHandle uses them
+            ranged = cast(IO[bytes], remote.open_ranged(remote.object_url(path)))
+            return tifffile.TiffFile(ranged)
         return tifffile.TiffFile(path)
+    except remote.RemoteError:
+        raise
     except Exception as err:
         raise SourceError(
             f"cannot read TIFF {str(path)!r} ({_one_line(err)}): check the file is a complete TIFF"
@@ -128,7 +137,7 @@ class _TiffBase(Source):
     def _probe_tiff(
         self,
     ) -> tuple[Any, _TiffLayout, list[tuple[int, int]], str, int, tuple[int, int]]:
-        tif = _tiff_open(self.file)
+        tif = _tiff_open(self.path)
         try:
             series = tif.series[0]
             levels = series.levels
@@ -136,12 +145,12 @@ class _TiffBase(Source):
                 raise self._level_error(len(levels))
             shapes = []
             for lvl in levels:
-                _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.file)  # each level is 2-D
+                _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.path)  # each level is 2-D
                 shapes.append(
                     (int(lvl.shape[lvl.axes.index("Y")]), int(lvl.shape[lvl.axes.index("X")]))
                 )
             lvl = levels[self.level]
-            lay = _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.file)
+            lay = _TiffLayout.of(lvl.axes, tuple(lvl.shape), self.path)
             nbands = 1 if lay.band_axis is None else int(lvl.shape[lay.band_axis])
             page = lvl.pages[0] if lvl.pages else series.pages[0]
             return tif, lay, shapes, str(np.dtype(lvl.dtype)), nbands, _tiff_block(page)
@@ -150,7 +159,7 @@ class _TiffBase(Source):
             raise
 
     def _open_handle(self) -> Any:
-        tif = _tiff_open(self.file)
+        tif = _tiff_open(self.path)
         try:
             return _TiffHandle(tif, _tiff_level_array(tif, self.level))
         except Exception as err:
@@ -201,7 +210,7 @@ class TiffSlideSource(_TiffBase):
             rgb8 = dtype == "uint8" and bands[:3] == ("red", "green", "blue")
             self.threshold: int | None = None
             if rgb8:
-                thumb = _tiff_thumbnail(tif, shapes, self.file)
+                thumb = _tiff_thumbnail(tif, shapes, self.path)
                 self.threshold = _slide_threshold(
                     thumb[:3], thumb[3] if self._alpha and thumb.shape[0] > 3 else None
                 )
@@ -238,7 +247,7 @@ class TiffSlideSource(_TiffBase):
         return tissue_mask(px[:3], self.threshold, alpha)
 
 
-def _tiff_thumbnail(tif: Any, shapes: list[tuple[int, int]], path: Path) -> np.ndarray:
+def _tiff_thumbnail(tif: Any, shapes: list[tuple[int, int]], path: Path | str) -> np.ndarray:
     """A thumbnail of the smallest level of a tifffile pyramid (see :func:`_thumbnail`)."""
     last = len(shapes) - 1
     lvl = tif.series[0].levels[last]
