@@ -123,6 +123,20 @@ def _evaluate(output: str, res: Path | None) -> str:
             f"x{big['time_segflow_over_numpy']}; segflow peak growth x{r['segflow_peak_growth']}")
 
 
+def _lines(output: str, *starts: str) -> str:
+    """The printed lines that start with one of ``starts``, joined (their own ratios)."""
+    picked = [ln.strip() for ln in output.splitlines() if ln.strip().startswith(starts)]
+    return "; ".join(picked) or "done (no summary line)"
+
+
+def _remote_ingest(output: str, res: Path | None) -> str:
+    return _lines(output, "throughput ratio", "without the server")
+
+
+def _zarr_stores(output: str, res: Path | None) -> str:
+    return _lines(output, "fsspec")
+
+
 @dataclass(frozen=True)
 class Bench:
     """One benchmark script: its quick and full arguments and where its result lands."""
@@ -172,6 +186,10 @@ BENCHES: tuple[Bench, ...] = (
           headline=_infer),
     Bench("evaluate", "bench_evaluate.py", quick=("--sizes", "1024", "2048"), full=(),
           common=("--workdir", str(WORK)), result=lambda full: None, headline=_evaluate),
+    Bench("remote_ingest", "bench_remote_ingest.py", quick=("--size", "2048"), full=(),
+          common=("--workdir", str(WORK)), result=lambda full: None, headline=_remote_ingest),
+    Bench("zarr_stores", "bench_zarr_stores.py", quick=("--size", "2048"), full=(), common=(),
+          result=lambda full: None, headline=_zarr_stores),
     Bench("train_isbi", "train_isbi.py", quick=("--minutes", "0.5", "--steps", "40"), full=(),
           common=("--out", str(OUT / "train_isbi")), result=lambda full: None,
           headline=_train, clean=(OUT / "train_isbi",)),
