@@ -57,7 +57,6 @@ class UnitJob:
 
     image: str
     level: int
-    assets: tuple[str, ...]
     model: str
     store: str
     options: InferenceOptions
@@ -68,6 +67,7 @@ class UnitJob:
     num_classes: int
     label_dtype: str
     standalone: bool
+    assets: tuple[str, ...] = ()  # of a STAC Item as the image
 
 
 def unit_groups(
