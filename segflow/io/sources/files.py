@@ -81,6 +81,11 @@ def check_tiff_complete(path: str | Path) -> None:
             offsets = np.asarray(page.dataoffsets, dtype=np.int64)
             counts = np.asarray(page.databytecounts, dtype=np.int64)
             if offsets.size == 0:
+                if int(np.prod(page.shape or (0,))) > 0:  # pixels, but nowhere to read them
+                    raise SourceError(
+                        f"truncated or corrupt TIFF {str(p)!r}: page {i} has no readable "
+                        "strip or tile offsets: copy or download the file again"
+                    )
                 continue
             ends = np.where(counts > 0, offsets + counts, 0)
             end = int(ends.max())
