@@ -194,26 +194,25 @@ class PrepareConfig(SchemaModel):
     train_region: TrainRegion | None = None
 
 
-class SegmentConfig(SegmentOptions, InstanceOptions):
-    """segment_region inside a pipeline: which image and region, how, and which outputs.
+#: segment_region's output names in a folder, by request field (``out``: always written).
+OUTPUT_NAMES = {
+    "out": "prediction.tif",
+    "polygons": "prediction.gpkg",
+    "parquet": "prediction.parquet",
+    "probabilities": "probabilities.tif",
+    "quicklook": "quicklook.png",
+    "ome_tiff": "prediction.ome.tif",
+    "qupath_geojson": "prediction.qupath.geojson",
+    "instances": "instances.tif",
+    "ome_zarr": "prediction.ome.zarr",
+}
 
-    ``image`` defaults to the ingest source and the model to the pipeline's trained
-    checkpoint; outputs go to the pipeline's ``work_dir``: ``prediction.tif`` (a class-id
-    Cloud-Optimized GeoTIFF) always, the others as switched on below. The region and
-    inference options are segment_region's own (:class:`~segflow.config.segment.SegmentOptions`).
+
+class OutputChoices(SchemaModel):
+    """Which of segment_region's outputs a pipeline or collection writes into a folder.
 
     Attributes
     ----------
-    image
-        Image to segment: a source file (read at ``level``) or a scene store directory
-        (read only: the predictions go to the work store). Null: ``ingest.source``.
-    level
-        Pyramid level of ``image`` to read (slides, GeoTIFF overviews); must be the scale
-        the model was trained at. Null: ``ingest.level`` when ``image`` is null (the
-        ingested source), else 0.
-    model
-        Checkpoint directory (as training writes, e.g. ``outputs/x/train/best``). Null:
-        ``{work_dir}/train/best``, which needs a ``train`` section.
     polygons
         Write ``prediction.gpkg``: polygons of every class but 0 with ``class_id``,
         ``class_name`` and ``area``, in the image's CRS (pixels without one).
@@ -239,9 +238,6 @@ class SegmentConfig(SegmentOptions, InstanceOptions):
         Write ``prediction.ome.zarr``, an OME-Zarr (NGFF 0.4) multiscale label image.
     """
 
-    image: str | None = None
-    level: Annotated[int, Field(ge=0)] | None = None
-    model: str | None = None
     polygons: bool = True
     parquet: bool = True
     probabilities: bool = False
@@ -250,6 +246,42 @@ class SegmentConfig(SegmentOptions, InstanceOptions):
     qupath: bool = False
     instances: bool = False
     ome_zarr: bool = False
+
+    def output_paths(self, folder: str | Path) -> dict[str, str | None]:
+        """segment_region's output fields: the chosen files in ``folder`` (a path or URL),
+        None for the others."""
+        on = {"out": True, "qupath_geojson": self.qupath,
+              **{k: getattr(self, k) for k in OUTPUT_NAMES if k not in ("out", "qupath_geojson")}}  # fmt: skip
+        base = str(folder).rstrip("/")
+        join = (lambda n: f"{base}/{n}") if "://" in base else (lambda n: str(Path(base) / n))
+        return {k: join(name) if on[k] else None for k, name in OUTPUT_NAMES.items()}
+
+
+class SegmentConfig(SegmentOptions, InstanceOptions, OutputChoices):
+    """segment_region inside a pipeline: which image and region, how, and which outputs.
+
+    ``image`` defaults to the ingest source and the model to the pipeline's trained
+    checkpoint; outputs go to the pipeline's ``work_dir``: ``prediction.tif`` (a class-id
+    Cloud-Optimized GeoTIFF) always, the others as switched on below. The region and
+    inference options are segment_region's own (:class:`~segflow.config.segment.SegmentOptions`).
+
+    Attributes
+    ----------
+    image
+        Image to segment: a source file (read at ``level``) or a scene store directory
+        (read only: the predictions go to the work store). Null: ``ingest.source``.
+    level
+        Pyramid level of ``image`` to read (slides, GeoTIFF overviews); must be the scale
+        the model was trained at. Null: ``ingest.level`` when ``image`` is null (the
+        ingested source), else 0.
+    model
+        Checkpoint directory (as training writes, e.g. ``outputs/x/train/best``). Null:
+        ``{work_dir}/train/best``, which needs a ``train`` section.
+    """
+
+    image: str | None = None
+    level: Annotated[int, Field(ge=0)] | None = None
+    model: str | None = None
 
 
 class PipelineConfig(SchemaModel):

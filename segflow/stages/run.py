@@ -179,30 +179,18 @@ def segment_request(
     """The segment_region request of a pipeline: ``cfg.segment`` with its outputs in the
     work directory (``prediction.tif``, and the other files the section asks for)."""
     s = cfg.segment
-
-    def at(name: str) -> str:
-        return str(locations.join(cfg.work_path, name))
-
     return SegmentRequest(
         **s.model_dump(include=set(SegmentOptions.model_fields)),
         # the instance options count only with the instance output
         **(s.model_dump(include=set(InstanceOptions.model_fields)) if s.instances else {}),
+        **s.output_paths(cfg.work_path),  # type: ignore[arg-type]
         image=s.image or cfg.ingest.source,
         assets=() if s.image else cfg.ingest.assets,
         # the model was trained at ingest.level: read the ingested source at that scale
         level=s.level if s.level is not None else (0 if s.image else cfg.ingest.level),
         model=model,
-        out=at("prediction.tif"),
         device=device,
         dask_address=dask_address,  # inference on that cluster's workers (None: here)
-        polygons=at("prediction.gpkg") if s.polygons else None,
-        parquet=at("prediction.parquet") if s.parquet else None,
-        probabilities=at("probabilities.tif") if s.probabilities else None,
-        quicklook=at("quicklook.png") if s.quicklook else None,
-        ome_tiff=at("prediction.ome.tif") if s.ome_tiff else None,
-        qupath_geojson=at("prediction.qupath.geojson") if s.qupath else None,
-        instances=at("instances.tif") if s.instances else None,
-        ome_zarr=at("prediction.ome.zarr") if s.ome_zarr else None,
         # these names in work_dir are the pipeline's own: an earlier run's (whose record went
         # with a rebuilt inference store) are replaced, not refused
         overwrite=True,
