@@ -43,9 +43,7 @@ if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
 from segflow.errors import describe_failure, options_named  # noqa: E402
 from segflow.runtime import tune_malloc  # noqa: E402
 
-# every flow process (command line, Prefect worker, Dask worker importing a flow) keeps large
-# freed blocks for reuse: CPU forward passes 2.6x faster (segflow.runtime)
-tune_malloc()
+tune_malloc()  # every flow process keeps large freed blocks: 2.6x faster CPU forwards
 
 
 class Terminated(KeyboardInterrupt):
@@ -54,6 +52,9 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     raise Terminated
+
+
+_QUIET_LOGGERS = "py.warnings distributed prefect tornado asyncio tifffile rasterio".split()  # noqa: SIM905
 
 
 def _quiet_logging() -> None:
@@ -65,7 +66,8 @@ def _quiet_logging() -> None:
     if DEBUG:
         return
     logging.captureWarnings(True)  # library warnings (rasterio, dask) are not the user's to fix
-    for name in ("py.warnings", "distributed", "prefect", "tornado", "asyncio"):
+    # tifffile's and GDAL's own complaints about a damaged file: its error line says it
+    for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
@@ -131,9 +133,8 @@ def warm_prefect_api() -> Callable[[], None]:
 
 
 def _stop(server: Any, used: list[bool]) -> None:
-    """Stop the warm server at exit. One no flow used (the command failed its checks) is
-    killed outright: stopped politely while still starting, uvicorn prints a traceback
-    after the command's one ``error:`` line."""
+    """Stop the warm server at exit; kill one no flow used (the command failed its checks):
+    stopped politely while starting, uvicorn prints a traceback after the ``error:`` line."""
     if used or server.server_process is None:
         server.stop()
     else:

@@ -34,9 +34,17 @@ SAMPLES = ROOT / "data" / "samples"
 CHIP = SAMPLES / "spacenet_atlanta" / "sample_geotiff.tif"
 ISBI = SAMPLES / "isbi2012" / "train"
 
-INGEST, PREPARE, TRAIN, SEGMENT, PIPELINE, EVALUATE = (
+INGEST, PREPARE, TRAIN, SEGMENT, PIPELINE, EVALUATE, COLLECTION = (
     str(ROOT / "flows" / f"{n}.py")
-    for n in ("ingest", "prepare", "train", "segment_region", "pipeline", "evaluate")
+    for n in (
+        "ingest",
+        "prepare",
+        "train",
+        "segment_region",
+        "pipeline",
+        "evaluate",
+        "segment_collection",
+    )
 )
 
 
@@ -58,6 +66,7 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (a / "fake.tif").write_text("not a tiff at all\n")
     raw = CHIP.read_bytes()
     (a / "truncated.tif").write_bytes(raw[: len(raw) // 3])
+    (a / "header_only.tif").write_bytes(raw[:500])  # cut inside the tags' values
     tiff_header_bomb(a / "bomb.tif")
     _stac_items(a)
     (a / "a_dir").mkdir()
@@ -598,6 +607,63 @@ def cases(a: Path) -> list[dict[str, Any]]:
             ],
             ["e3.md"],
             "both the prediction and the reference are polygons",
+        ),
+        (
+            "ingest-truncated-in-the-tags",
+            INGEST,
+            [str(a / "header_only.tif"), "--out", str(a / "s_h.zarr")],
+            ["s_h.zarr"],
+            "header_only.tif",
+        ),
+        # ---- collections
+        (
+            "collection-empty-glob",
+            COLLECTION,
+            [
+                "--scenes",
+                str(a / "nothing_*.tif"),
+                "--model",
+                str(a / "ck"),
+                "--out-dir",
+                str(a / "c1"),
+            ],
+            ["c1"],
+            "names no image",
+        ),
+        (
+            "collection-missing-list",
+            COLLECTION,
+            ["--scenes", str(a / "gone.txt"), "--model", str(a / "ck"), "--out-dir", str(a / "c2")],
+            ["c2"],
+            "does not exist",
+        ),
+        (
+            "collection-missing-model",
+            COLLECTION,
+            [
+                "--scenes",
+                str(a / "scene.tif"),
+                "--model",
+                str(a / "nomodel"),
+                "--out-dir",
+                str(a / "c3"),
+            ],
+            ["c3"],
+            "model not found",
+        ),
+        (
+            "collection-not-a-catalog",
+            COLLECTION,
+            [
+                "--scenes",
+                str(a / "two_assets.json"),
+                "--model",
+                str(a / "ck"),
+                "--out-dir",
+                str(a / "c4"),
+            ],
+            ["c4"],
+            "itemcollection",
         ),
         # ---- STAC Items as the image
         (

@@ -1,0 +1,90 @@
+"""The schema of a segment_collection job: the scenes, the model, where each scene's outputs
+go, the mosaic, and segment_region's own options for every scene.
+
+>>> CollectionRequest(scenes="tiles/*.tif", model="ckpt/", out_dir="out").scene_dir("a")
+'out/a'
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from segflow.config.pipeline import OutputChoices
+from segflow.config.segment import InstanceOptions, SegmentOptions
+
+__all__ = ["COLLECTION_FLAGS", "CollectionRequest"]
+
+#: Fields whose flag is not ``--field-name``.
+COLLECTION_FLAGS = {"assets": "--asset", "tta_flips": "--tta", "tta_set": "--tta"}
+
+
+class CollectionRequest(SegmentOptions, InstanceOptions, OutputChoices):
+    """segment_region over every scene of a collection, and a mosaic of them.
+
+    Attributes
+    ----------
+    scenes
+        The scenes: a glob (``tiles/*.tif``, ``s3://bucket/tiles/*.tif``), a text file with
+        one image per line or a CSV whose first column (or ``image`` column) names them
+        (relative paths: from the list's folder), or a STAC ItemCollection (``.json``, a
+        path or URL: one scene per Item, read through ``assets``).
+    assets
+        With a STAC ItemCollection: the keys of the assets read as each scene's bands, in
+        this order; empty: each Item's only raster asset.
+    model
+        Checkpoint directory (as training writes), a path or URL.
+    out_dir
+        Where the outputs go: a folder per scene (``name``) holding what segment_region
+        writes (``prediction.tif`` and the outputs switched on), ``summary.csv`` and
+        ``summary.parquet``, and the mosaic (``mosaic.tif``, with ``mosaic.gpkg`` /
+        ``mosaic.parquet`` as ``polygons`` / ``parquet`` say).
+    name
+        Each scene's folder: a template with ``{stem}`` (the image's file name without its
+        suffixes, or the Item's id) and ``{index}`` (its place in the list, from 0).
+    level
+        Pyramid level of every scene to read (slides, GeoTIFF overviews).
+    mosaic
+        Write the mosaic of the georeferenced scenes (each pixel from the scene where it
+        lies farthest from an inner edge; see :mod:`segflow.io.mosaic`).
+    device
+        ``cpu``, ``cuda`` or ``cuda:1``; null: CUDA when available.
+    amp
+        Mixed precision of the forward pass (as segment_region's ``amp``).
+    min_area
+        Polygons smaller than this (map units squared) are dropped.
+    dask_address
+        Dask scheduler to run the scenes on (one task per scene); null:
+        ``$SEGFLOW_DASK_ADDRESS``, else ``workers``, else this process.
+    workers
+        Without a scheduler: an embedded Dask cluster of this many worker processes, one
+        scene at a time on each. Null: the scenes one after another in this process.
+    overwrite
+        Replace existing files in the scene folders that no earlier run of this command
+        recorded (default: refuse them).
+    """
+
+    scenes: Annotated[str, Field(min_length=1)]
+    assets: tuple[str, ...] = ()
+    model: Annotated[str, Field(min_length=1)]
+    out_dir: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1)] = "{stem}"
+    level: Annotated[int, Field(ge=0)] = 0
+    mosaic: bool = True
+    device: str | None = None
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    min_area: Annotated[float, Field(ge=0)] = 0.0
+    dask_address: str | None = None
+    workers: Annotated[int, Field(ge=1)] | None = None
+    overwrite: bool = False
+    # the scenes' own outputs: the class COG and its polygons unless switched off
+    quicklook: bool = False
+
+    def scene_dir(self, name: str) -> str:
+        """The folder (path or URL) of the scene called ``name``."""
+        return f"{self.out_dir.rstrip('/')}/{name}"
+
+    def file(self, name: str) -> str:
+        """A file of the collection itself (``summary.csv``, ``mosaic.tif``) in ``out_dir``."""
+        return f"{self.out_dir.rstrip('/')}/{name}"

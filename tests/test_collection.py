@@ -1,0 +1,210 @@
+"""segment_collection: the bundled chip cut into 16 overlapping scenes; the mosaic against one
+segment_region over the whole chip; a corrupt scene isolated; finished scenes skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window as RWindow
+
+from segflow.config import ClassDef
+from segflow.config.collection import CollectionRequest
+from segflow.errors import ConfigError
+from segflow.segment import SegmentRequest, segment_region
+from segflow.stages.collection import list_scenes, segment_collection
+from segflow.train.checkpoint import build_meta, save_checkpoint
+from segflow.train.models import ModelConfig, build_model
+
+CLASSES = (ClassDef(id=0, name="background"), ClassDef(id=1, name="building", color="#ff3030"))
+#: norm none: the network is tile independent; halo 8, size multiple 4 (build_meta measures)
+CFG = ModelConfig(arch="unet", in_channels=1, out_channels=2, features=4, depth=2,
+                  num_res_units=0, norm="none")  # fmt: skip
+#: scene starts on the chip, multiples of the size multiple; each scene runs 24 px (3 halos)
+#: into the next, so overlaps are >= twice the halo
+STARTS = (0, 220, 440, 660)
+OVERLAP = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(3)  # untrained: a speckled mask, many polygons
+    meta = build_meta(CFG, bands=("pan",), mean=[300.0], std=[150.0], tile=256, classes=CLASSES)
+    assert (meta.halo, meta.size_multiple) == (8, 4) and 2 * meta.halo <= OVERLAP
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_checkpoint(path, build_model(CFG), meta)
+    return path
+
+
+def cut_scenes(chip: Path, folder: Path) -> list[Path]:
+    """The chip as 4 x 4 GeoTIFF scenes (like ``gdal_translate -srcwin``), overlapping."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    with rasterio.open(chip) as src:
+        ends = [*(s + OVERLAP for s in STARTS[1:]), src.width]
+        for i, (r0, r1) in enumerate(zip(STARTS, ends, strict=True)):
+            for j, (c0, c1) in enumerate(zip(STARTS, ends, strict=True)):
+                win = RWindow(c0, r0, c1 - c0, r1 - r0)
+                profile = dict(src.profile, height=r1 - r0, width=c1 - c0,
+                               transform=src.window_transform(win), tiled=False)  # fmt: skip
+                path = folder / f"r{i}c{j}.tif"
+                with rasterio.open(path, "w", **profile) as dst:
+                    dst.write(src.read(window=win))
+                out.append(path)
+    return out
+
+
+def test_mosaic_of_16_overlapping_scenes_equals_one_run_over_the_chip(
+    samples: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    chip = samples / "spacenet_atlanta" / "sample_geotiff.tif"
+    cut_scenes(chip, tmp_path / "scenes")
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    ref = segment_region(SegmentRequest(image=str(chip), model=str(model_dir), tile=256,
+                                        out=str(whole / "m.tif"), polygons=str(whole / "m.gpkg")))  # fmt: skip
+    req = CollectionRequest(scenes=str(tmp_path / "scenes" / "*.tif"), model=str(model_dir),
+                            out_dir=str(tmp_path / "out"), tile=256, parquet=True)  # fmt: skip
+    report = segment_collection(req)
+    assert [s.status for s in report.scenes] == ["done"] * 16
+
+    with rasterio.open(report.outputs["mosaic"]) as got, rasterio.open(whole / "m.tif") as want:
+        assert (got.crs, got.transform, got.shape) == (want.crs, want.transform, want.shape)
+        np.testing.assert_array_equal(got.read(), want.read())
+    # the polygon layer: objects crossing scene edges are one feature, as in the whole run
+    merged, single = (
+        gpd.read_file(report.outputs["mosaic_polygons"]),
+        gpd.read_file(whole / "m.gpkg"),
+    )
+    assert len(merged) == len(single) == ref.polygons > 100
+    assert merged.geometry.area.sum() == pytest.approx(single.geometry.area.sum(), rel=1e-12)
+    assert len(gpd.read_parquet(report.outputs["mosaic_parquet"])) == len(single)
+    # the rule matters: an inner scene's own prediction differs from the whole run near its
+    # edges (mirror padding), so a mosaic taking any pixel from any scene would not be equal
+    own_path = req.scene_dir("r1c1") + "/prediction.tif"
+    with rasterio.open(own_path) as own, rasterio.open(whole / "m.tif") as want:
+        inner = want.read(1, window=RWindow(STARTS[1], STARTS[1], own.width, own.height))
+        assert (own.read(1) != inner).any()
+    table = pd.read_csv(report.outputs["summary_csv"], keep_default_na=False)
+    assert list(table["status"]) == ["done"] * 16 and table["area_building"].sum() > 0
+    assert table["area_unit"].unique().tolist() == ["m^2"]
+    pd.testing.assert_frame_equal(pd.read_parquet(report.outputs["summary_parquet"]), table,
+                                  check_dtype=False)  # fmt: skip
+
+    again = segment_collection(req)  # every scene current: none is redone
+    assert [s.status for s in again.scenes] == ["skipped"] * 16
+    with rasterio.open(again.outputs["mosaic"]) as got, rasterio.open(whole / "m.tif") as want:
+        np.testing.assert_array_equal(got.read(), want.read())
+
+
+def test_a_truncated_scene_fails_alone(samples: Path, model_dir: Path, tmp_path: Path) -> None:
+    chip = samples / "spacenet_atlanta" / "sample_geotiff.tif"
+    scenes = cut_scenes(chip, tmp_path / "scenes")[:3]
+    raw = scenes[1].read_bytes()
+    scenes[1].write_bytes(raw[: len(raw) // 3])
+    listing = tmp_path / "scenes.txt"
+    listing.write_text("".join(f"scenes/{p.name}\n" for p in scenes))
+    req = CollectionRequest(scenes=str(listing), model=str(model_dir), out_dir=str(tmp_path / "o"),
+                            tile=256, polygons=False)  # fmt: skip
+    report = segment_collection(req)
+    status = {s.name: (s.status, s.reason) for s in report.scenes}
+    assert status["r0c0"][0] == status["r0c2"][0] == "done"
+    assert status["r0c1"][0] == "failed" and "truncated" in status["r0c1"][1]
+    assert [s.name for s in report.failed] == ["r0c1"]
+    table = pd.read_csv(report.outputs["summary_csv"])
+    assert table.set_index("name").loc["r0c1", "status"] == "failed"
+    assert "mosaic" in report.outputs  # of the scenes that finished
+
+
+def test_scene_lists_and_their_errors(tmp_path: Path, model_dir: Path) -> None:
+    for name in ("a.tif", "b.tif"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "l.csv").write_text("id,image\n1,a.tif\n2,b.tif\n")
+    req = CollectionRequest(scenes=str(tmp_path / "l.csv"), model=str(model_dir), out_dir="o")
+    assert [(s.name, Path(s.image).name) for s in list_scenes(req)] == [
+        ("a", "a.tif"),
+        ("b", "b.tif"),
+    ]
+    with pytest.raises(ConfigError, match="names no image"):
+        list_scenes(req.model_copy(update={"scenes": str(tmp_path / "*.png")}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.tif").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="both go to folder 'a'"):
+        list_scenes(req.model_copy(update={"scenes": str(tmp_path / "**" / "a.tif")}))
+    named = req.model_copy(
+        update={"scenes": str(tmp_path / "**" / "a.tif"), "name": "{index}_{stem}"}
+    )
+    assert [s.name for s in list_scenes(named)] == ["0_a", "1_a"]
+    json.dumps([s.__dict__ for s in list_scenes(named)])
+
+
+def _records(out: Path) -> int:
+    return len(list(out.glob("*/stages/segment_region.json")))
+
+
+def test_killed_after_half_the_scenes_the_same_command_redoes_none(
+    samples: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """kill -9 once about half the scenes are recorded; the same command then skips every
+    recorded scene (counted) and its mosaic equals an undisturbed run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    chip = samples / "spacenet_atlanta" / "sample_geotiff.tif"
+    cut_scenes(chip, tmp_path / "scenes")
+    out = tmp_path / "out"
+    req = CollectionRequest(scenes=str(tmp_path / "scenes" / "*.tif"), model=str(model_dir),
+                            out_dir=str(out), tile=256, polygons=False)  # fmt: skip
+    code = ("import sys; from segflow.config.collection import CollectionRequest as R; "
+            "from segflow.stages.collection import segment_collection as s; "
+            "s(R.model_validate_json(sys.argv[1]))")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code, req.model_dump_json()],
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while _records(out) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _records(out)
+    assert 8 <= done < 16, f"{done} scenes recorded when killed"
+
+    resumed = segment_collection(req)
+    statuses = [s.status for s in resumed.scenes]
+    assert statuses.count("skipped") == done and statuses.count("done") == 16 - done
+    calm = segment_collection(req.model_copy(update={"out_dir": str(tmp_path / "calm")}))
+    with rasterio.open(resumed.outputs["mosaic"]) as a, rasterio.open(calm.outputs["mosaic"]) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_the_command_line_names_failed_scenes_and_exits_1(
+    samples: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    scenes = cut_scenes(samples / "spacenet_atlanta" / "sample_geotiff.tif", tmp_path / "s")
+    for extra in scenes[2:]:
+        extra.unlink()
+    scenes[0].write_bytes(scenes[0].read_bytes()[:500])
+    flow = Path(__file__).resolve().parents[1] / "flows" / "segment_collection.py"
+    r = subprocess.run(
+        [sys.executable, str(flow), "--scenes", str(tmp_path / "s" / "*.tif"), "--model",
+         str(model_dir), "--out-dir", str(tmp_path / "o"), "--tile", "256"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")},
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "2 scenes: 1 done, 0 skipped, 1 failed" in r.stdout
+    failed = [ln for ln in r.stderr.splitlines() if ln.startswith("failed: ")]
+    assert len(failed) == 1 and "r0c0" in failed[0] and "truncated" in failed[0]
+    assert (tmp_path / "o" / "r0c1" / "prediction.tif").is_file()
