@@ -41,7 +41,9 @@ Examples
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -137,14 +139,42 @@ class StoreRef(_Model):
     instances: str | None = None
 
 
+def _sources(e: Mapping[str, Any]) -> list[str]:
+    """The images a ``glob:`` or ``list:`` entry names, in order (a list's relative paths:
+    from its folder)."""
+    if "glob" in e:
+        found = sorted(glob.glob(str(e["glob"]), recursive=True))
+        if not found:
+            raise ValueError(f"glob {e['glob']!r} matches no file")
+        return found
+    listing = Path(str(e["list"]))
+    if not listing.is_file():
+        raise ValueError(f"list {str(listing)!r} does not exist")
+    lines = [ln.strip() for ln in listing.read_text().splitlines()]
+    return [str(listing.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+
+
+def _stem(path: str) -> str:
+    return Path(path).name.split(".", 1)[0]
+
+
 def _expand(entries: Any) -> Any:
-    """Expand ``ids: [start, stop]`` entries and plain strings into StoreRef mappings."""
+    """Expand ``ids: [start, stop]``, ``glob:`` and ``list:`` entries and plain strings into
+    StoreRef mappings."""
     if not isinstance(entries, list | tuple):
         return entries
     out: list[Any] = []
     for e in entries:
         if isinstance(e, str):
             out.append({"store": e})
+        elif isinstance(e, Mapping) and ("glob" in e or "list" in e):
+            if "store" not in e:
+                raise ValueError("a glob: or list: entry needs store: with {stem}")
+            rest = {k: v for k, v in e.items() if k not in ("glob", "list")}
+            for source in _sources(e):
+                fields = {k: v.format(stem=_stem(source)) if isinstance(v, str) else v
+                          for k, v in rest.items()}  # fmt: skip
+                out.append({**fields, "source": source})
         elif isinstance(e, Mapping) and "ids" in e:
             ids = e["ids"]
             if (
@@ -191,8 +221,12 @@ class StoresConfig(_Model):
     Attributes
     ----------
     train
-        Stores patches are sampled from (at least one); a string, a ``StoreRef`` mapping, or
-        an ``ids: [start, stop]`` template expanded over ``{i}``.
+        Stores patches are sampled from (at least one); a string, a ``StoreRef`` mapping,
+        an ``ids: [start, stop]`` template expanded over ``{i}``, or a ``glob:`` pattern or
+        ``list:`` file of source images with ``store`` (and ``labels``, ``instances``)
+        templates over each image's ``{stem}``: ``{glob: tiles/*.tif, store:
+        stores/{stem}.zarr, labels: labels/{stem}.geojson}``; ``flows/train.py`` builds the
+        missing stores in parallel.
     val
         Stores validated whole (every labelled, valid pixel), never sampled; same entry
         forms. Exclusive with ``split``; with neither there is no validation, so no

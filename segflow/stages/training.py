@@ -19,6 +19,7 @@ from segflow.config.train import StoreRef, TrainConfig, make_train_config
 from segflow.errors import ConfigError
 
 __all__ = [
+    "build_store",
     "build_training_stores",
     "check_training_request",
     "store_ingest_config",
@@ -111,37 +112,71 @@ def build_training_stores(
     tcfg: TrainConfig,
     *,
     on_store: Callable[[dict[str, str]], None] | None = None,
+    workers: int | None = None,
 ) -> list[dict[str, str]]:
     """Ingest and prepare every store ``tcfg`` lists that has a source, unless current.
 
-    Returns one ``{"store", "action"}`` per store (``current``, ``ingested``, ``prepared``,
-    ``ingested+prepared``), also passed to ``on_store`` as each is done.
+    Two or more stores to build are built in parallel, one Dask task each, on an embedded
+    cluster of ``workers`` processes (default: one per core; ``$SEGFLOW_DASK_ADDRESS``: that
+    scheduler's workers). Returns one ``{"store", "action"}`` per store (``current``,
+    ``ingested``, ``prepared``, ``ingested+prepared``; a built one also names the ``pid`` of
+    the process that built it), also passed to ``on_store`` as each is done.
     """
+    refs = {r.store: r for r in (*tcfg.stores.train, *tcfg.stores.val)}
+    pending = [ref for ref in refs.values() if _needs_building(cfg, ref)]
+    results: dict[str, dict[str, str]] = {}
+
+    def record(entry: dict[str, str]) -> None:
+        results[entry["store"]] = entry
+        if on_store is not None:
+            on_store(entry)
+
+    if len(pending) >= 2:
+        from distributed import as_completed
+
+        from segflow.cluster import dask_client
+
+        n = workers or min(len(pending), os.cpu_count() or 1)
+        with dask_client(None, n_workers=n, threads_per_worker=1, processes=True) as client:
+            futures = [client.submit(build_store, cfg, ref, key=f"store-{i}", pure=False)
+                       for i, ref in enumerate(pending)]  # fmt: skip
+            for future in as_completed(futures):
+                record(future.result())
+    else:
+        for ref in pending:
+            record(build_store(cfg, ref))
+    for path in refs:
+        if path not in results:
+            record({"store": path, "action": "current"})
+    return [results[path] for path in refs]
+
+
+def _needs_building(cfg: PipelineConfig, ref: StoreRef) -> bool:
+    from segflow.io.store import SceneStore
+    from segflow.prepare import is_current
+
+    if ref.source is None:
+        return False
+    p = Path(ref.store)
+    return not (p / "zarr.json").is_file() or not is_current(SceneStore.open(p), cfg.prepare)
+
+
+def build_store(cfg: PipelineConfig, ref: StoreRef) -> dict[str, str]:
+    """Ingest ``ref``'s source into its store unless there, and prepare it unless current
+    (one store: a task of :func:`build_training_stores`)."""
     from segflow.ingest import IngestSpec, ingest
     from segflow.io.store import SceneStore
     from segflow.prepare import is_current, prepare_store
 
-    refs = {r.store: r for r in (*tcfg.stores.train, *tcfg.stores.val)}
-    done = []
-    for path, ref in refs.items():
-        p = Path(path)
-        action = "current"
-        if ref.source is not None:
-            if not (p / "zarr.json").is_file():
-                p.parent.mkdir(parents=True, exist_ok=True)
-                spec = IngestSpec.from_config(
-                    store_ingest_config(cfg, ref),
-                    out=str(p),
-                    classes=cfg.classes,
-                    ignore_index=cfg.ignore_index,
-                )
-                ingest(spec)
-                action = "ingested"
-            if not is_current(SceneStore.open(p), cfg.prepare):
-                prepare_store(p, cfg.prepare)
-                action = "prepared" if action == "current" else "ingested+prepared"
-        entry = {"store": path, "action": action}
-        done.append(entry)
-        if on_store is not None:
-            on_store(entry)
-    return done
+    p = Path(ref.store)
+    action = "current"
+    if not (p / "zarr.json").is_file():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        spec = IngestSpec.from_config(store_ingest_config(cfg, ref), out=str(p),
+                                      classes=cfg.classes, ignore_index=cfg.ignore_index)  # fmt: skip
+        ingest(spec)
+        action = "ingested"
+    if not is_current(SceneStore.open(p), cfg.prepare):
+        prepare_store(p, cfg.prepare)
+        action = "prepared" if action == "current" else "ingested+prepared"
+    return {"store": ref.store, "action": action, "pid": str(os.getpid())}
