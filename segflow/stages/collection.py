@@ -230,6 +230,7 @@ def run_scene(req: CollectionRequest, scene: Scene) -> SceneResult:
     from segflow.segment import segment_region
 
     t0 = time.perf_counter()
+    _share_cores()
     try:
         sreq = scene_request(req, scene)
         run = plan_run(
@@ -254,6 +255,20 @@ def run_scene(req: CollectionRequest, scene: Scene) -> SceneResult:
         return SceneResult(scene.name, scene.image, "failed",
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                            round(time.perf_counter() - t0, 2))  # fmt: skip
+
+
+def _share_cores() -> None:
+    """On a Dask worker, torch uses the worker's threads (its share of the cores), not all
+    the machine's: two workers on two cores would otherwise run four threads."""
+    try:
+        from distributed import get_worker
+
+        threads = int(get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        return
+    import torch
+
+    torch.set_num_threads(max(1, threads))
 
 
 def _scene_summary(report: dict[str, Any]) -> dict[str, Any]:
