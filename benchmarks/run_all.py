@@ -137,6 +137,10 @@ def _zarr_stores(output: str, res: Path | None) -> str:
     return _lines(output, "fsspec")
 
 
+def _collection(output: str, res: Path | None) -> str:
+    return _lines(output, "speed-up", "per scene", "peak memory")
+
+
 @dataclass(frozen=True)
 class Bench:
     """One benchmark script: its quick and full arguments and where its result lands."""
@@ -190,6 +194,8 @@ BENCHES: tuple[Bench, ...] = (
           common=("--workdir", str(WORK)), result=lambda full: None, headline=_remote_ingest),
     Bench("zarr_stores", "bench_zarr_stores.py", quick=("--size", "2048"), full=(), common=(),
           result=lambda full: None, headline=_zarr_stores),
+    Bench("collection", "bench_collection.py", quick=("--scenes", "12"), full=(),
+          common=("--workdir", str(WORK)), result=lambda full: None, headline=_collection),
     Bench("train_isbi", "train_isbi.py", quick=("--minutes", "0.5", "--steps", "40"), full=(),
           common=("--out", str(OUT / "train_isbi")), result=lambda full: None,
           headline=_train, clean=(OUT / "train_isbi",)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,13 +36,24 @@ def _module_file(name: str, root: Path) -> Path | None:
     return None
 
 
+#: CPython 3.11's parser is not safe to run in two threads at once ("AST constructor
+#: recursion depth mismatch", seen with two scenes on one Dask worker)
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(path: Path) -> ast.Module:
+    source = path.read_bytes()
+    with _PARSE_LOCK:
+        return ast.parse(source, filename=str(path))
+
+
 def _is_ours(name: str) -> bool:
     return name == _PACKAGE or name.startswith(_PACKAGE + ".")
 
 
 def _reexports(init: Path) -> dict[str, str]:
     """``{name: module}`` for the ``from segflow.x import name`` lines of a package ``__init__``."""
-    tree = ast.parse(init.read_bytes(), filename=str(init))
+    tree = _parse(init)
     out: dict[str, str] = {}
     for node in tree.body:
         if (
@@ -61,7 +73,7 @@ def _imports_of(path: Path, root: Path) -> set[str]:
     ``from segflow.io.export import write_cog`` is resolved through the package's
     ``__init__`` to the module that defines ``write_cog``.
     """
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+    tree = _parse(path)
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -19,12 +19,14 @@ import fnmatch
 import glob
 import io
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segflow.cluster import ENV_ADDRESS
 from segflow.config.collection import CollectionRequest
 from segflow.config.segment import InstanceOptions, SegmentOptions, SegmentRequest
 from segflow.errors import ConfigError, SegflowError
@@ -224,13 +226,19 @@ def _identity(location: str, assets: tuple[str, ...]) -> dict[str, Any]:
     return path_identity(location)
 
 
-def run_scene(req: CollectionRequest, scene: Scene) -> SceneResult:
+def run_scene(
+    req: CollectionRequest, scene: Scene, *, code: str | None = None, threads: int | None = None
+) -> SceneResult:
     """segment_region over one scene, skipped when current; a failure is a result, with its
-    one-line reason, never an exception (the other scenes go on)."""
+    one-line reason, never an exception (the other scenes go on).
+
+    ``code`` is the stage's code version (computed once by the caller: it parses every
+    module); ``threads``, the torch threads of a scene on a Dask worker (None: the worker's).
+    """
     from segflow.segment import segment_region
 
     t0 = time.perf_counter()
-    _share_cores()
+    _share_cores(threads)
     try:
         sreq = scene_request(req, scene)
         run = plan_run(
@@ -239,7 +247,7 @@ def run_scene(req: CollectionRequest, scene: Scene) -> SceneResult:
             params=sreq.model_dump(mode="json", exclude=_RUNTIME),
             inputs={"image": _identity(scene.image, scene.assets),
                     "model": path_identity(req.model)},
-            code=stage_code(STAGE),
+            code=code or stage_code(STAGE),
         )  # fmt: skip
         if run.plan is StagePlan.SKIP and run.previous is not None:
             return _result(scene, "skipped", run.previous.result, time.perf_counter() - t0)
@@ -257,13 +265,13 @@ def run_scene(req: CollectionRequest, scene: Scene) -> SceneResult:
                            round(time.perf_counter() - t0, 2))  # fmt: skip
 
 
-def _share_cores() -> None:
-    """On a Dask worker, torch uses the worker's threads (its share of the cores), not all
-    the machine's: two workers on two cores would otherwise run four threads."""
+def _share_cores(threads: int | None) -> None:
+    """On a Dask worker, torch uses ``threads`` (its share of the cores; None: the worker's
+    thread count), not all the machine's: two workers on two cores would run four threads."""
     try:
         from distributed import get_worker
 
-        threads = int(get_worker().state.nthreads)
+        threads = threads or int(get_worker().state.nthreads)
     except (ImportError, ValueError):
         return
     import torch
@@ -347,16 +355,14 @@ def check_collection(req: CollectionRequest) -> list[Scene]:
 def collection_client(req: CollectionRequest) -> Iterator[Any]:
     """The Dask client the scenes run on: ``dask_address`` (or ``$SEGFLOW_DASK_ADDRESS``),
     else an embedded cluster of ``workers`` processes sharing the cores; None: here."""
-    import os
-
-    from segflow.cluster import ENV_ADDRESS, dask_client
+    from segflow.cluster import dask_client
 
     address = req.dask_address or os.environ.get(ENV_ADDRESS) or None
     if address is None and not req.workers:
         yield None
         return
-    threads = max(1, (os.cpu_count() or 1) // (req.workers or 1))
-    with dask_client(address, n_workers=req.workers, threads_per_worker=threads,
+    # one scene at a time per worker; its torch threads are the worker's share of the cores
+    with dask_client(address, n_workers=req.workers, threads_per_worker=1,
                      processes=True) as client:  # fmt: skip
         yield client
 
@@ -364,15 +370,20 @@ def collection_client(req: CollectionRequest) -> Iterator[Any]:
 def _run_all(req: CollectionRequest, scenes: list[Scene], client: Any,
              on_scene: Callable[[SceneResult], None] | None) -> Iterator[SceneResult]:  # fmt: skip
     if client is None:
+        code = stage_code(STAGE)
         for scene in scenes:
-            result = run_scene(req, scene)
+            result = run_scene(req, scene, code=code)
             if on_scene:
                 on_scene(result)
             yield result
         return
     from distributed import as_completed
 
-    futures = [client.submit(run_scene, req, s, key=f"scene-{i}-{s.name}", pure=False)
+    code = stage_code(STAGE)
+    embedded = not (req.dask_address or os.environ.get(ENV_ADDRESS))
+    threads = max(1, (os.cpu_count() or 1) // (req.workers or 1)) if embedded else None
+    futures = [client.submit(run_scene, req, s, code=code, threads=threads,
+                             key=f"scene-{i}-{s.name}", pure=False)
                for i, s in enumerate(scenes)]  # fmt: skip
     for future in as_completed(futures):
         result = future.result()
