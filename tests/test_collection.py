@@ -208,3 +208,56 @@ def test_the_command_line_names_failed_scenes_and_exits_1(
     failed = [ln for ln in r.stderr.splitlines() if ln.startswith("failed: ")]
     assert len(failed) == 1 and "r0c0" in failed[0] and "truncated" in failed[0]
     assert (tmp_path / "o" / "r0c1" / "prediction.tif").is_file()
+
+
+def test_scenes_in_several_crss_mosaic_only_into_one(
+    samples: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """The scenes' predictions in two CRSs: refused without mosaic_crs (one line naming the
+    option); with it, the mosaic lies in that CRS and matches one run over the chip (class
+    ids moved by nearest neighbour: equal but for pixels along reprojected edges)."""
+    chip = samples / "spacenet_atlanta" / "sample_geotiff.tif"
+    cut_scenes(chip, tmp_path / "scenes")
+    req = CollectionRequest(scenes=str(tmp_path / "scenes" / "*.tif"), model=str(model_dir),
+                            out_dir=str(tmp_path / "out"), tile=256, polygons=False)  # fmt: skip
+    same = segment_collection(req.model_copy(update={"mosaic_crs": "EPSG:32616"}))
+    plain = segment_collection(req.model_copy(update={"out_dir": str(tmp_path / "plain")}))
+    with rasterio.open(same.outputs["mosaic"]) as a, rasterio.open(plain.outputs["mosaic"]) as b:
+        assert (a.crs, a.transform) == (b.crs, b.transform)  # the grid anchored at the origin
+        np.testing.assert_array_equal(a.read(), b.read())  # a warp onto its own grid: exact
+
+    # one scene's prediction moved into Web Mercator, as if it came from another source
+    moved = Path(req.scene_dir("r0c0")) / "prediction.tif"
+    _warp_file(moved, "EPSG:3857")
+    from segflow.stages.collection import write_mosaic
+
+    with pytest.raises(ConfigError, match="mosaic-crs") as err:
+        write_mosaic(req, same.scenes)
+    assert "\n" not in str(err.value)
+    out = write_mosaic(req.model_copy(update={"mosaic_crs": "EPSG:32616"}), same.scenes)
+    with rasterio.open(out["mosaic"]) as got, rasterio.open(plain.outputs["mosaic"]) as want:
+        assert got.crs == want.crs and got.res == want.res
+        # the moved scene's footprint grew by the round trip: compare on the chip's pixels
+        col, row = ~got.transform * (want.transform.c, want.transform.f)
+        assert (col, row) == (round(col), round(row))  # one pixel grid
+        inner = got.read(1, window=RWindow(round(col), round(row), want.width, want.height))
+        agree = (inner == want.read(1)).mean()
+    assert agree > 0.99
+
+
+def _warp_file(path: Path, crs: str) -> None:
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(path) as src:
+        t, w, h = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+        profile = dict(src.profile, crs=crs, transform=t, width=w, height=h)
+        data, colormap = src.read(), src.colormap(1)
+        tags = src.tags()
+        out = np.full((1, h, w), src.nodata, data.dtype)
+        reproject(data, out, src_transform=src.transform, src_crs=src.crs, dst_transform=t,
+                  dst_crs=crs, resampling=Resampling.nearest, dst_nodata=src.nodata)  # fmt: skip
+    path.unlink()
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(out)
+        dst.write_colormap(1, colormap)
+        dst.update_tags(**tags)

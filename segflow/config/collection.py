@@ -48,6 +48,10 @@ class CollectionRequest(SegmentOptions, InstanceOptions, OutputChoices):
     mosaic
         Write the mosaic of the georeferenced scenes (each pixel from the scene where it
         lies farthest from an inner edge; see :mod:`segflow.io.mosaic`).
+    mosaic_crs
+        Reproject every scene's prediction into this CRS for the mosaic (``EPSG:3857``;
+        nearest neighbour, so class ids stay class ids), on one grid at the finest scene's
+        resolution. Null: the scenes' own CRS (scenes in several CRSs are then refused).
     device
         ``cpu``, ``cuda`` or ``cuda:1``; null: CUDA when available.
     amp
@@ -72,6 +76,7 @@ class CollectionRequest(SegmentOptions, InstanceOptions, OutputChoices):
     name: Annotated[str, Field(min_length=1)] = "{stem}"
     level: Annotated[int, Field(ge=0)] = 0
     mosaic: bool = True
+    mosaic_crs: str | None = None
     device: str | None = None
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     min_area: Annotated[float, Field(ge=0)] = 0.0

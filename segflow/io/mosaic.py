@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from segflow.errors import ConfigError
+from segflow.errors import ConfigError, option
 from segflow.geometry import Window
 from segflow.io.store import GeoRef
 
@@ -36,14 +36,26 @@ _FAR = np.iinfo(np.int32).max
 
 
 @dataclass(frozen=True)
+class Warp:
+    """A scene reprojected onto the mosaic's grid: its CRS (WKT), transform and size there."""
+
+    crs_wkt: str
+    transform: tuple[float, float, float, float, float, float]
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class Placement:
-    """Where one scene's raster lies on the mosaic's grid (pixels)."""
+    """Where one scene's raster lies on the mosaic's grid (pixels), and its reprojection
+    onto that grid (nearest neighbour) when it is in another CRS."""
 
     path: str
     row_off: int
     col_off: int
     height: int
     width: int
+    warp: Warp | None = None
 
     @property
     def window(self) -> Window:
@@ -75,19 +87,24 @@ def edge_distance(
     return np.minimum.outer(by_row, by_col)
 
 
-def place_scenes(paths: Sequence[str | Path]) -> tuple[GeoRef, int, int, list[Placement], Any]:
+def place_scenes(
+    paths: Sequence[str | Path], *, crs: str | None = None
+) -> tuple[GeoRef, int, int, list[Placement], Any]:
     """The union grid of the scenes' class rasters: its georeference, height and width,
     where each scene lies on it, and the rasters' data type and nodata (``(dtype, nodata)``).
+
+    With ``crs`` (``EPSG:3857``, WKT, ...), every scene is reprojected (nearest neighbour:
+    class ids stay class ids) onto one grid in that CRS, at the finest scene's resolution,
+    anchored at the CRS's origin so that every scene's pixels line up.
 
     Raises
     ------
     ConfigError
-        No scene; a raster without a CRS; scenes in different CRSs or pixel sizes, or not on
-        one pixel grid (offsets that are not whole pixels).
+        No scene; a raster without a CRS; without ``crs``, scenes in different CRSs or pixel
+        sizes, or not on one pixel grid (offsets that are not whole pixels); an unknown ``crs``.
     """
     import rasterio
     from rasterio.crs import CRS
-    from rasterio.enums import WktVersion
 
     if not paths:
         raise ConfigError("no scene to mosaic: every scene failed or the collection is empty")
@@ -98,12 +115,15 @@ def place_scenes(paths: Sequence[str | Path]) -> tuple[GeoRef, int, int, list[Pl
                 raise ConfigError(f"{str(p)!r} has no CRS: only georeferenced scenes mosaic")
             heads.append((str(p), CRS(ds.crs), ds.transform, ds.height, ds.width, ds.dtypes[0],
                           ds.nodata))  # fmt: skip
-    crs, t0 = heads[0][1], heads[0][2]
+    if crs is not None:
+        return _warped(heads, _target_crs(crs))
+    crs0, t0 = heads[0][1], heads[0][2]
     for path, c, t, *_ in heads[1:]:
-        if c != crs:
+        if c != crs0:
             raise ConfigError(
-                f"scene {path!r} is in {c.to_string()}, not {crs.to_string()} like "
-                f"{heads[0][0]!r}: the scenes of a mosaic share one CRS"
+                f"scene {path!r} is in {c.to_string()}, not {crs0.to_string()} like "
+                f"{heads[0][0]!r}: pass {option('mosaic_crs')} to reproject the mosaic into "
+                "one CRS (e.g. EPSG:3857)"
             )
         if not (math.isclose(t.a, t0.a) and math.isclose(t.e, t0.e) and t.b == t.d == 0):
             raise ConfigError(
@@ -121,12 +141,64 @@ def place_scenes(paths: Sequence[str | Path]) -> tuple[GeoRef, int, int, list[Pl
                 "the scenes of a mosaic lie on one pixel grid"
             )
         placements.append(Placement(path, round(row), round(col), h, w))
-    height = max(p.row_off + p.height for p in placements)
-    width = max(p.col_off + p.width for p in placements)
-    geotransform = (x0, t0.a, 0.0, y0, 0.0, t0.e)
-    georef = GeoRef(crs_wkt=crs.to_wkt(version=WktVersion.WKT2_2019), epsg=crs.to_epsg(),
-                    geotransform=geotransform)  # fmt: skip
-    return georef, height, width, placements, (np.dtype(heads[0][5]), heads[0][6])
+    return _union(placements, crs0, x0, y0, t0.a, t0.e), *_extent(placements), placements, \
+        (np.dtype(heads[0][5]), heads[0][6])  # fmt: skip
+
+
+def _extent(placements: Sequence[Placement]) -> tuple[int, int]:
+    return (max(p.row_off + p.height for p in placements),
+            max(p.col_off + p.width for p in placements))  # fmt: skip
+
+
+def _union(placements: Sequence[Placement], crs: Any, x0: float, y0: float, dx: float,
+           dy: float) -> GeoRef:  # fmt: skip
+    from rasterio.enums import WktVersion
+
+    return GeoRef(crs_wkt=crs.to_wkt(version=WktVersion.WKT2_2019), epsg=crs.to_epsg(),
+                  geotransform=(x0, dx, 0.0, y0, 0.0, dy))  # fmt: skip
+
+
+def _target_crs(text: str) -> Any:
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    try:
+        return CRS.from_user_input(text)
+    except CRSError:
+        raise ConfigError(
+            f"{option('mosaic_crs', text)} is not a CRS GDAL knows: pass e.g. EPSG:3857"
+        ) from None
+
+
+def _warped(
+    heads: list[tuple[Any, ...]], crs: Any
+) -> tuple[GeoRef, int, int, list[Placement], Any]:
+    """Every scene on one grid in ``crs``: each scene's footprint snapped outwards to whole
+    pixels of the finest resolution, the grid anchored at the CRS's origin."""
+    from rasterio.warp import calculate_default_transform, transform_bounds
+    from rasterio.windows import bounds as window_bounds
+
+    boxes, res = [], math.inf
+    for _path, src_crs, t, h, w, *_ in heads:
+        box = transform_bounds(src_crs, crs, *window_bounds(((0, h), (0, w)), t))
+        dst_t, _, _ = calculate_default_transform(
+            src_crs, crs, w, h, *window_bounds(((0, h), (0, w)), t)
+        )
+        boxes.append(box)
+        res = min(res, abs(dst_t.a), abs(dst_t.e))
+    snapped = []
+    for left, bottom, right, top in boxes:
+        x0, y1 = math.floor(left / res) * res, math.ceil(top / res) * res
+        snapped.append((x0, y1, math.ceil((right - x0) / res), math.ceil((y1 - bottom) / res)))
+    gx0, gy0 = min(s[0] for s in snapped), max(s[1] for s in snapped)
+    wkt = crs.to_wkt()
+    placements = [
+        Placement(h[0], round((gy0 - y1) / res), round((x0 - gx0) / res), hh, ww,
+                  Warp(wkt, (x0, res, 0.0, y1, 0.0, -res), ww, hh))
+        for h, (x0, y1, ww, hh) in zip(heads, snapped, strict=True)
+    ]  # fmt: skip
+    return _union(placements, crs, gx0, gy0, res, -res), *_extent(placements), placements, \
+        (np.dtype(heads[0][5]), heads[0][6])  # fmt: skip
 
 
 class Mosaic:
@@ -146,14 +218,23 @@ class Mosaic:
         self.nodata = int(nodata)
         self._local = threading.local()
 
-    def _dataset(self, path: str) -> Any:
+    def _dataset(self, p: Placement) -> Any:
         import rasterio
 
         handles: dict[str, Any] = getattr(self._local, "handles", None) or {}
         self._local.handles = handles
-        if path not in handles:
-            handles[path] = rasterio.open(path)
-        return handles[path]
+        if p.path not in handles:
+            handles[p.path] = ds = rasterio.open(p.path)
+            if p.warp is not None:
+                from affine import Affine
+                from rasterio.enums import Resampling
+                from rasterio.vrt import WarpedVRT
+
+                w = p.warp
+                handles[p.path] = WarpedVRT(ds, crs=w.crs_wkt, transform=Affine.from_gdal(*w.transform),
+                                            width=w.width, height=w.height, nodata=self.nodata,
+                                            resampling=Resampling.nearest)  # fmt: skip
+        return handles[p.path]
 
     def __getitem__(self, key: Any) -> np.ndarray:
         from rasterio.windows import Window as RWindow
@@ -168,7 +249,7 @@ class Mosaic:
             if both.size == 0:
                 continue
             inner = both.relative_to(p.window)
-            data = self._dataset(p.path).read(
+            data = self._dataset(p).read(
                 1, window=RWindow(inner.col_off, inner.row_off, inner.width, inner.height)
             )
             at = both.relative_to(window)
@@ -182,7 +263,10 @@ class Mosaic:
     def close(self) -> None:
         """Close this thread's open rasters."""
         for ds in (getattr(self._local, "handles", None) or {}).values():
+            source = getattr(ds, "src_dataset", None)  # a WarpedVRT's own raster
             ds.close()
+            if source is not None:
+                source.close()
         self._local.handles = {}
 
 

@@ -433,7 +433,9 @@ def write_mosaic(req: CollectionRequest, results: tuple[SceneResult, ...]) -> di
     if not done:
         return {}
     classes = _classes_of(done[0])
-    georef, height, width, placements, (dtype, nodata) = place_scenes(done)
+    if any(remote.is_url(p) for p in done):
+        remote.configure_gdal()
+    georef, height, width, placements, (dtype, nodata) = place_scenes(done, crs=req.mosaic_crs)
     mosaic = Mosaic(placements, (height, width), dtype, 255 if nodata is None else int(nodata))
     want = {"mosaic": req.file("mosaic.tif")}
     if req.polygons:
