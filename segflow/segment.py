@@ -94,6 +94,8 @@ class SegmentReport:
     seconds: float
     georef: dict[str, Any] | None = field(default=None)
     instances: int | None = None
+    #: the slide's metadata at the level read (``mpp_x``/``mpp_y``: microns per pixel)
+    slide: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -441,6 +443,7 @@ def segment_region(
         instances=outputs.get("instance_count"),
         seconds=time.perf_counter() - t0,
         georef=asdict(georef) if georef else None,
+        slide=asdict(inp.slide) if inp.slide else None,
     )
 
 

@@ -261,3 +261,35 @@ def _warp_file(path: Path, crs: str) -> None:
         dst.write(out)
         dst.write_colormap(1, colormap)
         dst.update_tags(**tags)
+
+
+def test_slides_report_tissue_areas_in_square_microns(samples: Path, tmp_path: Path) -> None:
+    """Two small RGB slides (tiled TIFFs, 0.5 um per pixel): the summary gives each class's
+    area in um^2 (pixels x 0.25) and its share of the slide; no mosaic without a CRS."""
+    import tifffile
+
+    rgb = tifffile.imread(samples / "cmu1_small_region" / "CMU-1-Small-Region.svs")
+    (tmp_path / "slides").mkdir()
+    for i, (r, c) in enumerate(((0, 0), (1024, 512))):
+        tifffile.imwrite(tmp_path / "slides" / f"slide{i}.tif", rgb[r : r + 512, c : c + 512],
+                         tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                         resolutionunit="CENTIMETER")  # fmt: skip
+    cfg = ModelConfig(arch="unet", in_channels=3, out_channels=2, features=4, depth=2,
+                      num_res_units=0, norm="none")  # fmt: skip
+    torch.manual_seed(1)
+    meta = build_meta(cfg, bands=("red", "green", "blue"), mean=[180.0] * 3, std=[40.0] * 3,
+                      tile=256, classes=(ClassDef(id=0, name="stroma"), ClassDef(id=1, name="tumour")))  # fmt: skip
+    save_checkpoint(tmp_path / "rgb_model", build_model(cfg), meta)
+    req = CollectionRequest(scenes=str(tmp_path / "slides" / "*.tif"), model=str(tmp_path / "rgb_model"),
+                            out_dir=str(tmp_path / "out"), tile=256, polygons=False)  # fmt: skip
+    report = segment_collection(req)
+    assert [s.status for s in report.scenes] == ["done", "done"] and "mosaic" not in report.outputs
+    for s in report.scenes:
+        assert s.area_unit == "um^2"
+        with rasterio.open(s.out) as ds:
+            labels = ds.read(1)
+        for cls, cid in (("stroma", 0), ("tumour", 1)):
+            assert s.class_areas[cls] == pytest.approx((labels == cid).sum() * 0.25)
+        assert sum(s.class_fractions.values()) == pytest.approx(1.0)
+    table = pd.read_csv(report.outputs["summary_csv"])
+    assert {"fraction_stroma", "fraction_tumour", "area_tumour"} <= set(table.columns)

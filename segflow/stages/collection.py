@@ -78,6 +78,7 @@ class SceneResult:
     seconds: float = 0.0
     pixels: int = 0
     class_areas: dict[str, float] = field(default_factory=dict)
+    class_fractions: dict[str, float] = field(default_factory=dict)
     area_unit: str = ""
     objects: int | None = None
     out: str = ""
@@ -282,16 +283,21 @@ def _share_cores(threads: int | None) -> None:
 def _scene_summary(report: dict[str, Any]) -> dict[str, Any]:
     """What the summary needs of a segment_region report (also its stage result)."""
     pixels = report["class_pixels"]
-    georef = report.get("georef")
-    if georef:
+    georef, slide = report.get("georef"), report.get("slide") or {}
+    if georef:  # map units of a projected CRS (metres)
         gt = georef["geotransform"]
         unit, per_pixel = "m^2", abs(gt[1] * gt[5] - gt[2] * gt[4])
+    elif slide.get("mpp_x") and slide.get("mpp_y"):
+        unit, per_pixel = "um^2", float(slide["mpp_x"]) * float(slide["mpp_y"])
     else:
         unit, per_pixel = "px", 1.0
+    total = sum(pixels.values())
     region = report["region"]
     return {
         "pixels": int(region["height"]) * int(region["width"]),
         "class_areas": {k: float(v) * per_pixel for k, v in pixels.items()},
+        # a slide's tissue composition: each class's share of the classified pixels
+        "class_fractions": {k: v / total if total else 0.0 for k, v in pixels.items()},
         "area_unit": unit,
         "objects": report["instances"]
         if report.get("instances") is not None
@@ -302,8 +308,8 @@ def _scene_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _result(scene: Scene, status: str, summary: dict[str, Any], seconds: float) -> SceneResult:
-    keep = {k: summary[k] for k in ("pixels", "class_areas", "area_unit", "objects", "out",
-                                    "georeferenced") if k in summary}  # fmt: skip
+    keep = {k: summary[k] for k in ("pixels", "class_areas", "class_fractions", "area_unit",
+                                    "objects", "out", "georeferenced") if k in summary}  # fmt: skip
     return SceneResult(scene.name, scene.image, status, "", round(seconds, 2), **keep)
 
 
@@ -394,12 +400,14 @@ def _run_all(req: CollectionRequest, scenes: list[Scene], client: Any,
 
 # --------------------------------------------------------------------------- summary, mosaic
 def summary_rows(results: tuple[SceneResult, ...]) -> list[dict[str, Any]]:
-    """One flat row per scene: class areas as ``area_<class>`` columns."""
+    """One flat row per scene: class areas and fractions as ``area_<class>`` and
+    ``fraction_<class>`` columns."""
     classes = sorted({c for r in results for c in r.class_areas})
     rows = []
     for r in results:
-        row = {k: v for k, v in asdict(r).items() if k not in ("class_areas",)}
+        row = {k: v for k, v in asdict(r).items() if k not in ("class_areas", "class_fractions")}
         row.update({f"area_{c}": r.class_areas.get(c, 0.0) for c in classes})
+        row.update({f"fraction_{c}": r.class_fractions.get(c, 0.0) for c in classes})
         rows.append(row)
     return rows
 
