@@ -26,6 +26,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -157,8 +158,8 @@ def dask_client(
     # the worker's HTTP endpoint: with no address Dask binds an in-process worker's to every
     # interface (its inproc:// address names no interface)
     worker_http = f"{host}:0"
-    with (
-        LocalCluster(
+    with _own_environment():  # the workers are spawned here
+        cluster = LocalCluster(
             n_workers=n_workers or 1,
             threads_per_worker=threads_per_worker or cores,
             processes=processes,
@@ -167,12 +168,28 @@ def dask_client(
             host=host if processes else None,
             dashboard_address=dashboard,  # None would still serve on :8787, on every interface
             worker_dashboard_address=worker_http,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        )
+    with _own_environment(), cluster, Client(cluster) as client:  # a restarted worker too
         log.info("embedded Dask cluster: dashboard on %s", dashboard)
         _no_gc_diagnosis()
         yield client
+
+
+@contextlib.contextmanager
+def _own_environment() -> Iterator[None]:
+    """This process's environment as it was, once the block ends: a nanny sets its workers'
+    ``OMP_NUM_THREADS=1`` (``distributed.nanny.pre-spawn-environ``) in the spawning
+    process's own ``os.environ`` and leaves it there, and torch, initialised later in this
+    process (a pipeline's training after its ingest), then runs on one core."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        for name, value in before.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def _no_gc_diagnosis() -> None:
