@@ -163,7 +163,7 @@ def test_prefect_yaml_entrypoints_take_their_parameters() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
     deps = _deployments()
-    assert {"segment-region", "evaluate", "pipeline-nightly"} <= set(deps)
+    assert {"segment-region", "evaluate", "pipeline-nightly", "segment-collection"} <= set(deps)
     for dep in deps.values():
         path, func = dep["entrypoint"].split(":")
         flow: Flow[..., Any] = load_flow_from_entrypoint(
