@@ -9,16 +9,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from segflow.config.base import SchemaModel
 
 __all__ = ["SplitConfig", "StoreRef", "StoresConfig"]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StoreRef(_Model):
+class StoreRef(SchemaModel):
     """One scene store, and optionally where it is built from (source image + labels).
 
     Attributes
@@ -101,7 +99,7 @@ def _expand(entries: Any) -> Any:
     return out
 
 
-class SplitConfig(_Model):
+class SplitConfig(SchemaModel):
     """A spatially blocked train/validation split of each train store.
 
     Attributes
@@ -124,7 +122,7 @@ class SplitConfig(_Model):
     margin: Annotated[int, Field(ge=0)] | None = None
 
 
-class StoresConfig(_Model):
+class StoresConfig(SchemaModel):
     """Which stores train and validate (entry forms: see **Data** above).
 
     Attributes
