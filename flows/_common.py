@@ -9,6 +9,7 @@ SIGINT and SIGTERM stop the command (exit 130 / 143) with one line saying how to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,16 +25,14 @@ if "--debug" in sys.argv[1:]:  # every command takes it; argparse never sees it
 DEBUG = os.environ.get("SEGFLOW_DEBUG", "") not in ("", "0")
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Dask's own log level, read when distributed is imported here and in every worker process an
-# embedded cluster spawns (they re-import the flow): its start-up and shut-down chatter is
-# not the user's to read, its errors still show
+# Dask's log level, read here and in every worker an embedded cluster spawns (they re-import
+# the flow): its start-up and shut-down chatter is not the user's to read, its errors are
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if DEBUG else "error")
 # a failing flow makes Prefect log its traceback (60-110 lines) before our one error line
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if DEBUG else "CRITICAL")
 # a loaded machine can take longer than Prefect's default 20 s to start its temporary API server
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-# segflow reads every source block once, in aligned windows: GDAL's block cache (5 % of RAM by
-# default) only adds memory, so the command lines bound it
+# segflow reads each source block once: GDAL's block cache (5 % of RAM) only adds memory
 os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +40,13 @@ if str(ROOT) not in sys.path:  # run as `python flows/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from segflow.errors import describe_failure, options_named  # noqa: E402
-from segflow.runtime import tune_malloc  # noqa: E402
+from segflow.runtime import exit_now, tune_malloc  # noqa: E402
 
 tune_malloc()  # every flow process keeps large freed blocks: 2.6x faster CPU forwards
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C so every stage unwinds promptly."""
+class Terminated(KeyboardInterrupt):  # SIGTERM, raised like Ctrl-C: every stage unwinds
+    pass
 
 
 def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
@@ -73,27 +72,30 @@ def _quiet_logging() -> None:
 
 def run_cli(main: Callable[[], Any], *, flags: Mapping[str, str] | None = None) -> None:
     """Run ``main``; every failure becomes one ``error:`` line (exit 2) unless ``--debug``.
-
-    Library messages name options as this command's flags (``flags``: option -> flag where
-    it is not ``--option-name``).
+    Messages name options as this command's ``flags`` (option -> flag, where not ``--name``).
     """
     _quiet_logging()
     signal.signal(signal.SIGTERM, _terminate)
+    status = 0
     try:
         with options_named("cli", flags=flags):
             main()
     except Terminated:
         print("terminated: re-run the same command to resume", file=sys.stderr)
-        sys.exit(143)
+        status = 143
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        status = 130
+    except SystemExit as stop:  # argparse's usage errors, a command's own exit status
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        status = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     except Exception as err:
         if DEBUG:
             raise
         message, status = describe_failure(err)
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(status)
+    exit_now(status)  # without the interpreter's 1-2 s teardown of torch, MONAI, Prefect
 
 
 def warm_prefect_api() -> Callable[[], None]:
@@ -155,11 +157,9 @@ def _wait_healthy(server: Any) -> None:
             if server.server_process is None or server.server_process.poll() is not None:
                 server.server_process, server.running = None, False  # Prefect starts anew
                 return
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{server.api_url}/health", timeout=2).status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
             time.sleep(0.05)
 
 

@@ -13,12 +13,16 @@ freed memory stays with the process, so its resident size stays at its peak.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
+from typing import NoReturn
 
-__all__ = ["tune_malloc"]
+__all__ = ["exit_now", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +63,18 @@ def tune_malloc() -> bool:
     )
     log.debug("malloc tuned for large tensors: %s", ok)
     return ok
+
+
+def exit_now(status: int) -> NoReturn:
+    """End a command: run its exit hooks (logging, Prefect's API server and log workers),
+    flush the standard streams, and leave without the interpreter's teardown of every
+    imported module, which takes 1-2 s after torch, MONAI and Prefect (measured: 2.0 s after
+    a segment_region command's last exit hook).
+
+    Only for a command's last line: open files must be closed and threads done by then.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe takes nothing more
+            stream.flush()
+    os._exit(status)

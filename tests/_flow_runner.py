@@ -10,10 +10,12 @@ table of hostile command lines costs the imports once instead of once per case. 
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
 import runpy
+import shutil
 import sys
 import tempfile
 import time
@@ -55,6 +57,9 @@ def _preload() -> None:
 
 
 def _child(case: dict, err_path: str) -> None:
+    # a command ends by running its exit hooks (segflow.runtime.exit_now): only its own, not
+    # those this process inherited from the runner (they would, e.g., remove its folders)
+    atexit._clear()
     fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     null = os.open(os.devnull, os.O_WRONLY)
     sys.stdout.flush()
@@ -96,7 +101,8 @@ def main(cases_path: str, results_path: str) -> None:
     _preload()
     cases = json.loads(Path(cases_path).read_text())
     results = []
-    with tempfile.TemporaryDirectory(prefix="segflow-runner-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="segflow-runner-")  # no exit-time finalizer a child could run
+    try:
         for case in cases:
             err_path = os.path.join(tmp, "stderr.txt")
             t0 = time.perf_counter()
@@ -112,6 +118,8 @@ def main(cases_path: str, results_path: str) -> None:
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
             )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     Path(results_path).write_text(json.dumps(results, indent=1))
 
 
