@@ -293,3 +293,29 @@ def test_slides_report_tissue_areas_in_square_microns(samples: Path, tmp_path: P
         assert sum(s.class_fractions.values()) == pytest.approx(1.0)
     table = pd.read_csv(report.outputs["summary_csv"])
     assert {"fraction_stroma", "fraction_tumour", "area_tumour"} <= set(table.columns)
+
+
+def test_a_stac_item_collection_is_a_collection(
+    samples: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """An ItemCollection whose Items name the scenes by relative hrefs: one scene per Item
+    (named by its id, read through --asset), equal to the same scenes given as files."""
+    chip = samples / "spacenet_atlanta" / "sample_geotiff.tif"
+    scenes = cut_scenes(chip, tmp_path / "scenes")[:2]
+    items = [{"type": "Feature", "stac_version": "1.1.0", "id": f"item{i}", "geometry": None,
+              "properties": {"datetime": "2020-01-01T00:00:00Z"}, "links": [],
+              "assets": {"pan": {"href": f"scenes/{p.name}", "type": "image/tiff"},
+                         "thumb": {"href": "t.png", "type": "image/png", "roles": ["thumbnail"]}}}
+             for i, p in enumerate(scenes)]  # fmt: skip
+    catalog = tmp_path / "items.json"
+    catalog.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    req = CollectionRequest(scenes=str(catalog), assets=("pan",), model=str(model_dir),
+                            out_dir=str(tmp_path / "out"), tile=256, polygons=False)  # fmt: skip
+    report = segment_collection(req)
+    assert [(s.name, s.status) for s in report.scenes] == [("item0", "done"), ("item1", "done")]
+    files = segment_collection(req.model_copy(update={
+        "scenes": str(tmp_path / "scenes" / "r0c[01].tif"), "assets": (), "out_dir": str(tmp_path / "f")}))  # fmt: skip
+    for a, b in zip(report.scenes, files.scenes, strict=True):
+        with rasterio.open(a.out) as x, rasterio.open(b.out) as y:
+            np.testing.assert_array_equal(x.read(), y.read())
+            assert x.transform == y.transform

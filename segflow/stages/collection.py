@@ -125,7 +125,9 @@ def list_scenes(req: CollectionRequest) -> list[Scene]:
         found = [(_stem(p), p) for p in _globbed(spec)]
     if not found:
         raise ConfigError(f"scenes: {spec!r} names no image: check the glob, list or catalog")
-    scenes = [Scene(req.name.format(stem=stem, index=i), image, req.assets if stem else ())
+    # --asset picks the bands of STAC Items; other images are read as they are
+    scenes = [Scene(req.name.format(stem=stem, index=i), image,
+                    req.assets if image.lower().endswith(".json") else ())
               for i, (stem, image) in enumerate(found)]  # fmt: skip
     seen: dict[str, str] = {}
     for s in scenes:
