@@ -76,8 +76,8 @@ def argparse_kwargs(info: FieldInfo, doc: str) -> dict[str, Any]:
     kw: dict[str, Any] = {"help": _plain(doc) + shown if doc else None}
     kw["default"] = argparse.SUPPRESS
     origin = typing.get_origin(tp)
-    if tp is bool:
-        kw["action"] = "store_true"
+    if tp is bool:  # a switch on by default is turned off with --no-NAME
+        kw["action"] = argparse.BooleanOptionalAction if default is True else "store_true"
     elif origin is Literal:
         kw["choices"] = typing.get_args(tp)
     elif origin is tuple and typing.get_args(tp)[-1] is not Ellipsis:

@@ -83,7 +83,8 @@ class CollectionRequest(SegmentOptions, InstanceOptions, OutputChoices):
     dask_address: str | None = None
     workers: Annotated[int, Field(ge=1)] | None = None
     overwrite: bool = False
-    # the scenes' own outputs: the class COG and its polygons unless switched off
+    # each scene's outputs: the class COG and its GeoPackage unless switched off (--no-polygons)
+    parquet: bool = False
     quicklook: bool = False
 
     def scene_dir(self, name: str) -> str:
