@@ -9,11 +9,13 @@ SIGINT and SIGTERM stop the command (exit 130 / 143) with one line saying how to
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
@@ -95,6 +97,8 @@ def run_cli(main: Callable[[], Any], *, flags: Mapping[str, str] | None = None) 
             raise
         message, status = describe_failure(err)
         print(f"error: {message}", file=sys.stderr)
+    if main.__module__ != "__main__":  # called in process (a test, a notebook): theirs to end
+        raise SystemExit(status)
     exit_now(status)  # without the interpreter's 1-2 s teardown of torch, MONAI, Prefect
 
 
@@ -114,8 +118,6 @@ def warm_prefect_api() -> Callable[[], None]:
         return lambda: None
     used: list[bool] = []
     try:
-        import atexit
-
         from prefect.server.api.server import SubprocessASGIServer
 
         server = SubprocessASGIServer()
@@ -146,8 +148,6 @@ def _stop(server: Any, used: list[bool]) -> None:
 
 def _wait_healthy(server: Any) -> None:
     """Wait until ``server`` answers ``/health``; if it died, leave it to Prefect to restart."""
-    import time
-
     import httpx
 
     wait_s = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))

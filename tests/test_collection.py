@@ -180,7 +180,8 @@ def test_killed_after_half_the_scenes_the_same_command_redoes_none(
 
     resumed = segment_collection(req)
     statuses = [s.status for s in resumed.scenes]
-    assert statuses.count("skipped") == done and statuses.count("done") == 16 - done
+    failed = [(s.name, s.reason) for s in resumed.scenes if s.status == "failed"]
+    assert statuses.count("skipped") == done and statuses.count("done") == 16 - done, failed
     calm = segment_collection(req.model_copy(update={"out_dir": str(tmp_path / "calm")}))
     with rasterio.open(resumed.outputs["mosaic"]) as a, rasterio.open(calm.outputs["mosaic"]) as b:
         np.testing.assert_array_equal(a.read(), b.read())

@@ -699,6 +699,27 @@ def test_standalone_store_resumes_from_partial(image: np.ndarray, tmp_path: Path
         open_prediction_store(path, Window(0, 0, 10, 10))
 
 
+def test_a_store_killed_while_being_set_up_is_made_anew(tmp_path: Path) -> None:
+    """kill -9 between creating the staging store and recording its source window (or before
+    its attributes): the next call starts it anew; a finished store without one is refused."""
+    import shutil
+
+    import zarr
+
+    region = Window(20, 8, 150, 130)
+    path = tmp_path / "pred.zarr"
+    SceneStore.create(tmp_path / "pred.zarr.partial", bands=(), height=9, width=9, dtype="uint8")
+    store = open_prediction_store(path, region, chunk=32)
+    assert (store.height, store.width) == (150, 130)
+    assert store.meta["prediction_store"]["source_window"]["row_off"] == 20
+    shutil.rmtree(store.path)
+    zarr.open_group(store.path, mode="w", zarr_format=3)  # no attributes yet
+    assert open_prediction_store(path, region, chunk=32).height == 150
+    SceneStore.create(path, bands=(), height=150, width=130, dtype="uint8")  # finished
+    with pytest.raises(StoreError, match="source window None"):
+        open_prediction_store(path, region, chunk=32)
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_bad_inputs_fail_with_one_clear_line(image: np.ndarray, tmp_path: Path) -> None:
     reader = ArrayReader(image)

@@ -19,8 +19,9 @@ from segflow.io.store import (
     SceneStore,
     SlideInfo,
     SourceRecord,
+    remove_store,
     staging_location,
-    staging_path,
+    store_complete,
     store_exists,
 )
 
@@ -106,17 +107,20 @@ def open_prediction_store(
     }
     here = check_location(path, what="prediction store", write=True)
     p = here if is_url(here) else Path(here)
-    for candidate in (p,) if isinstance(p, str) else (p, staging_path(p)):
-        if store_exists(candidate):
-            store = SceneStore.open(candidate, mode="r+", unfinished=True)
-            got = store.meta.get(_META_KEY, {}).get("source_window")
-            if got != window:
-                raise StoreError(
-                    f"{str(candidate)!r} holds predictions for source window {got}, not {window}: "
-                    "remove it or choose another output path"
-                )
-            return store
     stage = staging_location(p)
+    for candidate in (stage,) if isinstance(p, str) else (p, stage):
+        if not store_exists(candidate):
+            continue
+        store = _set_up(candidate, unfinished=candidate != p or not store_complete(p))
+        if store is None:
+            break
+        got = store.meta.get(_META_KEY, {}).get("source_window")
+        if got != window:
+            raise StoreError(
+                f"{str(candidate)!r} holds predictions for source window {got}, not {window}: "
+                "remove it or choose another output path"
+            )
+        return store
     if isinstance(stage, Path) and stage.exists():
         shutil.rmtree(stage)  # a staging directory without metadata: nothing to resume
     store = SceneStore.create(
@@ -134,6 +138,21 @@ def open_prediction_store(
         ignore_index=ignore_index,
     )
     store.update_meta(**{_META_KEY: {"source_window": window}})
+    return store
+
+
+def _set_up(location: str | Path, *, unfinished: bool) -> SceneStore | None:
+    """The prediction store at ``location``, or None where an ``unfinished`` one was killed
+    before its set-up ended (its source window is recorded last): removed, nothing to resume."""
+    try:
+        store: SceneStore | None = SceneStore.open(location, mode="r+", unfinished=True)
+    except StoreError:  # a Zarr group without segflow's attributes yet
+        if not unfinished:
+            raise
+        store = None
+    if store is None or (unfinished and _META_KEY not in store.meta):
+        remove_store(location)
+        return None
     return store
 
 
