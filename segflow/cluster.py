@@ -36,6 +36,7 @@ from typing import Any
 from distributed import Client, LocalCluster
 
 from segflow.errors import ConfigError, option
+from segflow.runtime import usable_cores
 
 __all__ = [
     "DEFAULT_HOST",
@@ -154,7 +155,7 @@ def dask_client(
             yield client
         return
     host, dashboard = local_cluster_addresses(host, dashboard_address)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     # the worker's HTTP endpoint: with no address Dask binds an in-process worker's to every
     # interface (its inproc:// address names no interface)
     worker_http = f"{host}:0"

@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -60,6 +59,7 @@ from segflow.io.store import (
     store_exists,
 )
 from segflow.outputs import check_unlocked, output_lock, plan_outputs
+from segflow.runtime import usable_cores
 
 __all__ = ["IngestReport", "IngestSpec", "check_inputs", "ingest", "plan_tasks"]
 
@@ -572,7 +572,7 @@ def _run_tasks(
 ) -> None:
     """Run ``tasks`` on ``executor`` (default: one thread per core), recording finished units."""
     own_pool = executor is None
-    pool: Executor = executor or ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    pool: Executor = executor or ThreadPoolExecutor(max_workers=usable_cores())
     futures = [pool.submit(_ingest_task, t, **task_kwargs) for t in tasks]
     marks = store.progress("ingest")
     try:

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import NoReturn
 
-__all__ = ["exit_now", "tune_malloc"]
+__all__ = ["exit_now", "tune_malloc", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,15 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap and are reused
 _TRIM_THRESHOLD = (1 << 31) - 1  # never give the top of the heap back
 _TOP_PAD = 1 << 28  # grow the heap 256 MiB at a time
+
+
+def usable_cores() -> int:
+    """The cores this process may use: Dask's count, which honours CPU affinity (``taskset``,
+    Slurm's binding, Kubernetes' CPU manager) and a cgroup's CPU quota; ``os.cpu_count()``
+    counts the whole host's, and threads sized by it oversubscribe a pinned job."""
+    from dask.system import CPU_COUNT
+
+    return max(1, int(CPU_COUNT))
 
 
 def tune_malloc() -> bool:

@@ -66,6 +66,7 @@ from segflow.outputs import (
     plan_outputs,
 )
 from segflow.region import resolve_region
+from segflow.runtime import usable_cores
 from segflow.tiling import round_up
 
 if TYPE_CHECKING:
@@ -479,7 +480,7 @@ def _cluster(req: SegmentRequest) -> Iterator[Any]:
         yield None
         return
     address = cluster_address(req)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     gpus = _local_gpus(req) if address is None else 0
     if gpus:  # one worker per GPU (at most --workers), the cores shared among them
         with gpu_client(gpus, threads=max(1, cores // gpus)) as client:

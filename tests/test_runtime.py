@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,14 @@ def test_tuned_malloc_serves_large_blocks_from_the_heap() -> None:
 
     assert mmapped("plain") >= 256 * 2**20
     assert mmapped("tuned") < 256 * 2**20
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_usable_cores_honours_the_cpu_affinity() -> None:
+    """A process pinned to one core (``taskset -c 0``, Slurm's binding) counts one core,
+    where ``os.cpu_count()`` still counts the host's."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from segflow.runtime import usable_cores; print(usable_cores(), os.cpu_count())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert out == ["1", str(os.cpu_count())]

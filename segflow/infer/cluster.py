@@ -42,6 +42,7 @@ from segflow.infer.readers import _Normalizer, open_reader
 from segflow.infer.store import prediction_arrays
 from segflow.io.store import SceneStore
 from segflow.normalization import Normalization
+from segflow.runtime import usable_cores
 
 __all__ = ["UnitJob", "WorkerError", "cluster_runner", "run_units", "unit_groups"]
 
@@ -106,7 +107,7 @@ def _worker_threads() -> int:
 
         return max(1, int(get_worker().state.nthreads))
     except (ImportError, ValueError):
-        return max(1, os.cpu_count() or 1)
+        return usable_cores()
 
 
 def _worker_name() -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from segflow.config import IngestConfig, PipelineConfig
 from segflow.config.train import StoreRef, TrainConfig, make_train_config
 from segflow.errors import ConfigError
+from segflow.runtime import usable_cores
 
 __all__ = [
     "build_store",
@@ -136,7 +137,7 @@ def build_training_stores(
 
         from segflow.cluster import dask_client
 
-        n = workers or min(len(pending), os.cpu_count() or 1)
+        n = workers or min(len(pending), usable_cores())
         with dask_client(None, n_workers=n, threads_per_worker=1, processes=True) as client:
             futures = [client.submit(build_store, cfg, ref, key=f"store-{i}", pure=False)
                        for i, ref in enumerate(pending)]  # fmt: skip
