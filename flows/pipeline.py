@@ -1,17 +1,17 @@
 """Prefect flow: the whole pipeline of one config, ingest -> prepare -> train -> segment_region
-(-> evaluate, with an ``evaluate`` section).
+(-> evaluate, -> segment_collection, with those sections).
 
     python flows/pipeline.py pipelines/NAME.yaml [--dask-address ADDR] [--device cpu|cuda]
 
 Outputs go to the config's ``work_dir`` (default ``outputs/NAME``): the scene store, the
-fingerprint, the checkpoint and training curve (``train/``), the COG, polygons and quick-look.
+fingerprint, the checkpoint and training curve (``train/``), the COG, polygons and quick-look,
+and a ``collection/`` of more scenes.
 
 Each stage has a key (:mod:`segflow.stages`: upstream keys, parameters, input contents,
 code); a stage whose key and outputs match its record in ``<work>/stages/`` is skipped, one
 killed part-way resumes its own work, and one with another key starts clean. Prefect's cache
-(``cache_key_fn`` = the stage key, results under ``<work>/.prefect-results``) shows a current
-stage as Cached; the stage records stay the source of truth, so the cache is refreshed
-whenever they say a stage must run (Prefect knows nothing of deleted outputs).
+(``cache_key_fn`` = the stage key) shows a current stage as Cached; the stage records stay the
+source of truth: the cache is refreshed whenever they say a stage must run.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from segflow.stages import (
     run_train,
     summary,
 )
+from segflow.stages.collection import plan_collection, run_collection
 
 RESULTS_DIR = ".prefect-results"
 
@@ -90,6 +91,12 @@ def evaluate_stage(run: StageRun, cfg: PipelineConfig) -> dict[str, Any]:
     return run_evaluate(run, cfg)
 
 
+@task(name="segment_collection", **_STAGE)  # type: ignore[call-overload]
+def collection_stage(run: StageRun, cfg: PipelineConfig, device: str | None,
+                     dask_address: str | None) -> dict[str, Any]:  # fmt: skip
+    return run_collection(run, cfg, device=device, dask_address=dask_address)
+
+
 def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[str, Any]:
     """Run one stage task: Prefect's cache answers only when the stage records say current."""
     configured: Callable[..., dict[str, Any]] = stage.with_options(
@@ -103,8 +110,7 @@ def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[s
 
 
 def _results_dir(work: str | Path) -> Path:
-    """Prefect's results: in the work directory, or for one on object storage (Prefect's
-    local result storage needs a directory) in segflow's cache, named by its URL."""
+    """Prefect's results (a local directory): in the work directory, or segflow's cache."""
     if not remote.is_url(work):
         return Path(work).resolve() / RESULTS_DIR
     return locations.cache_root() / "prefect-results" / sha256(str(work).encode()).hexdigest()[:24]
@@ -135,6 +141,9 @@ def pipeline_flow(
     )
     if cfg.evaluate is not None:
         stages["evaluate"] = _call(evaluate_stage, plan_evaluate(cfg, segment), cfg)
+    if cfg.collection is not None:
+        stages["segment_collection"] = _call(collection_stage, plan_collection(cfg, train), cfg,
+                                             device, dask_address)  # fmt: skip
     create_markdown_artifact(
         key="pipeline-summary", markdown=summary(cfg, stages), description=f"pipeline {cfg.name}"
     )

@@ -44,8 +44,12 @@ def collection_task(req: CollectionRequest) -> dict[str, Any]:
     bar = tqdm_progress(len(list_scenes(req)), "segment scenes")  # on a terminal only
     bar.unit = "scene"
 
+    pixels = [0]  # of the scenes done or skipped so far
+
     def on_scene(result: Any) -> None:
-        bar.set_postfix_str(f"{result.name}: {result.status}", refresh=False)
+        pixels[0] += result.pixels
+        bar.set_postfix_str(f"{pixels[0] / 1e6:.1f} Mpx; {result.name}: {result.status}",
+                            refresh=False)  # fmt: skip
         bar.update(1)
 
     with collection_client(req) as client:

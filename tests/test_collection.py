@@ -109,15 +109,21 @@ def test_a_truncated_scene_fails_alone(samples: Path, model_dir: Path, tmp_path:
     scenes = cut_scenes(chip, tmp_path / "scenes")[:3]
     raw = scenes[1].read_bytes()
     scenes[1].write_bytes(raw[: len(raw) // 3])
+    rgb = tmp_path / "scenes" / "rgb.tif"  # three bands for a one-band model
+    with rasterio.open(scenes[0]) as src:
+        profile = dict(src.profile, count=3)
+        with rasterio.open(rgb, "w", **profile) as dst:
+            dst.write(np.repeat(src.read(), 3, axis=0))
     listing = tmp_path / "scenes.txt"
-    listing.write_text("".join(f"scenes/{p.name}\n" for p in scenes))
+    listing.write_text("".join(f"scenes/{p.name}\n" for p in [*scenes, rgb]))
     req = CollectionRequest(scenes=str(listing), model=str(model_dir), out_dir=str(tmp_path / "o"),
                             tile=256, polygons=False)  # fmt: skip
     report = segment_collection(req)
     status = {s.name: (s.status, s.reason) for s in report.scenes}
     assert status["r0c0"][0] == status["r0c2"][0] == "done"
     assert status["r0c1"][0] == "failed" and "truncated" in status["r0c1"][1]
-    assert [s.name for s in report.failed] == ["r0c1"]
+    assert status["rgb"][0] == "failed" and "the model expects 1 band(s)" in status["rgb"][1]
+    assert [s.name for s in report.failed] == ["r0c1", "rgb"]
     table = pd.read_csv(report.outputs["summary_csv"])
     assert table.set_index("name").loc["r0c1", "status"] == "failed"
     assert "mosaic" in report.outputs  # of the scenes that finished
@@ -320,3 +326,37 @@ def test_a_stac_item_collection_is_a_collection(
         with rasterio.open(a.out) as x, rasterio.open(b.out) as y:
             np.testing.assert_array_equal(x.read(), y.read())
             assert x.transform == y.transform
+
+
+def test_on_a_cluster_small_scenes_are_tasks_and_a_large_one_is_split_into_units(
+    samples: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """An embedded cluster of 2 workers: three small scenes run as one task each, the whole
+    chip (above ``split_pixels``) through distributed segment_region's units; every
+    prediction equals the in-process run's."""
+    import shutil
+
+    from segflow.stages.collection import collection_client
+
+    chip = samples / "spacenet_atlanta" / "sample_geotiff.tif"
+    for extra in cut_scenes(chip, tmp_path / "scenes")[3:]:
+        extra.unlink()
+    shutil.copy(chip, tmp_path / "scenes" / "whole.tif")
+    req = CollectionRequest(scenes=str(tmp_path / "scenes" / "*.tif"), model=str(model_dir),
+                            out_dir=str(tmp_path / "here"), tile=256, polygons=False,
+                            mosaic=False, split_pixels=300 * 300)  # fmt: skip
+    here = segment_collection(req)
+    on = req.model_copy(update={"out_dir": str(tmp_path / "cluster"), "workers": 2})
+    with collection_client(on) as client:
+        assert client is not None and len(client.scheduler_info()["workers"]) == 2
+        spread = segment_collection(on, client=client)
+    assert [(s.name, s.status, s.split) for s in spread.scenes] == [
+        ("r0c0", "done", False), ("r0c1", "done", False), ("r0c2", "done", False),
+        ("whole", "done", True),
+    ]  # fmt: skip
+    assert not any(s.split for s in here.scenes)
+    for a, b in zip(here.scenes, spread.scenes, strict=True):
+        with rasterio.open(a.out) as x, rasterio.open(b.out) as y:
+            assert (x.transform, x.shape) == (y.transform, y.shape)
+            np.testing.assert_array_equal(x.read(), y.read())
+        assert a.class_areas == b.class_areas

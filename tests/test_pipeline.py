@@ -385,6 +385,53 @@ def test_pipeline_reruns_only_what_changed(pipeline: Any, tmp_path: Path) -> Non
     assert _ran(sixth) == {"evaluate"}
     assert json.loads((work / "evaluation.json").read_text())["objects"]["iou_threshold"] == 0.75
 
+    # a collection section: only segment_collection runs, with the pipeline's trained model;
+    # each scene's prediction is segment_region's over that scene
+    scenes = [_cut(tmp_path / "scenes", "a", 0, 0), _cut(tmp_path / "scenes", "b", 300, 200)]
+    doc = yaml.safe_load(path.read_text())
+    doc["collection"] = {"scenes": str(tmp_path / "scenes" / "*.tif"), "tile": 128,
+                         "polygons": False}  # fmt: skip
+    path.write_text(yaml.safe_dump(doc))
+    seventh = pipeline.pipeline_flow(str(path), device="cpu")
+    assert _ran(seventh) == {"segment_collection"}
+    col = seventh["segment_collection"]
+    assert (col["scenes"], col["done"], col["failed"]) == (2, 2, 0)
+    assert "collection: 2 scenes (2 done" in pipeline.summary(load_config(path), seventh)
+    _assert_same_prediction(scenes[1], work / "train" / "best", work / "collection" / "b")
+    # a new scene: the stage runs again, and only that scene is segmented
+    _cut(tmp_path / "scenes", "c", 500, 500)
+    eighth = pipeline.pipeline_flow(str(path), device="cpu")
+    assert _ran(eighth) == {"segment_collection"}
+    assert (eighth["segment_collection"]["done"], eighth["segment_collection"]["skipped"]) == (1, 2)
+    assert _ran(pipeline.pipeline_flow(str(path), device="cpu")) == set()
+
+
+def _cut(folder: Path, name: str, row: int, col: int) -> Path:
+    """A 300 x 300 scene of the chip at (row, col), as ``gdal_translate -srcwin`` would."""
+    import rasterio
+    from rasterio.windows import Window
+
+    folder.mkdir(exist_ok=True)
+    with rasterio.open(CHIP / "sample_geotiff.tif") as src:
+        win = Window(col, row, 300, 300)
+        profile = dict(src.profile, height=300, width=300, transform=src.window_transform(win))
+        with rasterio.open(folder / f"{name}.tif", "w", **profile) as dst:
+            dst.write(src.read(window=win))
+    return folder / f"{name}.tif"
+
+
+def _assert_same_prediction(scene: Path, model: Path, folder: Path) -> None:
+    import numpy as np
+    import rasterio
+
+    from segflow.segment import SegmentRequest, segment_region
+
+    ref = scene.parent.parent / f"ref-{scene.stem}.tif"
+    segment_region(SegmentRequest(image=str(scene), model=str(model), tile=128, out=str(ref)))
+    with rasterio.open(ref) as want, rasterio.open(folder / "prediction.tif") as got:
+        assert (got.crs, got.transform) == (want.crs, want.transform)
+        np.testing.assert_array_equal(got.read(), want.read())
+
 
 # --------------------------------------------------------------------------- ISBI slice, CLI
 # a plain pixel grid (PNG): the image and the COG have no georeference

@@ -224,3 +224,41 @@ def test_the_summary_says_what_each_stage_did(tmp_path: Path) -> None:
     missing = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"source": "no.tif"})})
     with pytest.raises(ConfigError, match=r"ingest\.source not found: 'no\.tif'"):
         check_pipeline_inputs(missing)
+
+
+# --------------------------------------------------------------------------- collection
+def test_a_collection_section_is_checked_first_and_a_failed_scene_keeps_it_unrecorded(
+    tmp_path: Path,
+) -> None:
+    """A glob naming no image is refused before anything runs (named as in the YAML); a
+    collection with a failed scene raises one line naming it and records no stage, so the
+    next run tries it again. The section's model defaults to the pipeline's."""
+    from segflow.errors import SegflowError
+    from segflow.stages import check_pipeline_inputs, read_record
+    from segflow.stages.collection import collection_request, plan_collection, run_collection
+
+    def with_collection(**section: Any) -> PipelineConfig:
+        base = pipeline(tmp_path).model_dump(exclude={"collection"})
+        base["ingest"]["source"] = str(Path(__file__).resolve().parents[1] / ISBI["source"])
+        return PipelineConfig.model_validate({**base, "collection": section})
+
+    cfg = with_collection(scenes=str(tmp_path / "none" / "*.tif"))
+    with pytest.raises(ConfigError, match=r"collection\.scenes: .* names no image"):
+        check_pipeline_inputs(cfg)
+    req = collection_request(cfg, device="cpu")
+    assert req.model == str(tmp_path / "w" / "train" / "best")
+    assert req.out_dir == str(tmp_path / "w" / "collection") and req.overwrite
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "bad.tif").write_bytes(b"II*\x00" + b"\x00" * 60)  # a truncated TIFF
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "meta.json").write_text("{}")
+    cfg = with_collection(scenes=str(tmp_path / "s" / "*.tif"), model=str(model), mosaic=False)
+    check_pipeline_inputs(cfg)
+    run = plan_collection(cfg, None)
+    assert run.plan is StagePlan.FRESH and set(run.inputs["scenes"]) == {"bad"}
+    with pytest.raises(SegflowError, match=r"collection: 1 of 1 scenes failed \(bad; reasons in"):
+        run_collection(run, cfg, device="cpu", dask_address=None)
+    assert read_record(cfg.work_path, "segment_collection") is None
+    assert plan_collection(cfg, None).plan is not StagePlan.SKIP

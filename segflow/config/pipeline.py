@@ -25,8 +25,9 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from segflow.config.base import DEFAULT_CLASSES, ClassDef, SchemaModel, format_validation_error
+from segflow.config.collection import CollectionConfig
 from segflow.config.evaluate import EvaluateOptions
-from segflow.config.segment import InstanceOptions, SegmentOptions
+from segflow.config.segment import InstanceOptions, OutputChoices, SegmentOptions
 from segflow.config.train import TrainConfig
 from segflow.errors import ConfigError
 
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
 
 class IngestConfig(SchemaModel):
     """How a source image (and its labels) become a scene store.
@@ -194,69 +196,6 @@ class PrepareConfig(SchemaModel):
     train_region: TrainRegion | None = None
 
 
-#: segment_region's output names in a folder, by request field (``out``: always written).
-OUTPUT_NAMES = {
-    "out": "prediction.tif",
-    "polygons": "prediction.gpkg",
-    "parquet": "prediction.parquet",
-    "probabilities": "probabilities.tif",
-    "quicklook": "quicklook.png",
-    "ome_tiff": "prediction.ome.tif",
-    "qupath_geojson": "prediction.qupath.geojson",
-    "instances": "instances.tif",
-    "ome_zarr": "prediction.ome.zarr",
-}
-
-
-class OutputChoices(SchemaModel):
-    """Which of segment_region's outputs a pipeline or collection writes into a folder.
-
-    Attributes
-    ----------
-    polygons
-        Write ``prediction.gpkg``: polygons of every class but 0 with ``class_id``,
-        ``class_name`` and ``area``, in the image's CRS (pixels without one).
-    parquet
-        Write the same polygons as GeoParquet, ``prediction.parquet``.
-    probabilities
-        Also write ``probabilities.tif``, a per-class probability COG (uint8,
-        ``round(p * 255)``).
-    quicklook
-        Write ``quicklook.png``, the mask over the image, at most 1024 pixels a side.
-    ome_tiff
-        Write ``prediction.ome.tif``, a pyramidal OME-TIFF label image with the slide's
-        pixel size (for slide viewers).
-    qupath
-        Write ``prediction.qupath.geojson``: polygons in level-0 slide pixels with QuPath
-        classification names and colours.
-    instances
-        Write ``instances.tif``, a uint32 COG of object instances (objects of
-        ``instance_classes``, split as ``instance_split`` says; ids the same whatever the
-        tiling); the polygon outputs then hold one feature per instance (``instance_id``,
-        centroid; QuPath detections).
-    ome_zarr
-        Write ``prediction.ome.zarr``, an OME-Zarr (NGFF 0.4) multiscale label image.
-    """
-
-    polygons: bool = True
-    parquet: bool = True
-    probabilities: bool = False
-    quicklook: bool = True
-    ome_tiff: bool = False
-    qupath: bool = False
-    instances: bool = False
-    ome_zarr: bool = False
-
-    def output_paths(self, folder: str | Path) -> dict[str, str | None]:
-        """segment_region's output fields: the chosen files in ``folder`` (a path or URL),
-        None for the others."""
-        on = {"out": True, "qupath_geojson": self.qupath,
-              **{k: getattr(self, k) for k in OUTPUT_NAMES if k not in ("out", "qupath_geojson")}}  # fmt: skip
-        base = str(folder).rstrip("/")
-        join = (lambda n: f"{base}/{n}") if "://" in base else (lambda n: str(Path(base) / n))
-        return {k: join(name) if on[k] else None for k, name in OUTPUT_NAMES.items()}
-
-
 class SegmentConfig(SegmentOptions, InstanceOptions, OutputChoices):
     """segment_region inside a pipeline: which image and region, how, and which outputs.
 
@@ -317,6 +256,10 @@ class PipelineConfig(SchemaModel):
     evaluate
         The prediction against reference labels (``evaluation.json`` and ``evaluation.md``
         in ``work_dir``: pixel and object metrics); null: no evaluation.
+    collection
+        More scenes segmented with the pipeline's model, after training
+        (:class:`~segflow.config.collection.CollectionConfig`: a folder per scene, the
+        summary tables and the mosaic in ``{work_dir}/collection``); null: none.
     """
 
     schema_version: Literal[1] = 1  # == SCHEMA_VERSION
@@ -329,6 +272,7 @@ class PipelineConfig(SchemaModel):
     train: TrainConfig | None = None
     segment: SegmentConfig = SegmentConfig()
     evaluate: EvaluateOptions | None = None
+    collection: CollectionConfig | None = None
 
     @model_validator(mode="after")
     def _classes_unique(self) -> PipelineConfig:

@@ -24,7 +24,15 @@ from pydantic import Field, model_validator
 
 from segflow.config.base import SchemaModel
 
-__all__ = ["FLAGS", "InstanceOptions", "RegionOptions", "SegmentOptions", "SegmentRequest"]
+__all__ = [
+    "FLAGS",
+    "OUTPUT_NAMES",
+    "InstanceOptions",
+    "OutputChoices",
+    "RegionOptions",
+    "SegmentOptions",
+    "SegmentRequest",
+]
 
 #: Command-line flags that are not ``--option-name``: ``--qupath``, and ``--tta [SET]`` for
 #: ``tta_flips`` and ``tta_set`` together.
@@ -266,3 +274,66 @@ class SegmentRequest(SegmentOptions, InstanceOptions):
             "instances": self.instances,
             "stac": self.stac_item,
         }
+
+
+#: segment_region's output names in a folder, by request field (``out``: always written).
+OUTPUT_NAMES = {
+    "out": "prediction.tif",
+    "polygons": "prediction.gpkg",
+    "parquet": "prediction.parquet",
+    "probabilities": "probabilities.tif",
+    "quicklook": "quicklook.png",
+    "ome_tiff": "prediction.ome.tif",
+    "qupath_geojson": "prediction.qupath.geojson",
+    "instances": "instances.tif",
+    "ome_zarr": "prediction.ome.zarr",
+}
+
+
+class OutputChoices(SchemaModel):
+    """Which of segment_region's outputs a pipeline or collection writes into a folder.
+
+    Attributes
+    ----------
+    polygons
+        Write ``prediction.gpkg``: polygons of every class but 0 with ``class_id``,
+        ``class_name`` and ``area``, in the image's CRS (pixels without one).
+    parquet
+        Write the same polygons as GeoParquet, ``prediction.parquet``.
+    probabilities
+        Also write ``probabilities.tif``, a per-class probability COG (uint8,
+        ``round(p * 255)``).
+    quicklook
+        Write ``quicklook.png``, the mask over the image, at most 1024 pixels a side.
+    ome_tiff
+        Write ``prediction.ome.tif``, a pyramidal OME-TIFF label image with the slide's
+        pixel size (for slide viewers).
+    qupath
+        Write ``prediction.qupath.geojson``: polygons in level-0 slide pixels with QuPath
+        classification names and colours.
+    instances
+        Write ``instances.tif``, a uint32 COG of object instances (objects of
+        ``instance_classes``, split as ``instance_split`` says; ids the same whatever the
+        tiling); the polygon outputs then hold one feature per instance (``instance_id``,
+        centroid; QuPath detections).
+    ome_zarr
+        Write ``prediction.ome.zarr``, an OME-Zarr (NGFF 0.4) multiscale label image.
+    """
+
+    polygons: bool = True
+    parquet: bool = True
+    probabilities: bool = False
+    quicklook: bool = True
+    ome_tiff: bool = False
+    qupath: bool = False
+    instances: bool = False
+    ome_zarr: bool = False
+
+    def output_paths(self, folder: str | Path) -> dict[str, str | None]:
+        """segment_region's output fields: the chosen files in ``folder`` (a path or URL),
+        None for the others."""
+        on = {"out": True, "qupath_geojson": self.qupath,
+              **{k: getattr(self, k) for k in OUTPUT_NAMES if k not in ("out", "qupath_geojson")}}  # fmt: skip
+        base = str(folder).rstrip("/")
+        join = (lambda n: f"{base}/{n}") if "://" in base else (lambda n: str(Path(base) / n))
+        return {k: join(name) if on[k] else None for k, name in OUTPUT_NAMES.items()}

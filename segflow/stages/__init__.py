@@ -1,11 +1,14 @@
-"""The pipeline's stages: when each must run (:mod:`~segflow.stages.plan`: keys, plans and
-records) and what it does then (:mod:`~segflow.stages.run`, :mod:`~segflow.stages.evaluate`); what ``flows/train.py`` builds before
-training (:mod:`~segflow.stages.training`).
+"""The pipeline's stages: what refuses a pipeline first (:mod:`~segflow.stages.checks`), when
+each stage must run (:mod:`~segflow.stages.plan`: keys, plans and records) and what it does
+then (:mod:`~segflow.stages.run`, :mod:`~segflow.stages.evaluate`,
+:mod:`~segflow.stages.collection`); what ``flows/train.py`` builds before training
+(:mod:`~segflow.stages.training`).
 
 ``flows/pipeline.py`` wraps :func:`~segflow.stages.run.run_ingest` and its siblings in
 Prefect tasks; everything a stage decides lives here, with unit tests.
 """
 
+from segflow.stages.checks import check_pipeline_inputs
 from segflow.stages.evaluate import evaluate_request, plan_evaluate, run_evaluate
 from segflow.stages.plan import (
     RECORD_VERSION,
@@ -15,7 +18,6 @@ from segflow.stages.plan import (
     StageRun,
     begin_stage,
     canonical_json,
-    check_pipeline_inputs,
     code_version,
     finish_stage,
     known_inputs,

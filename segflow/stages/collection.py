@@ -27,18 +27,25 @@ from pathlib import Path
 from typing import Any
 
 from segflow.cluster import ENV_ADDRESS
+from segflow.config import PipelineConfig
 from segflow.config.collection import CollectionRequest
 from segflow.config.segment import InstanceOptions, SegmentOptions, SegmentRequest
-from segflow.errors import ConfigError, SegflowError
+from segflow.errors import ConfigError, SegflowError, option, options_named
 from segflow.io import locations, remote
+from segflow.runtime import usable_cores
 from segflow.stages.plan import (
     StagePlan,
+    StageRun,
+    _identity,
     begin_stage,
     finish_stage,
+    known_inputs,
+    model_path,
     path_identity,
     plan_run,
     stage_code,
 )
+from segflow.stages.run import skipped
 
 __all__ = [
     "CollectionReport",
@@ -46,7 +53,10 @@ __all__ = [
     "SceneResult",
     "check_collection",
     "collection_client",
+    "collection_request",
     "list_scenes",
+    "plan_collection",
+    "run_collection",
     "run_scene",
     "scene_request",
     "segment_collection",
@@ -54,6 +64,8 @@ __all__ = [
 
 #: The per-scene stage's name in its folder's ``stages/`` records.
 STAGE = "segment_region"
+#: A worker's answer for a scene to run through the cluster's units (``split_pixels``).
+LARGE = "large"
 #: Request fields that say how a scene runs, not what it computes.
 _RUNTIME = {"device", "dask_address", "workers", "overwrite"}
 
@@ -73,7 +85,7 @@ class SceneResult:
 
     name: str
     image: str
-    status: str  # "done", "skipped" or "failed"
+    status: str  # "done", "skipped" or "failed" (a worker's "large": see run_scene)
     reason: str = ""
     seconds: float = 0.0
     pixels: int = 0
@@ -83,6 +95,7 @@ class SceneResult:
     objects: int | None = None
     out: str = ""
     georeferenced: bool = False
+    split: bool = False  # its units ran as tasks over the cluster's workers
 
 
 @dataclass(frozen=True)
@@ -124,7 +137,9 @@ def list_scenes(req: CollectionRequest) -> list[Scene]:
     else:
         found = [(_stem(p), p) for p in _globbed(spec)]
     if not found:
-        raise ConfigError(f"scenes: {spec!r} names no image: check the glob, list or catalog")
+        raise ConfigError(
+            f"{option('scenes')}: {spec!r} names no image: check the glob, list or catalog"
+        )
     # --asset picks the bands of STAC Items; other images are read as they are
     scenes = [Scene(req.name.format(stem=stem, index=i), image,
                     req.assets if image.lower().endswith(".json") else ())
@@ -158,7 +173,7 @@ def _globbed(pattern: str) -> list[str]:
 def _listed(spec: str) -> list[str]:
     text = locations.read_text(spec)
     if text is None:
-        raise ConfigError(f"scenes: the list {spec!r} does not exist: check the path")
+        raise ConfigError(f"{option('scenes')}: the list {spec!r} does not exist: check the path")
     base = spec.rsplit("/", 1)[0] if remote.is_url(spec) else str(Path(spec).parent)
     rows = list(csv.reader(io.StringIO(text)))
     col = 0
@@ -182,12 +197,14 @@ def _stac_items(spec: str, req: CollectionRequest) -> list[tuple[str, str]]:
 
     text = locations.read_text(spec)
     if text is None:
-        raise ConfigError(f"scenes: the catalog {spec!r} does not exist: check the path")
+        raise ConfigError(
+            f"{option('scenes')}: the catalog {spec!r} does not exist: check the path"
+        )
     try:
         items = pystac.ItemCollection.from_dict(json.loads(text), preserve_dict=False)
     except Exception as err:
         raise ConfigError(
-            f"scenes: {spec!r} is not a STAC ItemCollection ({str(err).splitlines()[0]}): pass "
+            f"{option('scenes')}: {spec!r} is not a STAC ItemCollection ({str(err).splitlines()[0]}): pass "
             "a FeatureCollection of Items"
         ) from None
     out = []
@@ -221,42 +238,64 @@ def scene_request(req: CollectionRequest, scene: Scene) -> SegmentRequest:
     )
 
 
-def _identity(location: str, assets: tuple[str, ...]) -> dict[str, Any]:
+def _scene_identity(scene: Scene, known: dict[str, Any]) -> dict[str, Any]:
+    """The scene image's content identity; a local file's hash is re-used from the scene's
+    last record while its size and time are unchanged (a resumed collection reads no
+    unchanged scene whole)."""
     from segflow.io.sources import is_stac_item, source_sha256
 
-    if is_stac_item(location):
-        return {"sha256": source_sha256(location, assets=assets)}
-    return path_identity(location)
+    if is_stac_item(scene.image):
+        return {"sha256": source_sha256(scene.image, assets=scene.assets)}
+    return path_identity(scene.image, known.get("image"))
+
+
+def _pixels(scene: Scene, level: int) -> int:
+    from segflow.io.sources import open_source
+
+    with open_source(scene.image, level=level, assets=scene.assets) as src:
+        return int(src.info.height) * int(src.info.width)
 
 
 def run_scene(
-    req: CollectionRequest, scene: Scene, *, code: str | None = None, threads: int | None = None
+    req: CollectionRequest,
+    scene: Scene,
+    *,
+    code: str | None = None,
+    threads: int | None = None,
+    split_above: int | None = None,
+    dask_address: str | None = None,
 ) -> SceneResult:
     """segment_region over one scene, skipped when current; a failure is a result, with its
     one-line reason, never an exception (the other scenes go on).
 
     ``code`` is the stage's code version (computed once by the caller: it parses every
     module); ``threads``, the torch threads of a scene on a Dask worker (None: the worker's).
+    A scene of more than ``split_above`` pixels that must run is not run: its result says
+    ``"large"`` (for the caller to run it through the cluster's units). ``dask_address``:
+    run segment_region's units as tasks on that cluster.
     """
     from segflow.segment import segment_region
 
     t0 = time.perf_counter()
     _share_cores(threads)
     try:
-        sreq = scene_request(req, scene)
+        sreq = scene_request(req, scene).model_copy(update={"dask_address": dask_address})
+        known = known_inputs(req.scene_dir(scene.name), STAGE)
         run = plan_run(
             req.scene_dir(scene.name),
             STAGE,
             params=sreq.model_dump(mode="json", exclude=_RUNTIME),
-            inputs={"image": _identity(scene.image, scene.assets),
-                    "model": path_identity(req.model)},
+            inputs={"image": _scene_identity(scene, known),
+                    "model": path_identity(req.model, known.get("model"))},
             code=code or stage_code(STAGE),
         )  # fmt: skip
         if run.plan is StagePlan.SKIP and run.previous is not None:
             return _result(scene, "skipped", run.previous.result, time.perf_counter() - t0)
+        if split_above is not None and _pixels(scene, req.level) > split_above:
+            return SceneResult(scene.name, scene.image, LARGE)
         begin_stage(run)
         report = segment_region(sreq).to_dict()
-        summary = _scene_summary(report)
+        summary = {**_scene_summary(report), "split": dask_address is not None}
         finish_stage(run, list(report["outputs"].values()), summary)
         return _result(scene, "done", summary, time.perf_counter() - t0)
     except SegflowError as err:
@@ -311,7 +350,8 @@ def _scene_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def _result(scene: Scene, status: str, summary: dict[str, Any], seconds: float) -> SceneResult:
     keep = {k: summary[k] for k in ("pixels", "class_areas", "class_fractions", "area_unit",
-                                    "objects", "out", "georeferenced") if k in summary}  # fmt: skip
+                                    "objects", "out", "georeferenced", "split")
+            if k in summary}  # fmt: skip
     return SceneResult(scene.name, scene.image, status, "", round(seconds, 2), **keep)
 
 
@@ -389,12 +429,16 @@ def _run_all(req: CollectionRequest, scenes: list[Scene], client: Any,
 
     code = stage_code(STAGE)
     embedded = not (req.dask_address or os.environ.get(ENV_ADDRESS))
-    threads = max(1, (os.cpu_count() or 1) // (req.workers or 1)) if embedded else None
+    threads = max(1, usable_cores() // (req.workers or 1)) if embedded else None
     futures = [client.submit(run_scene, req, s, code=code, threads=threads,
-                             key=f"scene-{i}-{s.name}", pure=False)
+                             split_above=req.split_pixels, key=f"scene-{i}-{s.name}", pure=False)
                for i, s in enumerate(scenes)]  # fmt: skip
+    by_name = {s.name: s for s in scenes}
     for future in as_completed(futures):
         result = future.result()
+        if result.status == LARGE:  # its units spread over every worker, beside other scenes
+            result = run_scene(req, by_name[result.name], code=code,
+                               dask_address=client.scheduler.address)  # fmt: skip
         if on_scene:
             on_scene(result)
         yield result
@@ -474,3 +518,76 @@ def _classes_of(cog: str) -> list[dict[str, Any]]:
     if not table:
         raise ConfigError(f"{cog!r} has no class table: it was not written by segment_region")
     return list(table)
+
+
+# --------------------------------------------------------------------------- the pipeline's stage
+#: The pipeline stage's name (its record in ``{work_dir}/stages/``).
+PIPELINE_STAGE = "segment_collection"
+
+
+def collection_request(
+    cfg: PipelineConfig, *, device: str | None = None, dask_address: str | None = None
+) -> CollectionRequest:
+    """The segment_collection job of ``cfg.collection``: the pipeline's model unless the
+    section names one, outputs in ``{work_dir}/collection`` (the pipeline's own folder)."""
+    assert cfg.collection is not None
+    section = cfg.collection
+    return CollectionRequest(
+        **section.model_dump(exclude={"model"}),
+        model=str(section.model or model_path(cfg)),
+        out_dir=str(locations.join(cfg.work_path, "collection")),
+        device=device,
+        dask_address=dask_address,
+        overwrite=True,
+    )
+
+
+def plan_collection(cfg: PipelineConfig, train: StageRun | None) -> StageRun:
+    """segment_collection: the model (by content, and the train key when it is the
+    pipeline's), every scene's image by content, the section's options."""
+    assert cfg.collection is not None
+    work = cfg.work_path
+    req = collection_request(cfg)
+    known = known_inputs(work, PIPELINE_STAGE)
+    before = known.get("scenes") or {}
+    scenes = {}
+    for scene in list_scenes(req):
+        prev = before.get(scene.name) or {}
+        same = prev.get("path") == scene.image
+        scenes[scene.name] = {"path": scene.image,
+                              **_scene_identity(scene, {"image": prev} if same else {})}  # fmt: skip
+    own_model = not (cfg.collection.model or cfg.segment.model)
+    return plan_run(
+        work,
+        PIPELINE_STAGE,
+        upstream={"train": train.key} if train is not None and own_model else {},
+        params=cfg.collection.model_dump(mode="json", exclude={"model", "workers", "split_pixels"}),
+        inputs={"model": _identity(req.model, "model", known), "scenes": scenes},
+        code=stage_code(PIPELINE_STAGE),
+    )
+
+
+def run_collection(
+    run: StageRun, cfg: PipelineConfig, *, device: str | None, dask_address: str | None
+) -> dict[str, Any]:
+    """Segment the section's scenes (each skipped when current); recorded only when every
+    scene finished, so that a failed one is retried by the next run."""
+    if run.plan is StagePlan.SKIP:
+        return skipped(run)
+    req = collection_request(cfg, device=device, dask_address=dask_address)
+    begin_stage(run)
+    with options_named("yaml", prefix="collection."), collection_client(req) as client:
+        report = segment_collection(req, client=client)
+    statuses = [s.status for s in report.scenes]
+    result = {"ran": True, "plan": run.plan.value, "seconds": report.seconds,
+              "outputs": report.outputs, "scenes": len(statuses),
+              **{k: statuses.count(k) for k in ("done", "skipped", "failed")}}  # fmt: skip
+    if report.failed:
+        names = ", ".join(s.name for s in report.failed[:5])
+        raise SegflowError(
+            f"collection: {len(report.failed)} of {len(statuses)} scenes failed ({names}; "
+            f"reasons in {report.outputs['summary_csv']}): fix or remove them and re-run "
+            "(finished scenes are skipped)"
+        )
+    finish_stage(run, list(report.outputs.values()), result)
+    return result

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segflow.errors import CheckpointError, ConfigError, SourceError
+from segflow.errors import CheckpointError, SourceError
 from segflow.io import locations, remote
 from segflow.stages.code import code_version, module_closure
 
@@ -70,7 +70,6 @@ __all__ = [
     "module_closure",
     "outputs_exist",
     "path_identity",
-    "check_pipeline_inputs",
     "plan_ingest",
     "plan_prepare",
     "plan_run",
@@ -444,6 +443,7 @@ STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "train": (("segflow.train.loop",), ()),
     "segment_region": (("segflow.segment",), ()),
     "evaluate": (("segflow.evaluation",), ()),
+    "segment_collection": (("segflow.stages.collection",), ()),
 }
 
 
@@ -472,26 +472,6 @@ def _source_identity(ing: IngestConfig, known: Mapping[str, Any]) -> dict[str, A
     if is_stac_item(ing.source):
         return {"path": ing.source, "sha256": source_sha256(ing.source, assets=ing.assets)}
     return _identity(ing.source, "source", known)
-
-
-def check_pipeline_inputs(cfg: PipelineConfig) -> None:
-    """Refuse a pipeline whose ingest source is missing, or whose ``work_dir`` on object
-    storage cannot be written (an unsupported scheme, a missing bucket, no access), in a
-    second, before anything starts."""
-    work = cfg.work_path
-    if isinstance(work, str):
-        remote.check_prefix(remote.check_location(work, what="work_dir", write=True),
-                            what="work_dir")  # fmt: skip
-    if not locations.exists(cfg.ingest.source):
-        raise ConfigError(
-            f"ingest.source not found: {cfg.ingest.source!r} (paths are relative to the "
-            "working directory)"
-        )
-    if cfg.evaluate is not None and not locations.exists(cfg.evaluate.reference):
-        raise ConfigError(
-            f"evaluate.reference not found: {cfg.evaluate.reference!r} (paths are relative "
-            "to the working directory)"
-        )
 
 
 def plan_ingest(cfg: PipelineConfig) -> StageRun:

@@ -46,4 +46,11 @@ def summary(cfg: PipelineConfig, stages: dict[str, Any]) -> str:
             f"({ev['tp']} of {ev['reference']} matched at IoU >= 0.5, {ev['fp']} false), "
             f"AP 0.5:0.95 {ev['ap_50_95']:.4f}, PQ {ev['pq'] or 0:.4f}: `{ev['outputs']['markdown']}`"
         )
+    col = stages.get("segment_collection")
+    if col and col.get("outputs"):
+        lines.append(
+            f"- collection: {col['scenes']} scenes ({col['done']} done, {col['skipped']} "
+            f"skipped): `{col['outputs']['summary_csv']}`"
+            + (f", mosaic `{col['outputs']['mosaic']}`" if "mosaic" in col["outputs"] else "")
+        )
     return "\n".join(lines) + "\n"
