@@ -1,7 +1,10 @@
-"""segment_region at gigapixel scale on CPU: peak memory, and end-to-end vs pure model time.
+"""segment_region at gigapixel scale: peak memory, and end-to-end vs pure model time.
 
     python benchmarks/bench_segment_scale.py [--size 32768] [--workdir bench-data]
-        [--features 8 --depth 2] [--batch-size 4] [--tile 1024]
+        [--features 8 --depth 2] [--batch-size 4] [--tile 1024] [--device cpu|cuda]
+
+On CUDA the flow and the pure forward both run with segment_region's default mixed
+precision (bf16 where the GPU has it, else fp16).
 
 Uses the mosaic GeoTIFF of benchmarks/make_big_geotiff.py and a small U-Net checkpoint
 (default features 8, depth 2, random weights: speed and memory do not depend on the weights).
@@ -55,31 +58,42 @@ print(meta.halo, sum(p.numel() for p in model.parameters()))
 """
 
 # The model alone, in a fresh process with nothing else running: `batches` forwards of a
-# (batch, bands, side, side) input (a conv net's time does not depend on the values).
+# (batch, bands, side, side) input already on the device (a conv net's time does not depend
+# on the values), with segment_region's default autocast there.
 PURE_FORWARD = """
-import sys, time, torch
+import contextlib, sys, time, torch
+from segflow.infer.forward import resolve_device
+from segflow.infer.options import InferenceOptions
 from segflow.runtime import tune_malloc
 from segflow.train.checkpoint import load_checkpoint
 tune_malloc()  # as the flows do
-model, meta = load_checkpoint(sys.argv[1])
-model.eval()
 side, batch, batches = (int(v) for v in sys.argv[2:5])
-x = torch.randn(batch, len(meta.bands), side, side)
-with torch.inference_mode():
-    model(x)
+dev, amp, _ = resolve_device(InferenceOptions(tile=side, halo=0, device=sys.argv[5]))
+model, meta = load_checkpoint(sys.argv[1])
+model.eval().to(dev)
+x = torch.randn(batch, len(meta.bands), side, side, device=dev)
+cast = torch.autocast(dev.type, dtype=amp) if amp else contextlib.nullcontext()
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+with torch.inference_mode(), cast:
+    for _ in range(3 if dev.type == "cuda" else 1):  # warm-up (cuDNN picks its kernels)
+        model(x)
+    sync()
     t = time.perf_counter()
     for _ in range(batches):
         model(x)
+    sync()
 print(time.perf_counter() - t)
 """
 
 
-def pure_forward_seconds(ckpt: Path, *, side: int, batch: int, tiles: int) -> float:
+def pure_forward_seconds(
+    ckpt: Path, *, side: int, batch: int, tiles: int, device: str = "cpu"
+) -> float:
     """Model-only time for ``tiles`` windows, from up to 32 timed batches (extrapolated)."""
     batches = -(-tiles // batch)
     timed = min(batches, 32)
     out = subprocess.run(
-        python("-c", PURE_FORWARD, str(ckpt), str(side), str(batch), str(timed)),
+        python("-c", PURE_FORWARD, str(ckpt), str(side), str(batch), str(timed), device),
         check=True,
         capture_output=True,
         text=True,
@@ -95,6 +109,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--features", type=int, default=8, help="U-Net width (default 8)")
     ap.add_argument("--depth", type=int, default=2, help="U-Net depth (default 2)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(exist_ok=True)
@@ -110,7 +125,9 @@ def main() -> None:
     tiles = (-(-args.size // args.tile)) ** 2
 
     def pure() -> float:
-        return pure_forward_seconds(ckpt, side=side, batch=args.batch_size, tiles=tiles)
+        return pure_forward_seconds(
+            ckpt, side=side, batch=args.batch_size, tiles=tiles, device=args.device
+        )
 
     pure_before = pure()
     out = work / "seg.tif"
@@ -133,7 +150,7 @@ def main() -> None:
             "--batch-size",
             str(args.batch_size),
             "--device",
-            "cpu",
+            args.device,
         )
     )
     if m.returncode != 0:
@@ -143,7 +160,9 @@ def main() -> None:
     pure_after = pure()
     pure_s = (pure_before + pure_after) / 2
     summary = {
+        "device": args.device,
         "gigapixels": round(args.size**2 / 1e9, 3),
+        "megapixels_per_s": round(args.size**2 / 1e6 / total, 1),
         "halo": int(halo),
         "model": f"unet features {args.features} depth {args.depth}",
         "model_parameters": int(params),

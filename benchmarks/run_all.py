@@ -141,6 +141,15 @@ def _collection(output: str, res: Path | None) -> str:
     return _lines(output, "speed-up", "per scene", "peak memory")
 
 
+def _gpu(output: str, res: Path | None) -> str:
+    r = _last_json(output)
+    t, seg = r["training"], r["segment_region"]
+    return (f"{r['device']}: segment_region {seg['megapixels_per_s']} Mpx/s, "
+            f"{seg['end_to_end_over_pure_model']}x the pure forward; training "
+            f"{t['loop_steps_per_s']} steps/s, {t['busy_fraction_at_most']} of the pure step; "
+            f"loader {t['loader_patches_per_s_per_core']['config']} patches/s per core")
+
+
 @dataclass(frozen=True)
 class Bench:
     """One benchmark script: its quick and full arguments and where its result lands."""
@@ -196,6 +205,8 @@ BENCHES: tuple[Bench, ...] = (
           result=lambda full: None, headline=_zarr_stores),
     Bench("collection", "bench_collection.py", quick=("--scenes", "12"), full=(),
           common=("--workdir", str(WORK)), result=lambda full: None, headline=_collection),
+    Bench("gpu", "bench_gpu.py", quick=("--size", "2048", "--steps", "20"), full=(),
+          common=("--workdir", str(WORK)), result=lambda full: None, headline=_gpu),
     Bench("train_isbi", "train_isbi.py", quick=("--minutes", "0.5", "--steps", "40"), full=(),
           common=("--out", str(OUT / "train_isbi")), result=lambda full: None,
           headline=_train, clean=(OUT / "train_isbi",)),
