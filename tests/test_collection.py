@@ -115,7 +115,7 @@ def test_a_truncated_scene_fails_alone(samples: Path, model_dir: Path, tmp_path:
         with rasterio.open(rgb, "w", **profile) as dst:
             dst.write(np.repeat(src.read(), 3, axis=0))
     listing = tmp_path / "scenes.txt"
-    listing.write_text("".join(f"scenes/{p.name}\n" for p in [*scenes, rgb]))
+    listing.write_text("".join(f"scenes/{p.name}\n" for p in [*scenes, rgb]) + "scenes/gone.tif\n")
     req = CollectionRequest(scenes=str(listing), model=str(model_dir), out_dir=str(tmp_path / "o"),
                             tile=256, polygons=False)  # fmt: skip
     report = segment_collection(req)
@@ -123,7 +123,8 @@ def test_a_truncated_scene_fails_alone(samples: Path, model_dir: Path, tmp_path:
     assert status["r0c0"][0] == status["r0c2"][0] == "done"
     assert status["r0c1"][0] == "failed" and "truncated" in status["r0c1"][1]
     assert status["rgb"][0] == "failed" and "the model expects 1 band(s)" in status["rgb"][1]
-    assert [s.name for s in report.failed] == ["r0c1", "rgb"]
+    assert status["gone"][0] == "failed" and "not found" in status["gone"][1]
+    assert [s.name for s in report.failed] == ["r0c1", "rgb", "gone"]
     table = pd.read_csv(report.outputs["summary_csv"])
     assert table.set_index("name").loc["r0c1", "status"] == "failed"
     assert "mosaic" in report.outputs  # of the scenes that finished
