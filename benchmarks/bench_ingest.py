@@ -7,8 +7,13 @@ process, measures wall time and peak memory of the whole process tree for:
   1. segflow's library ingest (thread pool, one per core),
   2. the rioxarray + dask route a user would write by hand, with the same 512 chunks and
      Blosc-zstd/bitshuffle codec,
-  3. the full Prefect flow `flows/ingest.py` (embedded Dask LocalCluster + Prefect API server).
-Prints a table and the ratios.
+  3. the full Prefect flow `flows/ingest.py` (embedded Dask LocalCluster + Prefect API server),
+and the machine's limit for the same file: every 512-pixel chunk decoded by GDAL, then
+encoded with the store's codec (Blosc-zstd 3, bitshuffle), one thread per core, each pass
+timed on its own (decode-only and encode-only rates) and the two in series (the limit a
+store writer that does nothing else would reach). Prints a table and the ratios, segflow's
+both end to end (a fresh process: imports, hashing the source, finalizing) and in the library
+call alone.
 """
 
 from __future__ import annotations
@@ -27,10 +32,47 @@ from _measure import ensure_mosaic, measure, python
 ROOT = Path(__file__).resolve().parents[1]
 
 OURS = """
-import sys, json
+import sys, json, time
 from segflow.ingest import IngestSpec, ingest
+t = time.perf_counter()
 r = ingest(IngestSpec(source=sys.argv[1], out=sys.argv[2], chunk=512))
-print(json.dumps(r.to_dict()))
+print(json.dumps({**r.to_dict(), "library_s": time.perf_counter() - t}))
+"""
+
+# Decode and encode every chunk of the file, one thread per core, each step timed apart.
+LIMIT = """
+import sys, json, threading, time
+from concurrent.futures import ThreadPoolExecutor
+import numcodecs, rasterio
+from rasterio.windows import Window
+from segflow.runtime import usable_cores
+path, side = sys.argv[1], 512
+numcodecs.blosc.set_nthreads(1)
+codec = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+with rasterio.open(path) as src:
+    h, w = src.height, src.width
+windows = [Window(c, r, min(side, w - c), min(side, h - r))
+           for r in range(0, h, side) for c in range(0, w, side)]
+local, lock, spent = threading.local(), threading.Lock(), {"decode": 0.0, "encode": 0.0}
+def chunk(win):
+    if not hasattr(local, "src"):
+        local.src = rasterio.open(path)
+    t0 = time.perf_counter()
+    block = local.src.read(window=win)
+    t1 = time.perf_counter()
+    codec.encode(block)
+    t2 = time.perf_counter()
+    with lock:
+        spent["decode"] += t1 - t0
+        spent["encode"] += t2 - t1
+threads = usable_cores()
+with ThreadPoolExecutor(threads) as pool:
+    list(pool.map(chunk, windows))
+mpx = h * w / 1e6
+print(json.dumps({"threads": threads,
+                  "decode_mpx_s": mpx / (spent["decode"] / threads),
+                  "encode_mpx_s": mpx / (spent["encode"] / threads),
+                  "limit_mpx_s": mpx / ((spent["decode"] + spent["encode"]) / threads)}))
 """
 
 RIOXARRAY = """
@@ -114,8 +156,8 @@ def main() -> None:
             ]
         ),
     ]:
-        for out in work.glob("*.zarr*"):
-            if out.name != "ours.zarr":
+        for out in work.glob("*.zarr*"):  # ours.zarr stays for the resume check, once made
+            if out.name != "ours.zarr" or name == "segflow":
                 shutil.rmtree(out)
         m = measure(cmd)
         if m.returncode != 0:
@@ -126,10 +168,26 @@ def main() -> None:
             flush=True,
         )
     ours, rx = runs["segflow"], runs["rioxarray"]
+    library_s = json.loads(ours.output.strip().splitlines()[-1])["library_s"]
+    limit = json.loads(subprocess.run(python("-c", LIMIT, str(big)), check=True,
+                                      capture_output=True, text=True).stdout.splitlines()[-1])  # fmt: skip
+    mpx = gpx * 1000
+    print(f"{'segflow library':14s} {library_s:7.1f} s  {mpx / library_s:7.1f} Mpx/s")
+    print(f"decode only {limit['decode_mpx_s']:.1f} Mpx/s, encode only "
+          f"{limit['encode_mpx_s']:.1f} Mpx/s, in series (the limit) {limit['limit_mpx_s']:.1f} "
+          f"Mpx/s on {limit['threads']} threads; segflow / limit: "
+          f"{mpx / ours.seconds / limit['limit_mpx_s']:.2f} end to end, "
+          f"{mpx / library_s / limit['limit_mpx_s']:.2f} in the library")  # fmt: skip
     resume = kill_and_resume(big, work, args.kill_after) if args.kill_after else None
     summary = {
         "gigapixels": round(gpx, 3),
         "segflow_s": round(ours.seconds, 1),
+        "segflow_library_s": round(library_s, 2),
+        "decode_only_mpx_s": round(limit["decode_mpx_s"], 1),
+        "encode_only_mpx_s": round(limit["encode_mpx_s"], 1),
+        "limit_mpx_s": round(limit["limit_mpx_s"], 1),
+        "segflow_over_limit": round(mpx / ours.seconds / limit["limit_mpx_s"], 2),
+        "segflow_library_over_limit": round(mpx / library_s / limit["limit_mpx_s"], 2),
         "rioxarray_s": round(rx.seconds, 1),
         "speedup_vs_rioxarray": round(rx.seconds / ours.seconds, 2),
         "segflow_peak_gib": round(ours.peak_gib, 2),

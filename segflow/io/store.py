@@ -46,6 +46,7 @@ from segflow.errors import StoreError
 from segflow.geometry import BlockGrid, BlockIndex, Window
 from segflow.georef import GeoRef, SlideInfo
 from segflow.io import remote
+from segflow.io.chunks import ChunkWriter, chunk_writer, write_chunks
 from segflow.io.remote import check_location, is_url, zarr_store
 
 __all__ = [
@@ -165,6 +166,7 @@ class SceneStore:
         self.path: Path | str = str(path) if is_url(path) else Path(path)
         self.group = group
         self._arrays: dict[str, zarr.Array] = {}
+        self._writers: dict[str, ChunkWriter | None] = {}
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -348,6 +350,7 @@ class SceneStore:
     ) -> zarr.Array:
         """Create a 2-D (y, x) array, or 3-D (``bands``, y, x), on the store's grid."""
         self._arrays.pop(name, None)
+        self._writers.pop(name, None)
         dims = dims or ARRAY_DIMS.get(name) or (("band", "y", "x") if bands else ("y", "x"))
         h, w, c = self.height, self.width, self.chunk
         shape: tuple[int, ...] = (h, w)
@@ -399,8 +402,19 @@ class SceneStore:
         )
         if not aligned:
             raise StoreError(f"write to {name!r} at {window} is not aligned to {u}-pixel units")
-        arr = self.array(name)
-        arr[(..., *window.slices)] = data
+        writer = self._chunk_writer(name)
+        if writer is not None:  # Zarr's own path costs more than the codec (segflow.io.chunks)
+            lead = (0,) * (data.ndim - 2)
+            write_chunks(writer, (*lead, window.row_off, window.col_off), data)
+        else:
+            self.array(name)[(..., *window.slices)] = data
+
+    def _chunk_writer(self, name: str) -> ChunkWriter | None:
+        """The direct chunk writer of array ``name`` (local, unsharded stores), once."""
+        if name not in self._writers:
+            here = self.path if isinstance(self.path, Path) else None
+            self._writers[name] = chunk_writer(self.array(name), here / name) if here else None
+        return self._writers[name]
 
     def record_array(self, name: str, **params: Any) -> None:
         """Record array ``name`` complete, with how it was made (coordinator only)."""
@@ -516,6 +530,9 @@ class Progress:
                 compressors=None,
                 zarr_format=3,
             )
+        here = store.path if isinstance(store.path, Path) else None
+        # a mark is a 1-byte chunk file: written directly, not through Zarr's event loop
+        self._writer = chunk_writer(self._arr, here / key) if here else None
 
     def done(self) -> set[BlockIndex]:
         """The finished units."""
@@ -535,7 +552,10 @@ class Progress:
         cols = [u.col for u in units]
         r0, r1, c0, c1 = min(rows), max(rows) + 1, min(cols), max(cols) + 1
         if (r1 - r0) * (c1 - c0) == len(units):
-            self._arr[r0:r1, c0:c1] = 1
+            if self._writer is not None:
+                write_chunks(self._writer, (r0, c0), np.ones((r1 - r0, c1 - c0), np.uint8))
+            else:
+                self._arr[r0:r1, c0:c1] = 1
         else:
             for u in units:
                 self.mark(u)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ from segflow.io.sources.base import Source, SourceInfo, _one_line, _unique
 from segflow.io.store import GeoRef
 
 __all__ = ["RasterioSource"]
+
+# Every block is read once or twice (a window and its neighbour's halo): GDAL's default block
+# cache, 5 % of the RAM, only holds memory that grows with the image (ingest of 16384^2 in a
+# plain Python process: 0.65 GiB peak, 0.22 GiB with a 64 MiB cache, and no slower). The flows
+# set the same; a value the user set wins. GDAL reads it when its cache first fills.
+os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 
 # ---------------------------------------------------------------------------- rasterio
