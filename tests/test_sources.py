@@ -578,3 +578,48 @@ def test_tissue_rule_values() -> None:
     alpha = np.array([[255, 255, 0, 255]], np.uint8)
     assert tissue_mask(rgb, 20).tolist() == [[False, False, True, False]]
     assert tissue_mask(rgb, 20, alpha).tolist() == [[False, False, False, False]]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nodata"),
+    [("uint16", 0.0), ("uint8", 255.0), ("int16", -9999.0), ("uint8", 0.5),
+     ("float32", float("nan")), ("float32", -1.5)],
+)  # fmt: skip
+def test_the_valid_mask_read_with_the_pixels_is_gdals(
+    tmp_path: Path, rng: np.random.Generator, dtype: str, nodata: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """read_with_valid takes a nodata-only mask from the pixels it read (one decode, not two):
+    equal to GDAL's dataset mask (and, for floats, segflow's rule that a pixel non-finite in
+    any band is invalid), also where the nodata value is no value of the band's type."""
+    from rasterio.transform import from_origin
+
+    data = rng.integers(0, 250, (2, 70, 90)).astype(dtype)
+    if _fits(nodata, dtype):
+        data[:, 10:20, 30:50] = np.asarray(nodata).astype(dtype)  # nodata in both bands
+        data[0, 40:45, 5:9] = np.asarray(nodata).astype(dtype)  # in one band only: valid
+    path = tmp_path / "n.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=70, width=90, count=2, dtype=dtype,
+                       nodata=nodata, crs="EPSG:32616",
+                       transform=from_origin(0, 0, 1, 1)) as dst:  # fmt: skip
+        dst.write(data)
+    with open_source(path) as src, rasterio.open(path) as ref:
+        if _fits(nodata, dtype):  # GDAL's mask would decode the window a second time
+            monkeypatch.setattr(RasterioSource, "_read_valid", _decoded_twice)
+        image, valid = src.read_with_valid(Window(0, 0, 70, 90))
+        np.testing.assert_array_equal(image, ref.read())
+        finite = np.isfinite(image).all(axis=0)
+        np.testing.assert_array_equal(valid, (ref.dataset_mask() > 0) & finite)
+        assert (~valid).any() == _fits(nodata, dtype)
+
+
+def _decoded_twice(*_: object) -> None:
+    raise AssertionError("the mask was read from GDAL: the window was decoded twice")
+
+
+def _fits(value: float, dtype: str) -> bool:
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return True
+    info = np.iinfo(dtype)
+    return float(value).is_integer() and info.min <= value <= info.max

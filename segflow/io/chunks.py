@@ -16,7 +16,7 @@ files with Zarr's. Anything else returns no writer and goes through Zarr.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class ChunkWriter:
     dtype: np.dtype[Any]
     fill_value: Any
     compressor: Any  # a numcodecs.Blosc, or None (the bytes codec alone)
+    #: the chunk folders known to exist (one mkdir per folder, not one per chunk)
+    folders: set[Path] = field(default_factory=set, compare=False, repr=False)
 
 
 def chunk_writer(array: Any, root: Path) -> ChunkWriter | None:
@@ -96,13 +98,20 @@ def _write_one(w: ChunkWriter, index: list[int], block: np.ndarray) -> None:
         full = np.full(w.chunks, w.fill_value, dtype=w.dtype)
         full[tuple(slice(0, n) for n in block.shape)] = block
         block = full
-    empty = np.all(np.isnan(block)) if _is_nan(w.fill_value) else np.all(block == w.fill_value)
+    if _is_nan(w.fill_value):
+        empty = bool(np.all(np.isnan(block)))
+    elif w.fill_value == 0:  # the usual fill: one pass, no temporary array
+        empty = not block.any()
+    else:
+        empty = bool(np.all(block == w.fill_value))
     if empty:  # Zarr keeps no file for it (write_empty_chunks=False)
         path.unlink(missing_ok=True)
         return
     raw = np.ascontiguousarray(block, dtype=w.dtype)
     payload = w.compressor.encode(raw) if w.compressor is not None else raw.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent not in w.folders:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        w.folders.add(path.parent)
     path.write_bytes(payload)
 
 

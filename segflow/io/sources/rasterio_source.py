@@ -136,8 +136,9 @@ class RasterioSource(Source):
         if flags == {(MaskFlags.nodata,)} and nodata is not None:
             if np.isnan(nodata):
                 return np.asarray(~np.isnan(data).all(axis=0))
-            if np.can_cast(np.min_scalar_type(nodata), data.dtype) or data.dtype.kind == "f":
-                return np.asarray((data != data.dtype.type(nodata)).any(axis=0))
+            if data.dtype.kind == "f" or _one_of_its_values(nodata, data.dtype):
+                differs = data != data.dtype.type(nodata)
+                return differs[0] if len(differs) == 1 else np.asarray(differs.any(axis=0))
         return self._read_valid(window)
 
     def _read_valid(self, window: Window) -> np.ndarray:
@@ -149,6 +150,15 @@ class RasterioSource(Source):
                 "check the file is complete"
             ) from None
         return np.asarray(mask) != 0
+
+
+def _one_of_its_values(nodata: float, dtype: np.dtype[Any]) -> bool:
+    """Whether GDAL's nodata (always a float: 0.0 for a uint16 band) is a value of the
+    integer ``dtype``; one that is not (0.5, 300 for uint8) leaves the mask to GDAL."""
+    if dtype.kind not in "iu":
+        return bool(np.can_cast(np.min_scalar_type(nodata), dtype))
+    info = np.iinfo(dtype)
+    return float(nodata).is_integer() and info.min <= nodata <= info.max
 
 
 def _rio_open(path: str | Path, **kw: Any) -> Any:
