@@ -131,7 +131,7 @@ def main() -> None:
 
     pure_before = pure()
     out = work / "seg.tif"
-    for p in (out, work / "seg.predictions.zarr", work / "seg.predictions.zarr.partial"):
+    for p in work.glob("seg.*"):  # the COG, its STAC Item, the prediction store
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():

@@ -9,13 +9,10 @@ SIGINT and SIGTERM stop the command (exit 130 / 143) with one line saying how to
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
@@ -100,67 +97,6 @@ def run_cli(main: Callable[[], Any], *, flags: Mapping[str, str] | None = None) 
     if main.__module__ != "__main__":  # called in process (a test, a notebook): theirs to end
         raise SystemExit(status)
     exit_now(status)  # without the interpreter's 1-2 s teardown of torch, MONAI, Prefect
-
-
-def warm_prefect_api() -> Callable[[], None]:
-    """Start Prefect's temporary API server now, in the background, when no API is set.
-
-    Prefect starts it at the flow's first call and waits for it (5-7 s of this command's
-    start-up on 2 cores); started first, it comes up while the command imports torch, checks
-    the request and loads the model. Returns the function that waits until it answers (call
-    it before the flow). The server is Prefect's own (``SubprocessASGIServer``, the one the
-    flow's client then finds running); it stops when the command exits, as it would anyway.
-    Where Prefect's internals differ, nothing is started and Prefect starts it as before.
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return lambda: None
-    used: list[bool] = []
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        if not server.running:
-            server.port = server.find_available_port()
-            server.server_process = server._run_uvicorn_command()
-            server.running = True
-            atexit.register(_stop, server, used)
-    except Exception:  # a Prefect without these internals starts its server itself
-        return lambda: None
-
-    def wait() -> None:
-        used.append(True)
-        _wait_healthy(server)
-
-    return wait
-
-
-def _stop(server: Any, used: list[bool]) -> None:
-    """Stop the warm server at exit; kill one no flow used (the command failed its checks):
-    stopped politely while starting, uvicorn prints a traceback after the ``error:`` line."""
-    if used or server.server_process is None:
-        server.stop()
-    else:
-        server.server_process.kill()
-        server.server_process.wait()
-
-
-def _wait_healthy(server: Any) -> None:
-    """Wait until ``server`` answers ``/health``; if it died, leave it to Prefect to restart."""
-    import httpx
-
-    wait_s = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
-    deadline = time.monotonic() + wait_s
-    with httpx.Client() as client:
-        while time.monotonic() < deadline:
-            if server.server_process is None or server.server_process.poll() is not None:
-                server.server_process, server.running = None, False  # Prefect starts anew
-                return
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{server.api_url}/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.05)
 
 
 def tqdm_progress(total: int, desc: str) -> Any:

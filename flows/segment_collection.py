@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
-from _common import run_cli, tqdm_progress, warm_prefect_api
+from _common import run_cli, tqdm_progress
+from _warm_api import warm_prefect_api
 
 if __name__ == "__main__":  # Prefect's API server comes up while the scenes are listed
     _api_ready = warm_prefect_api()
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     req = model_from_args(CollectionRequest, args, COLLECTION_FLAGS, tta_flips=tta is not None,
                           tta_set=None if tta in (None, "auto") else tta)  # fmt: skip
     check_collection(req)  # bad input fails in a second, before the flow starts
-    _api_ready()
-    r = segment_collection_flow(**req.model_dump())
+    with _api_ready():
+        r = segment_collection_flow(**req.model_dump())
     failed = [s for s in r["scenes"] if s["status"] == "failed"]
     c = r["counts"]
     print(f"{len(r['scenes'])} scenes: {c['done']} done, {c['skipped']} skipped, "

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
-from _common import ROOT, run_cli, tqdm_progress, warm_prefect_api
+from _common import ROOT, run_cli, tqdm_progress
+from _warm_api import warm_prefect_api
 
 if __name__ == "__main__":  # Prefect's API server comes up while torch and the model load
     _api_ready = warm_prefect_api()
@@ -145,8 +146,8 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
 def main(argv: list[str] | None = None) -> None:
     req = request_from_args(parser().parse_args(argv))
     check_request(req)  # fail in a second, before the flow starts
-    _api_ready()
-    r = segment_region_flow(**req.model_dump())
+    with _api_ready():
+        r = segment_region_flow(**req.model_dump())
     print(
         f"{req.out}: {r['region']['width']} x {r['region']['height']} px in {r['seconds']:.1f} s "
         f"(inference {r['inference']['seconds']:.1f} s, model forward {r['inference']['seconds_in_model']:.1f} s)"

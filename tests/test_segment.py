@@ -332,7 +332,7 @@ def test_cli_bad_input_one_line(mask_scene: tuple[Path, Path], tmp_path: Path) -
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0].lower(), proc.stderr
         assert not (tmp_path / "o.tif").exists()
-    # the Prefect API server the command started early (flows/_common.warm_prefect_api) went
+    # the Prefect API server the command started early (flows/_warm_api.py) went
     # with it, although the command failed before its flow (servers of other commands on
     # this machine, started elsewhere, are not this test's)
     import psutil
