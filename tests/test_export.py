@@ -543,6 +543,10 @@ def test_windowed_polygons_property(seed: int) -> None:
             got.append((geom, class_id))
             super().add(geom, class_id)
 
+        def add_many(self, geoms: np.ndarray, class_ids: np.ndarray) -> None:
+            got.extend(zip(geoms.tolist(), class_ids.tolist(), strict=True))
+            super().add_many(geoms, class_ids)
+
     orig = vector_mod._Emitter
     vector_mod._Emitter = Spy  # type: ignore[misc]
     try:

@@ -175,6 +175,13 @@ class _Emitter:
         if len(self.geoms) >= self.batch:
             self.flush()
 
+    def add_many(self, geoms: np.ndarray, values: np.ndarray) -> None:
+        """Queue final polygons in order (:meth:`add` for each, without its per-call cost)."""
+        self.geoms.extend(geoms.tolist())
+        self.values.extend(values.tolist())
+        if len(self.geoms) >= self.batch:
+            self.flush()
+
     def flush(self) -> None:
         if not self.geoms:
             return
@@ -219,19 +226,34 @@ class _Emitter:
             r.area_by_class[int(cid)] = r.area_by_class.get(int(cid), 0.0) + float(areas[sel].sum())
 
 
-def _shapes(data: np.ndarray, mask: np.ndarray, win: Window) -> Iterable[tuple[Any, int]]:
+def _shapes(data: np.ndarray, mask: np.ndarray, win: Window) -> tuple[np.ndarray, np.ndarray]:
+    """The polygons of ``data`` where ``mask`` (GDAL's, 4-connected) in raster pixels, and
+    their values, in GDAL's order."""
     from affine import Affine
     from rasterio.features import shapes
 
     if data.dtype == np.uint32:
         data = data.astype("int32") if int(data.max()) <= np.iinfo("int32").max else data
     transform = Affine.translation(win.col_off, win.row_off)
+    # GDAL yields GeoJSON-like polygons: their rings are gathered into one coordinate array
+    # and built in one shapely call (per-polygon construction took 3x as long: 109,607
+    # polygons of a speckled mask, 1.5 s of a 3.9 s vectorize)
+    coords: list[Any] = []
+    ring_ends: list[int] = []
+    polygon_ends: list[int] = []
+    values: list[int] = []
     for geom, value in shapes(data, mask=mask, connectivity=4, transform=transform):
-        # GDAL yields GeoJSON-like polygons; numpy rings are ~2x faster than shapely's shape()
-        rings = geom["coordinates"]
-        shell = shapely.linearrings(np.asarray(rings[0], dtype="float64"))
-        holes = [shapely.linearrings(np.asarray(r, dtype="float64")) for r in rings[1:]]
-        yield shapely.polygons(shell, holes=holes or None), int(value)
+        for ring in geom["coordinates"]:
+            coords.extend(ring)
+            ring_ends.append(len(coords))
+        polygon_ends.append(len(ring_ends))
+        values.append(int(value))
+    if not values:
+        return np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
+    offsets = (np.array([0, *ring_ends], np.int64), np.array([0, *polygon_ends], np.int64))
+    xy = np.asarray(coords, dtype="float64")
+    polygons = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, offsets)
+    return polygons, np.asarray(values, dtype=np.int64)
 
 
 def _clean(geom: Any) -> Any:
@@ -495,18 +517,23 @@ def _internal_edges(win: Window, height: int, width: int) -> tuple[int | None, .
 
 
 def _route(
-    polygons: Iterable[tuple[Any, int]],
+    polygons: tuple[np.ndarray, np.ndarray],
     internal: tuple[int | None, ...],
     row_pieces: dict[int, list[Any]],
     emit: _Emitter,
 ) -> None:
     """Emit the polygons that touch no ``internal`` edge; keep the others as seam pieces."""
-    for geom, value in polygons:
-        x0, y0, x1, y1 = geom.bounds
-        if x0 == internal[0] or x1 == internal[1] or y0 == internal[2] or y1 == internal[3]:
-            row_pieces[value].append(geom)
-        else:
-            emit.add(geom, value)
+    geoms, values = polygons
+    if not len(geoms):
+        return
+    bounds = shapely.bounds(geoms)
+    seam = np.zeros(len(geoms), dtype=bool)
+    for column, edge in enumerate(internal):  # x0, y0, x1, y1 against left, right, top, bottom
+        if edge is not None:
+            seam |= bounds[:, (0, 2, 1, 3)[column]] == edge
+    emit.add_many(geoms[~seam], values[~seam])
+    for geom, value in zip(geoms[seam].tolist(), values[seam].tolist(), strict=True):
+        row_pieces[value].append(geom)
 
 
 def _log_summary(result: VectorizeResult, table: ClassTable) -> None:
