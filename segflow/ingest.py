@@ -38,7 +38,7 @@ from segflow import __version__
 from segflow.config import DEFAULT_CLASSES, ClassDef, IngestConfig, PipelineConfig
 from segflow.errors import ConfigError, LabelError, SegflowError, StoreError, option
 from segflow.geometry import BlockGrid, BlockIndex, Window
-from segflow.io import remote
+from segflow.io import locations, remote
 from segflow.io.labels import (
     LabelReader,
     PixelGrid,
@@ -338,10 +338,16 @@ def _input_hashes(spec: IngestSpec) -> dict[str, str]:
         path = getattr(spec, name)
         if path is None:
             continue
-        if not Path(path).is_file():
+        if not is_url(path) and not Path(path).is_file():
             raise LabelError(f"{name} file not found: {str(path)!r}: check the path")
-        hashes[name] = source_sha256(path)
+        hashes[name] = source_sha256(path)  # an object's: its identity, not a download
     return hashes
+
+
+def _local(path: str) -> str:
+    """A label file to read: the path, or for a URL its copy in the cache (downloaded once
+    per version; :func:`segflow.io.locations.cached_copy`)."""
+    return str(locations.cached_copy(path)) if is_url(path) else path
 
 
 def _open_labels(
@@ -355,7 +361,7 @@ def _open_labels(
         if _is_vector(spec.labels):
             workdir.mkdir(parents=True, exist_ok=True)
             labels = prepare_vector_labels(
-                spec.labels,
+                _local(spec.labels),
                 grid,
                 classes=spec.classes,
                 class_field=spec.class_field,
@@ -367,14 +373,14 @@ def _open_labels(
                 instances = labels  # one feature = one instance
         else:
             labels = prepare_raster_labels(
-                spec.labels,
+                _local(spec.labels),
                 grid,
                 classes=spec.classes,
                 class_map=spec.class_map,
                 ignore_index=spec.ignore_index,
             )
     if spec.instances:
-        instances = prepare_instance_raster(spec.instances, grid)
+        instances = prepare_instance_raster(_local(spec.instances), grid)
     return labels, instances
 
 

@@ -156,6 +156,48 @@ def test_ingest_s3_to_s3_equals_local(s3: str, samples: Path, tmp_path: Path) ->
     assert again.already_complete and again.units_written == 0
 
 
+def test_label_files_from_object_storage_equal_local_ones(
+    s3: str, samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vector labels (GeoJSON) and a raster of instance ids on S3: the store equals the one
+    ingested from the same files on disk; each object is downloaded once, into the cache, and
+    a second ingest of the same objects finds the store complete. A missing label object is
+    one clear line."""
+    import rasterio
+
+    from segflow.errors import SegflowError
+    from segflow.ingest import IngestSpec, ingest
+
+    monkeypatch.setenv("SEGFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    chip = samples / "spacenet_atlanta"
+    with rasterio.open(chip / "sample_geotiff.tif") as src:
+        profile = dict(src.profile, count=1, dtype="uint16", nodata=None)
+        ids = np.zeros((src.height, src.width), np.uint16)
+    ids[100:180, 200:260], ids[500:520, 40:90] = 7, 300
+    with rasterio.open(tmp_path / "ids.tif", "w", **profile) as dst:
+        dst.write(ids[None])
+    vector = _put(s3, chip / "geotiff_labels.geojson", "labels/buildings.geojson")
+    raster = _put(s3, tmp_path / "ids.tif", "labels/ids.tif")
+    source = str(chip / "sample_geotiff.tif")
+
+    def run(labels: str, instances: str, out: Path):  # type: ignore[no-untyped-def]
+        return ingest(IngestSpec(source=source, out=str(out), labels=labels, instances=instances,
+                                 chunk=128))  # fmt: skip
+
+    run(str(chip / "geotiff_labels.geojson"), str(tmp_path / "ids.tif"), tmp_path / "l.zarr")
+    run(vector, raster, tmp_path / "r.zarr")
+    a, b = SceneStore.open(tmp_path / "l.zarr"), SceneStore.open(tmp_path / "r.zarr")
+    for name in ("image", "valid", "labels", "instances"):
+        np.testing.assert_array_equal(b.array(name)[...], a.array(name)[...])
+    assert int(np.asarray(b.array("labels")[...]).max()) >= 1
+    copies = sorted(p.name for p in (tmp_path / "cache" / "inputs").rglob("*") if p.is_file())
+    assert copies == ["buildings.geojson", "ids.tif"]
+    assert run(vector, raster, tmp_path / "r.zarr").already_complete
+    with pytest.raises(SegflowError, match="no such object") as err:
+        run(f"{s3}/labels/gone.geojson", raster, tmp_path / "g.zarr")
+    assert "\n" not in str(err.value) and not (tmp_path / "g.zarr").exists()
+
+
 def test_unfinished_remote_store_is_not_opened(s3: str, samples: Path) -> None:
     local = samples / "spacenet_atlanta" / "sample_geotiff.tif"
     out = f"{s3}/s.zarr"

@@ -35,6 +35,7 @@ __all__ = [
     "ENV_CACHE_DIR",
     "Location",
     "cache_root",
+    "cached_copy",
     "configured_cache_dir",
     "exists",
     "identity",
@@ -71,6 +72,34 @@ def cache_root() -> Path:
     """:func:`configured_cache_dir`, or ``segflow`` in the temporary directory when the
     cache is turned off (for copies that must live somewhere while a run uses them)."""
     return configured_cache_dir() or Path(tempfile.gettempdir()) / "segflow"
+
+
+#: The files a shapefile's readers need beside it.
+_SHAPEFILE_PARTS = (".shx", ".dbf", ".prj", ".cpg")
+
+
+def cached_copy(url: str) -> Path:
+    """A local copy of the object at ``url`` (a label file), downloaded once per version.
+
+    Kept in ``inputs/`` of the cache (:func:`cache_root`) under a digest of the object's
+    identity (URL, size, ETag, time: one HEAD request), so an unchanged object is not
+    downloaded again and a changed one gets a new copy. A shapefile brings the sidecar
+    files beside it that exist, written before it (its presence means the copy is whole).
+    Label files are read whole anyway (vectors) or small beside the imagery (rasters);
+    sources are never copied, they are read window by window.
+    """
+    folder = cache_root() / "inputs" / remote.object_identity(url)[:24]
+    name = remote.ObjectURL.parse(url).name
+    target = folder / name
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, suffix = os.path.splitext(url)
+    if suffix.lower() == ".shp":
+        for part in _SHAPEFILE_PARTS:
+            if remote.exists(stem + part):
+                remote.download(stem + part, folder / (os.path.splitext(name)[0] + part))
+    return remote.download(url, target)  # written under a temporary name, then renamed
 
 
 #: Written last into a mirror directory: which URL it mirrors (a mirror without it is
