@@ -257,7 +257,7 @@ def test_a_collection_section_is_checked_first_and_a_failed_scene_keeps_it_unrec
     cfg = with_collection(scenes=str(tmp_path / "s" / "*.tif"), model=str(model), mosaic=False)
     check_pipeline_inputs(cfg)
     run = plan_collection(cfg, None)
-    assert run.plan is StagePlan.FRESH and set(run.inputs["scenes"]) == {"bad"}
+    assert run.plan is StagePlan.FRESH and set(run.inputs) == {"model", "scene bad"}
     with pytest.raises(SegflowError, match=r"collection: 1 of 1 scenes failed \(bad; reasons in"):
         run_collection(run, cfg, device="cpu", dask_address=None)
     assert read_record(cfg.work_path, "segment_collection") is None

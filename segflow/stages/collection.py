@@ -39,9 +39,9 @@ from segflow.stages.plan import (
     _identity,
     begin_stage,
     finish_stage,
+    image_identity,
     known_inputs,
     model_path,
-    path_identity,
     plan_run,
     stage_code,
 )
@@ -238,17 +238,6 @@ def scene_request(req: CollectionRequest, scene: Scene) -> SegmentRequest:
     )
 
 
-def _scene_identity(scene: Scene, known: dict[str, Any]) -> dict[str, Any]:
-    """The scene image's content identity; a local file's hash is re-used from the scene's
-    last record while its size and time are unchanged (a resumed collection reads no
-    unchanged scene whole)."""
-    from segflow.io.sources import is_stac_item, source_sha256
-
-    if is_stac_item(scene.image):
-        return {"sha256": source_sha256(scene.image, assets=scene.assets)}
-    return path_identity(scene.image, known.get("image"))
-
-
 def _pixels(scene: Scene, level: int) -> int:
     from segflow.io.sources import open_source
 
@@ -270,29 +259,30 @@ def run_scene(
 
     ``code`` is the stage's code version (computed once by the caller: it parses every
     module); ``threads``, the torch threads of a scene on a Dask worker (None: the worker's).
-    A scene of more than ``split_above`` pixels that must run is not run: its result says
-    ``"large"`` (for the caller to run it through the cluster's units). ``dask_address``:
-    run segment_region's units as tasks on that cluster.
+    A scene of more than ``split_above`` pixels is not run (nor hashed): its result says
+    ``"large"``, for the caller to run it through the cluster's units. ``dask_address``:
+    run segment_region's units as tasks on that cluster. A scene's image and model are
+    hashed again only when their size or time changed since its last record.
     """
     from segflow.segment import segment_region
 
     t0 = time.perf_counter()
     _share_cores(threads)
     try:
+        if split_above is not None and _pixels(scene, req.level) > split_above:
+            return SceneResult(scene.name, scene.image, LARGE)
         sreq = scene_request(req, scene).model_copy(update={"dask_address": dask_address})
         known = known_inputs(req.scene_dir(scene.name), STAGE)
         run = plan_run(
             req.scene_dir(scene.name),
             STAGE,
             params=sreq.model_dump(mode="json", exclude=_RUNTIME),
-            inputs={"image": _scene_identity(scene, known),
-                    "model": path_identity(req.model, known.get("model"))},
+            inputs={"image": image_identity(scene.image, scene.assets, "image", known),
+                    "model": _identity(req.model, "model", known)},
             code=code or stage_code(STAGE),
         )  # fmt: skip
         if run.plan is StagePlan.SKIP and run.previous is not None:
             return _result(scene, "skipped", run.previous.result, time.perf_counter() - t0)
-        if split_above is not None and _pixels(scene, req.level) > split_above:
-            return SceneResult(scene.name, scene.image, LARGE)
         begin_stage(run)
         report = segment_region(sreq).to_dict()
         summary = {**_scene_summary(report), "split": dask_address is not None}
@@ -549,20 +539,16 @@ def plan_collection(cfg: PipelineConfig, train: StageRun | None) -> StageRun:
     work = cfg.work_path
     req = collection_request(cfg)
     known = known_inputs(work, PIPELINE_STAGE)
-    before = known.get("scenes") or {}
-    scenes = {}
-    for scene in list_scenes(req):
-        prev = before.get(scene.name) or {}
-        same = prev.get("path") == scene.image
-        scenes[scene.name] = {"path": scene.image,
-                              **_scene_identity(scene, {"image": prev} if same else {})}  # fmt: skip
+    # one input per scene: a touched scene with the same bytes keeps the key
+    scenes = {f"scene {s.name}": image_identity(s.image, s.assets, f"scene {s.name}", known)
+              for s in list_scenes(req)}  # fmt: skip
     own_model = not (cfg.collection.model or cfg.segment.model)
     return plan_run(
         work,
         PIPELINE_STAGE,
         upstream={"train": train.key} if train is not None and own_model else {},
         params=cfg.collection.model_dump(mode="json", exclude={"model", "workers", "split_pixels"}),
-        inputs={"model": _identity(req.model, "model", known), "scenes": scenes},
+        inputs={"model": _identity(req.model, "model", known), **scenes},
         code=stage_code(PIPELINE_STAGE),
     )
 

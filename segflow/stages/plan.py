@@ -53,7 +53,6 @@ from segflow.stages.code import code_version, module_closure
 
 if TYPE_CHECKING:
     from segflow.config import PipelineConfig
-    from segflow.config.pipeline import IngestConfig
 
 __all__ = [
     "RECORD_VERSION",
@@ -65,6 +64,7 @@ __all__ = [
     "canonical_json",
     "code_version",
     "finish_stage",
+    "image_identity",
     "known_inputs",
     "model_path",
     "module_closure",
@@ -464,14 +464,17 @@ def _identity(path: str | Path, name: str, known: Mapping[str, Any]) -> dict[str
     return {"path": str(path), **path_identity(path, prev)}
 
 
-def _source_identity(ing: IngestConfig, known: Mapping[str, Any]) -> dict[str, Any]:
-    """The ingest source's identity; a STAC Item's is its selected assets' (their content,
-    not the Item's JSON)."""
+def image_identity(
+    image: str, assets: Sequence[str], name: str, known: Mapping[str, Any]
+) -> dict[str, Any]:
+    """An image's identity as input ``name``: a STAC Item's is its selected ``assets``'
+    (their content, not the Item's JSON); a file's or object's, :func:`path_identity`
+    re-using ``known[name]`` when it was of the same path."""
     from segflow.io.sources import is_stac_item, source_sha256
 
-    if is_stac_item(ing.source):
-        return {"path": ing.source, "sha256": source_sha256(ing.source, assets=ing.assets)}
-    return _identity(ing.source, "source", known)
+    if is_stac_item(image):
+        return {"path": image, "sha256": source_sha256(image, assets=assets)}
+    return _identity(image, name, known)
 
 
 def plan_ingest(cfg: PipelineConfig) -> StageRun:
@@ -479,7 +482,7 @@ def plan_ingest(cfg: PipelineConfig) -> StageRun:
     work = cfg.work_path
     known = known_inputs(work, "ingest")
     ing = cfg.ingest
-    inputs = {"source": _source_identity(ing, known)}
+    inputs = {"source": image_identity(ing.source, ing.assets, "source", known)}
     for name in ("labels", "instances"):
         path = getattr(ing, name)
         if path is not None:
