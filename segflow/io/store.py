@@ -530,9 +530,8 @@ class Progress:
                 compressors=None,
                 zarr_format=3,
             )
-        here = store.path if isinstance(store.path, Path) else None
         # a mark is a 1-byte chunk file: written directly, not through Zarr's event loop
-        self._writer = chunk_writer(self._arr, here / key) if here else None
+        self._writer = store._chunk_writer(key)
 
     def done(self) -> set[BlockIndex]:
         """The finished units."""
@@ -541,7 +540,7 @@ class Progress:
 
     def mark(self, index: BlockIndex) -> None:
         """Record unit ``index`` finished (call after its data is written)."""
-        self._arr[index.row, index.col] = 1
+        self._mark(index.row, index.col, 1, 1)
 
     def mark_many(self, indices: Iterable[BlockIndex]) -> None:
         """Record several units finished; a full rectangle of units is one (concurrent) write."""
@@ -552,13 +551,17 @@ class Progress:
         cols = [u.col for u in units]
         r0, r1, c0, c1 = min(rows), max(rows) + 1, min(cols), max(cols) + 1
         if (r1 - r0) * (c1 - c0) == len(units):
-            if self._writer is not None:
-                write_chunks(self._writer, (r0, c0), np.ones((r1 - r0, c1 - c0), np.uint8))
-            else:
-                self._arr[r0:r1, c0:c1] = 1
+            self._mark(r0, c0, r1 - r0, c1 - c0)
         else:
             for u in units:
                 self.mark(u)
+
+    def _mark(self, row: int, col: int, rows: int, cols: int) -> None:
+        """Mark a rectangle of units: one chunk file each (directly on local disk)."""
+        if self._writer is not None:
+            write_chunks(self._writer, (row, col), np.ones((rows, cols), np.uint8))
+        else:
+            self._arr[row : row + rows, col : col + cols] = 1
 
     def reset(self) -> None:
         """Forget all progress (before an array is rebuilt from scratch)."""

@@ -516,6 +516,11 @@ def _internal_edges(win: Window, height: int, width: int) -> tuple[int | None, .
     )
 
 
+#: The column of ``shapely.bounds`` (x0, y0, x1, y1) each of ``_internal_edges``' edges (left,
+#: right, top, bottom) is compared with.
+_EDGE_BOUND = (0, 2, 1, 3)
+
+
 def _route(
     polygons: tuple[np.ndarray, np.ndarray],
     internal: tuple[int | None, ...],
@@ -528,9 +533,9 @@ def _route(
         return
     bounds = shapely.bounds(geoms)
     seam = np.zeros(len(geoms), dtype=bool)
-    for column, edge in enumerate(internal):  # x0, y0, x1, y1 against left, right, top, bottom
+    for edge, column in zip(internal, _EDGE_BOUND, strict=True):
         if edge is not None:
-            seam |= bounds[:, (0, 2, 1, 3)[column]] == edge
+            seam |= bounds[:, column] == edge
     emit.add_many(geoms[~seam], values[~seam])
     for geom, value in zip(geoms[seam].tolist(), values[seam].tolist(), strict=True):
         row_pieces[value].append(geom)
