@@ -338,7 +338,9 @@ def _input_hashes(spec: IngestSpec) -> dict[str, str]:
         path = getattr(spec, name)
         if path is None:
             continue
-        if not is_url(path) and not Path(path).is_file():
+        if is_url(path):
+            check_location(path, what=option(name))  # an unsupported scheme: one clear line
+        elif not Path(path).is_file():
             raise LabelError(f"{name} file not found: {str(path)!r}: check the path")
         hashes[name] = source_sha256(path)  # an object's: its identity, not a download
     return hashes

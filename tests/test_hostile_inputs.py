@@ -109,6 +109,10 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (a / "bad_tile.yaml").write_text(
         yaml.safe_dump(dict(cfg, segment=dict(cfg["segment"], tile=0)))
     )
+    (a / "empty_collection.yaml").write_text(
+        yaml.safe_dump(dict(cfg, work_dir=str(a / "work_col"),
+                            collection={"scenes": str(a / "nothing_*.tif")}))
+    )  # fmt: skip
     from segflow.train.loop import STATE_VERSION
 
     state = a / "resume_out" / "state"
@@ -616,6 +620,29 @@ def cases(a: Path) -> list[dict[str, Any]]:
             "header_only.tif",
         ),
         # ---- collections
+        (
+            "pipeline-collection-names-no-scene",
+            PIPELINE,
+            [str(a / "empty_collection.yaml")],
+            ["work_col"],
+            "collection.scenes",
+        ),
+        (
+            "collection-negative-split-pixels",
+            COLLECTION,
+            ["--scenes", str(a / "scene.tif"), "--model", str(a / "ck"), "--out-dir",
+             str(a / "c5"), "--split-pixels", "-1"],
+            ["c5"],
+            "--split-pixels -1",
+        ),
+        (
+            "ingest-labels-url-of-an-unsupported-scheme",
+            INGEST,
+            [str(a / "scene.tif"), "--out", str(a / "s_ftp.zarr"), "--labels",
+             "ftp://host/labels.geojson"],
+            ["s_ftp.zarr"],
+            "unsupported url scheme 'ftp'",
+        ),
         (
             "collection-empty-glob",
             COLLECTION,
