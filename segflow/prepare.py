@@ -14,8 +14,8 @@ Stages
    recorded with ``derived_from="labels"``.
 2. :func:`compute_class_counts` and :func:`segflow.stats.class_weights`.
 3. :func:`write_weights`: ``weights = w_c + border term`` (0 on unlabelled and invalid
-   pixels), computed with ``map_overlap`` in chunks of at most 1024 pixels, rechunked to the
-   store's write units and written one unit per task; per-unit progress makes a killed run
+   pixels), one task per write unit: it reads the unit's instances grown by the halo from
+   the store, computes and writes the unit whole; per-unit progress makes a killed run
    resume, and the array is recorded with its parameters.
 4. :func:`compute_fingerprint` and :func:`write_fingerprint`: store attribute ``fingerprint``
    and a JSON file beside the store, ``scene.zarr`` -> ``scene.fingerprint.json`` (or a given
@@ -61,13 +61,13 @@ from segflow.io.store import SceneStore
 from segflow.outputs import check_output_directory
 from segflow.stats import check_train_region, class_counts, class_weights, counts_to_dict
 from segflow.weights import (
+    TILE,
     apply_class_weights,
     border_halo,
     border_radius,
-    border_term_dask,
+    border_term,
     class_weight_lut,
     instances_from_labels,
-    merge_small_chunks,
 )
 
 __all__ = [
@@ -446,22 +446,40 @@ def _lut(items: tuple[tuple[int, float], ...], dtype: str, ignore_index: int) ->
     return class_weight_lut(dict(items), dtype=dtype, ignore_index=ignore_index)
 
 
-def _combine_block(
-    term: np.ndarray,
-    labels: np.ndarray | None = None,
-    valid: np.ndarray | None = None,
-    *,
-    items: tuple[tuple[int, float], ...],
-    ignore_index: int,
-) -> np.ndarray:
-    lut = _lut(items, str(labels.dtype), ignore_index) if labels is not None else None
-    return apply_class_weights(term, labels, valid, lut)
+@dataclass(frozen=True)
+class _WeightsJob:
+    """What one write unit of the weight map needs: the store, the term's and the class weights."""
+
+    path: str
+    w0: float
+    sigma: float
+    eps: float
+    items: tuple[tuple[int, float], ...]
+    labels: bool
+    valid: bool
+    tile: int
 
 
-def _combine_valid(
-    term: np.ndarray, valid: np.ndarray, *, items: tuple[tuple[int, float], ...], ignore_index: int
-) -> np.ndarray:
-    return apply_class_weights(term, None, valid, None)
+def _weights_unit(job: _WeightsJob, index: BlockIndex) -> int:
+    """Compute and write the weights of one write unit (a task); returns 1.
+
+    The unit's instances are read from the store grown by the halo, not handed over by Dask
+    (``map_overlap``): neighbouring blocks then never travel between worker processes, and
+    the unit is computed and written whole, so no block of weights moves either.
+    """
+    store = SceneStore.open(job.path, mode="r+")
+    window = store.grid.window(index.row, index.col)
+    halo = border_halo(job.w0, job.sigma, job.eps)
+    outer = window.pad(halo).intersection(Window(0, 0, store.height, store.width))
+    instances = np.asarray(store.array("instances")[outer.slices])
+    term = border_term(instances, w0=job.w0, sigma=job.sigma, eps=job.eps, tile=job.tile)
+    term = term[window.relative_to(outer).slices]
+    labels = np.asarray(store.array("labels")[window.slices]) if job.labels else None
+    valid = np.asarray(store.array("valid")[window.slices]) if job.valid else None
+    lut = _lut(job.items, str(labels.dtype), store.ignore_index) if labels is not None else None
+    store.write_window("weights", window, apply_class_weights(term, labels, valid, lut))
+    store.progress("weights").mark(index)
+    return 1
 
 
 def write_weights(
@@ -476,10 +494,11 @@ def write_weights(
 ) -> bool:
     """Compute ``weights = w_c + border term`` over the store and write it; False if current.
 
-    ``chunk`` overrides the side of the chunks the term is computed in (default
-    :func:`compute_chunk`); the result does not depend on it. ``force`` recomputes everything.
+    One task per write unit (:func:`_weights_unit`). ``chunk`` overrides the side of the tiles
+    the border term is computed in inside a unit (default :data:`segflow.weights.TILE`); the
+    result does not depend on it. ``force`` recomputes everything.
     """
-    import dask.array as da
+    import dask
 
     request = request_of(store, config)
     current = _same((store.array_params("weights") or {}).get("request"), request)
@@ -487,43 +506,22 @@ def write_weights(
         log.info("weights of %s are current", store.path)
         return False
     done = _start_array(store, "weights", request, dtype="float32", restart=force)
-    side = chunk or compute_chunk(store)
-    halo = border_halo(config.w0, config.sigma, config.eps)
-    inst = _from_store(store, "instances", side)
-    inst = inst.rechunk(merge_small_chunks(inst.chunks, max(halo, 1)))
-    # compute blocks whose every write unit is already written need not be computed again
-    done_keys = {(b.row, b.col) for b in done}
-    skip = set()
-    r = 0
-    for i, h in enumerate(inst.chunks[0]):
-        c = 0
-        for j, w in enumerate(inst.chunks[1]):
-            units = {(b.row, b.col) for b, _ in store.grid.blocks_touching(Window(r, c, h, w))}
-            if units <= done_keys:
-                skip.add((i, j))
-            c += w
-        r += h
-    term = border_term_dask(
-        inst, w0=config.w0, sigma=config.sigma, eps=config.eps, skip_blocks=frozenset(skip)
-    )
-    labels = (
-        _from_store(store, "labels", side).rechunk(term.chunks) if store.has("labels") else None
-    )
-    valid = _valid(store, side)
-    valid = valid.rechunk(term.chunks) if valid is not None else None
     items = tuple(sorted((int(k), float(v)) for k, v in weights_by_class.items()))
-    kw = {"dtype": np.float32, "items": items, "ignore_index": store.ignore_index}
-    if labels is not None:
-        w = da.map_blocks(
-            _combine_block, term, labels, *([valid] if valid is not None else []), **kw
-        )
-    elif valid is not None:
-        w = da.map_blocks(_combine_valid, term, valid, **kw)
-    else:
-        w = da.map_blocks(_combine_block, term, **kw)
-    written = _compute(
-        _store_units(w, store, "weights", skip=frozenset(done_keys)), client, progress
+    job = _WeightsJob(
+        path=str(store.path),
+        w0=config.w0,
+        sigma=config.sigma,
+        eps=config.eps,
+        items=items,
+        labels=store.has("labels"),
+        valid=_valid(store, store.chunk) is not None,
+        tile=chunk or TILE,
     )
+    unit = dask.delayed(_weights_unit, pure=False)
+    written = _compute(
+        [unit(job, index) for index, _ in store.grid if index not in done], client, progress
+    )
+    halo = border_halo(config.w0, config.sigma, config.eps)
     store.record_array(
         "weights",
         w0=config.w0,
@@ -536,7 +534,7 @@ def write_weights(
         train_region=config.train_region.model_dump(mode="json") if config.train_region else None,
         request=request,
     )
-    log.info("wrote weights of %s (%d units, %d resumed)", store.path, int(written), len(done_keys))
+    log.info("wrote weights of %s (%d units, %d resumed)", store.path, sum(written), len(done))
     return True
 
 

@@ -18,8 +18,8 @@ matter. Hence:
 
 * :func:`border_term` computes the term exactly (with the cut-off) on any array by one
   Euclidean distance transform per object, restricted to the object's bounding box grown
-  by ``r``, keeping a running minimum and second minimum. Cost ~ objects x (bbox + 2r)^2
-  instead of objects x pixels.
+  by ``r``, keeping a running minimum and second minimum (compiled:
+  :mod:`segflow.border_kernel`). Cost ~ objects x (bbox + 2r)^2 instead of objects x pixels.
 * :func:`border_term_dask` runs it with ``dask.array.map_overlap`` and a halo of
   ``ceil(r)`` pixels (every pixel within Euclidean distance ``r`` of a chunk lies within
   ``floor(r)`` rows and columns of it), ``boundary="none"``: every pixel sees all object
@@ -48,8 +48,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
+from segflow.border_kernel import kept_sums
 from segflow.errors import ConfigError, option
 
 __all__ = [
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 #: The class id that is not an object when instances come from connected components.
 BACKGROUND_CLASS = 0
 #: :func:`border_term` works through larger arrays in tiles of this side (plus the halo).
-TILE = 1024
+TILE = 512
 
 
 # --------------------------------------------------------------------------- parameters
@@ -81,7 +81,9 @@ def validate_border_params(w0: float, sigma: float, eps: float) -> None:
             f"w0 must be a number >= 0, got {w0!r}: use e.g. {option('w0', 10)} (0 = no border term)"
         )
     if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
-        raise ConfigError(f"sigma must be a number > 0 (pixels), got {sigma!r}: use e.g. {option('sigma', 5)}")
+        raise ConfigError(
+            f"sigma must be a number > 0 (pixels), got {sigma!r}: use e.g. {option('sigma', 5)}"
+        )
     if not (isinstance(eps, int | float) and 0 < eps < 1):
         raise ConfigError(f"eps must be in (0, 1), got {eps!r}: use e.g. {option('eps', 1e-3)}")
 
@@ -106,59 +108,13 @@ def border_halo(w0: float, sigma: float, eps: float = 1e-3) -> int:
 
 
 # --------------------------------------------------------------------------- pure core
-def _compact_labels(inst: np.ndarray) -> tuple[np.ndarray, int]:
-    """Labels ``1..n`` (0 = background) with the same partition as ``inst``, and ``n``.
-
-    Scene-unique ids can be large (uint32); ``find_objects`` wants small ones. When the ids in
-    the block span a short range an offset is enough, else ``np.unique`` relabels.
-    """
-    nonzero = inst != 0
-    if not nonzero.any():
-        return np.zeros(inst.shape, np.int32), 0
-    lo = int(inst[nonzero].min())
-    hi = int(inst.max())
-    span = hi - lo + 1
-    if span <= max(inst.size, 1 << 16):
-        lab = np.where(nonzero, inst.astype(np.int64) - (lo - 1), 0)
-        return lab.astype(np.int32 if span < 2**31 - 1 else np.int64), span
-    ids, inverse = np.unique(inst, return_inverse=True)
-    inverse = inverse.reshape(inst.shape)
-    if ids[0] != 0:  # no background in this block: shift so that 0 stays background
-        inverse = inverse + 1
-    return inverse.astype(np.int32 if len(ids) < 2**31 - 1 else np.int64), int(
-        len(ids) - (ids[0] == 0)
-    )
-
-
-def _two_nearest(inst: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
-    """Distances to the nearest and second-nearest object, ``inf`` where farther than ``r``."""
-    lab, n = _compact_labels(inst)
-    d1 = np.full(inst.shape, np.inf)
-    d2 = np.full(inst.shape, np.inf)
-    if n == 0:
-        return d1, d2
-    grow = math.floor(r)  # pixels within distance r of the object lie within its bbox +- floor(r)
-    h, w = inst.shape
-    for k, sl in enumerate(ndimage.find_objects(lab), start=1):
-        if sl is None:
-            continue
-        rs, cs = sl
-        crop = (
-            slice(max(rs.start - grow, 0), min(rs.stop + grow, h)),
-            slice(max(cs.start - grow, 0), min(cs.stop + grow, w)),
-        )
-        # the crop holds every pixel of object k in the block, so these distances are exact
-        dist = ndimage.distance_transform_edt(lab[crop] != k)
-        dist[dist > r] = np.inf
-        v1 = d1[crop]
-        v2 = d2[crop]
-        np.minimum(v2, np.maximum(v1, dist), out=v2)
-        np.minimum(v1, dist, out=v1)
-    return d1, d2
-
-
 def border_term(
-    instances: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0, eps: float = 1e-3
+    instances: np.ndarray,
+    *,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    eps: float = 1e-3,
+    tile: int = TILE,
 ) -> np.ndarray:
     """The U-Net border term of an instance array, float32, exact with the ``eps`` cut-off.
 
@@ -168,6 +124,9 @@ def border_term(
         2-D integer array of object ids, 0 = no object. Ids need not be contiguous.
     w0, sigma, eps
         Weight, width (pixels) and cut-off of the term; ``sigma > 0``, ``w0 >= 0``.
+    tile
+        Larger arrays are computed in tiles of this side, each grown by the halo; the result
+        does not depend on it.
 
     Returns
     -------
@@ -188,28 +147,14 @@ def border_term(
         return out
     # Large arrays go tile by tile (each grown by the halo): exact for the same reason chunks
     # are, and it keeps the distance arrays cache-sized, so the cost stays linear in pixels.
-    halo, tile = math.ceil(r), TILE
-    rows, cols = inst.shape
-    for r0 in range(0, rows, tile):
-        for c0 in range(0, cols, tile):
-            core = (slice(r0, min(r0 + tile, rows)), slice(c0, min(c0 + tile, cols)))
-            g0, g1 = max(r0 - halo, 0), max(c0 - halo, 0)
-            grown = inst[g0 : min(r0 + tile + halo, rows), g1 : min(c0 + tile + halo, cols)]
-            term = _term(grown, r=r, w0=w0, sigma=sigma)
-            out[core] = term[
-                r0 - g0 : r0 - g0 + core[0].stop - r0, c0 - g1 : c0 - g1 + core[1].stop - c0
-            ]
-    return out
-
-
-def _term(inst: np.ndarray, *, r: float, w0: float, sigma: float) -> np.ndarray:
-    """The border term of one array, all of it at once."""
-    out = np.zeros(inst.shape, np.float32)
-    d1, d2 = _two_nearest(inst, r)
-    s = d1 + d2
-    keep = (s <= r) & (inst == 0)
-    sk = s[keep]
-    out[keep] = w0 * np.exp(-(sk * sk) / (2.0 * sigma * sigma))
+    index, s = kept_sums(inst, r=r, tile=tile)
+    # w0 * exp(-s^2 / (2 sigma^2)) in place, with numpy's exp (the same values as before)
+    np.multiply(s, s, out=s)
+    np.negative(s, out=s)
+    np.divide(s, 2.0 * sigma * sigma, out=s)
+    np.exp(s, out=s)
+    np.multiply(w0, s, out=s)
+    out.reshape(-1)[index] = s
     return out
 
 

@@ -62,14 +62,24 @@ def naive_term(
     return np.where(inst == 0, w0 * np.exp(-(s**2) / (2 * sigma**2)), 0.0), s
 
 
+def naive_cut_term(inst: np.ndarray, w0: float = W0, sigma: float = SIGMA) -> np.ndarray:
+    """The naive term with segflow's cut-off, in the same float64 operations, as float32."""
+    d1, d2 = naive_distances(inst)
+    s = d1 + d2
+    keep = (s <= border_radius(w0, sigma, EPS)) & (inst == 0)
+    out = np.zeros(inst.shape, np.float32)
+    out[keep] = w0 * np.exp(-(s[keep] * s[keep]) / (2.0 * sigma * sigma))
+    return out
+
+
 def check_against_naive(inst: np.ndarray) -> float:
     ours = border_term(inst, w0=W0, sigma=SIGMA, eps=EPS)
-    ref, s = naive_term(inst)
+    ref, _ = naive_term(inst)
     diff = float(np.abs(ours - ref).max())
     assert diff <= 1e-3
-    # with the same cut-off the two agree to float32 rounding
-    cut = np.where(s <= border_radius(W0, SIGMA, EPS), ref, 0.0)
-    assert float(np.abs(ours - cut).max()) <= 1e-5
+    # with the same cut-off the two are identical: the distances are square roots of the same
+    # integers, whatever the algorithm
+    assert np.array_equal(ours, naive_cut_term(inst))
     return diff
 
 
@@ -132,13 +142,28 @@ def test_chunks_smaller_than_the_halo_are_merged(samples: Path) -> None:
         assert np.array_equal(got.compute(), whole)
 
 
-def test_internal_tiling_is_exact(samples: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import segflow.weights as weights
-
+def test_internal_tiling_is_exact(samples: Path) -> None:
     inst = spacenet_instances(samples)
-    whole = border_term(inst)  # 900 x 900: one tile
-    monkeypatch.setattr(weights, "TILE", 97)
-    assert np.array_equal(border_term(inst), whole)
+    whole = border_term(inst, tile=900)  # one tile
+    for tile in (97, 512, 23):  # 23 < the halo
+        assert np.array_equal(border_term(inst, tile=tile), whole), tile
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.int64, np.uint64])
+def test_any_integer_ids_match_naive(dtype: type) -> None:
+    """Ids of any integer type, negative or near the type's limits, partition the same way."""
+    rng = np.random.default_rng(7)
+    small = np.zeros((70, 80), np.int64)
+    for k in range(1, 13):
+        r, c = rng.integers(0, 64), rng.integers(0, 74)
+        small[r : r + rng.integers(1, 7), c : c + rng.integers(1, 7)] = k
+    info = np.iinfo(dtype)
+    low = [info.min, info.min + 1, -1] if info.min < 0 else [1, 2, 3]
+    ids = np.array([0, info.max, info.max - 1, *low, 4, 5, 6, 7, 8, 9, 10], dtype=dtype)
+    assert len(set(ids.tolist())) == 13
+    inst = ids[small]
+    assert np.array_equal(border_term(inst), naive_cut_term(small))
+    assert np.array_equal(border_term(inst, tile=17), naive_cut_term(small))
 
 
 def test_spacenet_buildings_match_naive(samples: Path) -> None:
