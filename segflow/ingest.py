@@ -634,6 +634,7 @@ def _open_or_create_staging(
         ),
         classes=spec.classes,
         ignore_index=spec.ignore_index,
+        valid_fill=True,  # every unit is written: only chunks with nodata pixels are stored
     )
     store.update_meta(ingest_key=run_key)
     if labels is not None:

@@ -59,6 +59,21 @@ def test_geotiff_roundtrip_bundled(
     assert report.units_written == report.units_total and report.units_skipped == 0
     _assert_geotiff_roundtrip(src, tmp_path / "s.zarr")
     assert not staging_path(tmp_path / "s.zarr").exists()
+    if shard is None:
+        _assert_only_edge_valid_chunks_stored(src, tmp_path / "s.zarr", chunk)
+
+
+def _assert_only_edge_valid_chunks_stored(src_path: Path, store_path: Path, chunk: int) -> None:
+    """``valid`` is filled with True: a chunk is stored only where some pixel is nodata."""
+    with rasterio.open(src_path) as src:
+        mask = src.dataset_mask() > 0
+    root = store_path / "valid" / "c"
+    stored = {tuple(int(p) for p in f.relative_to(root).parts) for f in root.rglob("*")
+              if f.is_file()}  # fmt: skip
+    h, w = mask.shape
+    partial = {(r // chunk, c // chunk) for r in range(0, h, chunk) for c in range(0, w, chunk)
+               if not mask[r : r + chunk, c : c + chunk].all()}  # fmt: skip
+    assert stored == partial
 
 
 SHARED_GEOTIFFS = [

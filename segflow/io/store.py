@@ -187,10 +187,14 @@ class SceneStore:
         source: SourceRecord | None = None,
         classes: Iterable[ClassDef] = (),
         ignore_index: int = 255,
+        valid_fill: bool = False,
     ) -> SceneStore:
         """Create an empty store with its ``image`` and ``valid`` arrays and attributes.
 
         ``path`` must not hold a store yet (an existing directory without one is used).
+        ``valid_fill`` is the fill value of ``valid``: a chunk equal to it is not stored, so
+        ingest, which writes every unit, uses True and stores only the chunks that the
+        footprint's edge crosses (most of an image is inside it).
         """
         p, target = _location(path, write=True)
         if store_exists(p) or (isinstance(p, Path) and p.is_file()):
@@ -224,7 +228,7 @@ class SceneStore:
         if georef is not None:
             store._write_spatial_ref(georef, height, width)
         store.create_array("image", dtype=dtype, fill_value=nodata or 0, bands=len(band_names))
-        store.create_array("valid", dtype=bool, fill_value=False)
+        store.create_array("valid", dtype=bool, fill_value=valid_fill)
         log.debug(
             "created store %s (%d x %d, %d bands, grid %s)",
             p,
