@@ -61,7 +61,7 @@ from segflow.io.store import (
 from segflow.outputs import check_unlocked, output_lock, plan_outputs
 from segflow.runtime import usable_cores
 
-__all__ = ["IngestReport", "IngestSpec", "check_inputs", "ingest", "plan_tasks"]
+__all__ = ["IngestReport", "IngestSpec", "check_inputs", "ingest", "plan_tasks", "task_units"]
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,21 @@ class _Task:
     units: tuple[tuple[BlockIndex, Window], ...]
 
 
+def task_units(
+    grid: BlockGrid, source_block: tuple[int, int], *, task_pixels: int = 2048
+) -> tuple[int, int]:
+    """The units (rows, columns) of one task of :func:`plan_tasks`.
+
+    >>> task_units(BlockGrid(1000, 1000, 512), (4, 1000)), task_units(BlockGrid(9000, 9000, 512), (512, 512))
+    ((1, 2), (4, 4))
+    """
+    cols = grid.shape_in_blocks[1]
+    if source_block[1] >= grid.width and cols > 1:  # strips: one row of units
+        return 1, cols
+    side = max(1, task_pixels // grid.block)
+    return side, side
+
+
 def plan_tasks(
     grid: BlockGrid,
     source_block: tuple[int, int],
@@ -240,10 +255,7 @@ def plan_tasks(
     [Window(row_off=0, col_off=0, height=512, width=1000), Window(row_off=512, col_off=0, height=488, width=1000)]
     """
     rows, cols = grid.shape_in_blocks
-    if source_block[1] >= grid.width and cols > 1:  # strips: one row of units
-        step_r, step_c = 1, cols
-    else:
-        step_r = step_c = max(1, task_pixels // grid.block)
+    step_r, step_c = task_units(grid, source_block, task_pixels=task_pixels)
     tasks = []
     for r0 in range(0, rows, step_r):
         for c0 in range(0, cols, step_c):
@@ -645,7 +657,8 @@ def _open_or_create_staging(
         )
     if instances is not None:
         store.create_array("instances", dtype="uint32", fill_value=0)
-    store.progress("ingest")
+    # one marker file per task (the coordinator marks a task's units together), not per unit
+    store.progress("ingest", group=task_units(store.grid, info.block))
     return store
 
 

@@ -95,3 +95,29 @@ def test_a_store_written_directly_equals_one_written_through_zarr(tmp_path: Path
         np.testing.assert_array_equal(
             SceneStore.open(s.path, unfinished=True).array("image")[...], image
         )
+
+
+def test_grouped_progress_marks_whole_groups_directly_and_the_rest_through_zarr(
+    tmp_path: Path,
+) -> None:
+    """A progress record of 2 x 3 units per marker file: a whole group (an edge group
+    clipped) is one file; single units and partial groups keep the marks already there."""
+    from segflow.geometry import BlockIndex
+
+    s = SceneStore.create(tmp_path / "s", bands=("a",), height=300, width=500, dtype="uint8",
+                          chunk=64)  # 5 x 8 units  # fmt: skip
+    p = s.progress("ingest", group=(2, 3))
+    group = [BlockIndex(r, c) for r in (2, 3) for c in (6, 7)]  # the edge group of 2 x 2
+    p.mark_many(group)
+    marks = tmp_path / "s" / "_segflow" / "progress" / "ingest" / "c"
+    assert sorted(f.relative_to(marks).as_posix() for f in marks.rglob("*") if f.is_file()) == [
+        "1/2"
+    ]
+    p.mark(BlockIndex(0, 0))
+    p.mark_many([BlockIndex(0, 1), BlockIndex(1, 4)])  # not a rectangle: one by one
+    p.mark_many([BlockIndex(4, 0), BlockIndex(4, 1)])  # a partial group
+    expected = {*group, BlockIndex(0, 0), BlockIndex(0, 1), BlockIndex(1, 4), BlockIndex(4, 0),
+                BlockIndex(4, 1)}  # fmt: skip
+    assert s.progress("ingest").done() == expected
+    # an existing record keeps its own grouping, whatever a later caller asks for
+    assert SceneStore.open(s.path, unfinished=True).progress("ingest").done() == expected

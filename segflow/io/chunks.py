@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChunkWriter", "chunk_writer", "write_chunks"]
+__all__ = ["ChunkWriter", "chunk_writer", "whole_chunks", "write_chunks"]
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,19 @@ def chunk_writer(array: Any, root: Path) -> ChunkWriter | None:
                        compressor=compressor)  # fmt: skip
 
 
+def whole_chunks(writer: ChunkWriter, start: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether the block at ``start`` of ``shape`` is whole chunks (clipped at the edge)."""
+    return all(
+        s % c == 0 and (n % c == 0 or s + n == full)
+        for s, n, c, full in zip(start, shape, writer.chunks, writer.shape, strict=True)
+    )
+
+
 def write_chunks(writer: ChunkWriter, start: tuple[int, ...], data: np.ndarray) -> None:
     """Write ``data`` into the array at ``start``: whole chunks, the last ones of each axis
     clipped at the array's edge (as :meth:`SceneStore.write_window` requires)."""
     w = writer
-    if any(s % c for s, c in zip(start, w.chunks, strict=True)) or any(
-        n % c and s + n != full
-        for s, n, c, full in zip(start, data.shape, w.chunks, w.shape, strict=True)
-    ):
+    if not whole_chunks(w, start, data.shape):
         raise ValueError(f"a write at {start} of {data.shape} is not whole chunks of {w.chunks}")
     first = [s // c for s, c in zip(start, w.chunks, strict=True)]
     counts = [-(-n // c) for n, c in zip(data.shape, w.chunks, strict=True)]

@@ -46,7 +46,7 @@ from segflow.errors import StoreError
 from segflow.geometry import BlockGrid, BlockIndex, Window
 from segflow.georef import GeoRef, SlideInfo
 from segflow.io import remote
-from segflow.io.chunks import ChunkWriter, chunk_writer, write_chunks
+from segflow.io.chunks import ChunkWriter, chunk_writer, whole_chunks, write_chunks
 from segflow.io.remote import check_location, is_url, zarr_store
 
 __all__ = [
@@ -437,9 +437,14 @@ class SceneStore:
         return dict(rec["params"]) if rec else None
 
     # ----------------------------------------------------------------- progress
-    def progress(self, name: str) -> Progress:
-        """The progress record of array ``name`` (created on first use)."""
-        return Progress(self, name)
+    def progress(self, name: str, *, group: tuple[int, int] = (1, 1)) -> Progress:
+        """The progress record of array ``name`` (created on first use).
+
+        ``group``: the units (rows, columns) one marker file holds, used when the record is
+        created. (1, 1) lets any number of writers mark units at once; a single coordinator
+        that marks whole groups (ingest, one task at a time) writes fewer files with more.
+        """
+        return Progress(self, name, group=group)
 
     def consolidate(self) -> None:
         """Write consolidated metadata so ``xarray.open_zarr`` opens without listing."""
@@ -514,7 +519,7 @@ def _geozarr_attrs(georef: GeoRef, height: int, width: int) -> dict[str, Any]:
 class Progress:
     """Which write units of one array are finished (one marker element per unit)."""
 
-    def __init__(self, store: SceneStore, name: str) -> None:
+    def __init__(self, store: SceneStore, name: str, *, group: tuple[int, int] = (1, 1)) -> None:
         self._store = store
         self.name = name
         rows, cols = store.grid.shape_in_blocks
@@ -528,7 +533,7 @@ class Progress:
                 store=store.group.store,
                 name=key,
                 shape=(rows, cols),
-                chunks=(1, 1),
+                chunks=(min(group[0], rows), min(group[1], cols)),
                 dtype="uint8",
                 fill_value=0,
                 compressors=None,
@@ -561,9 +566,11 @@ class Progress:
                 self.mark(u)
 
     def _mark(self, row: int, col: int, rows: int, cols: int) -> None:
-        """Mark a rectangle of units: one chunk file each (directly on local disk)."""
-        if self._writer is not None:
-            write_chunks(self._writer, (row, col), np.ones((rows, cols), np.uint8))
+        """Mark a rectangle of units: whole marker chunks directly on local disk, else
+        through Zarr (which reads and rewrites a partly marked chunk)."""
+        w = self._writer
+        if w is not None and whole_chunks(w, (row, col), (rows, cols)):
+            write_chunks(w, (row, col), np.ones((rows, cols), np.uint8))
         else:
             self._arr[row : row + rows, col : col + cols] = 1
 
