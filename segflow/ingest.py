@@ -26,7 +26,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ import numpy as np
 from segflow import __version__
 from segflow.config import DEFAULT_CLASSES, ClassDef, IngestConfig, PipelineConfig
 from segflow.errors import ConfigError, LabelError, SegflowError, StoreError, option
-from segflow.geometry import BlockGrid, BlockIndex, Window
+from segflow.geometry import BlockIndex
 from segflow.io import locations, remote
 from segflow.io.labels import (
     LabelReader,
@@ -60,6 +60,7 @@ from segflow.io.store import (
 )
 from segflow.outputs import check_unlocked, output_lock, plan_outputs
 from segflow.runtime import usable_cores
+from segflow.tiling import IngestTask, plan_tasks, task_units
 
 __all__ = ["IngestReport", "IngestSpec", "check_inputs", "ingest", "plan_tasks", "task_units"]
 
@@ -213,69 +214,6 @@ class IngestReport:
         return asdict(self)
 
 
-@dataclass(frozen=True, slots=True)
-class _Task:
-    """Whole write units that one task owns, read through one source window."""
-
-    window: Window
-    units: tuple[tuple[BlockIndex, Window], ...]
-
-
-def task_units(
-    grid: BlockGrid, source_block: tuple[int, int], *, task_pixels: int = 2048
-) -> tuple[int, int]:
-    """The units (rows, columns) of one task of :func:`plan_tasks`.
-
-    >>> task_units(BlockGrid(1000, 1000, 512), (4, 1000)), task_units(BlockGrid(9000, 9000, 512), (512, 512))
-    ((1, 2), (4, 4))
-    """
-    cols = grid.shape_in_blocks[1]
-    if source_block[1] >= grid.width and cols > 1:  # strips: one row of units
-        return 1, cols
-    side = max(1, task_pixels // grid.block)
-    return side, side
-
-
-def plan_tasks(
-    grid: BlockGrid,
-    source_block: tuple[int, int],
-    *,
-    done: Set[BlockIndex] = frozenset(),
-    task_pixels: int = 2048,
-) -> list[_Task]:
-    """Group write units into tasks whose reads follow the source's own block layout.
-
-    A source whose blocks span the full width (strips) is read one full row of units at a
-    time, so each strip is decoded once; tiled sources are read in squares of units about
-    ``task_pixels`` on a side (fewer, larger reads and writes). Units in ``done`` are left
-    out, so a resumed run writes nothing twice.
-
-    >>> tasks = plan_tasks(BlockGrid(1000, 1000, 512), (4, 1000))
-    >>> [t.window for t in tasks]
-    [Window(row_off=0, col_off=0, height=512, width=1000), Window(row_off=512, col_off=0, height=488, width=1000)]
-    """
-    rows, cols = grid.shape_in_blocks
-    step_r, step_c = task_units(grid, source_block, task_pixels=task_pixels)
-    tasks = []
-    for r0 in range(0, rows, step_r):
-        for c0 in range(0, cols, step_c):
-            todo = tuple(
-                (BlockIndex(r, c), grid.window(r, c))
-                for r in range(r0, min(r0 + step_r, rows))
-                for c in range(c0, min(c0 + step_c, cols))
-                if BlockIndex(r, c) not in done
-            )
-            if todo:
-                window = Window.from_bounds(
-                    min(w.row_off for _, w in todo),
-                    min(w.col_off for _, w in todo),
-                    max(w.row_stop for _, w in todo),
-                    max(w.col_stop for _, w in todo),
-                )
-                tasks.append(_Task(window, todo))
-    return tasks
-
-
 def _source_options(spec: IngestSpec) -> dict[str, Any]:
     """How :func:`~segflow.io.sources.open_source` opens ``spec``'s source."""
     return {"level": spec.level, "max_pixels": spec.max_pixels, "assets": spec.assets}
@@ -304,7 +242,7 @@ def _worker_store(path: str, ingest_key: str) -> SceneStore:
 
 
 def _ingest_task(
-    task: _Task,
+    task: IngestTask,
     *,
     source: Source,
     labels: LabelReader | None,
@@ -582,7 +520,7 @@ def _labels_workdir(staging: Path | str) -> Path:
 
 
 def _run_tasks(
-    tasks: Sequence[_Task],
+    tasks: Sequence[IngestTask],
     task_kwargs: Mapping[str, Any],
     store: SceneStore,
     staging: Path | str,

@@ -51,7 +51,7 @@ Examples
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -63,6 +63,7 @@ from segflow.geometry import BlockGrid, BlockIndex, Window
 
 __all__ = [
     "AxisPlan",
+    "IngestTask",
     "MergeMode",
     "MirrorPlan",
     "Step",
@@ -73,9 +74,11 @@ __all__ = [
     "gaussian_layout",
     "mirror_indices",
     "mirror_plan",
+    "plan_tasks",
     "round_up",
     "schedule",
     "strips",
+    "task_units",
 ]
 
 MergeMode = Literal["crop", "gaussian"]
@@ -427,3 +430,67 @@ def strips(columns: Iterable[int], per_strip: int) -> list[list[int]]:
     for c in sorted(set(columns)):
         groups.setdefault(c // per_strip, []).append(c)
     return [groups[k] for k in sorted(groups)]
+
+
+# --------------------------------------------------------------------------- ingest reads
+@dataclass(frozen=True, slots=True)
+class IngestTask:
+    """Whole write units that one task owns, read through one source window."""
+
+    window: Window
+    units: tuple[tuple[BlockIndex, Window], ...]
+
+
+def task_units(
+    grid: BlockGrid, source_block: tuple[int, int], *, task_pixels: int = 2048
+) -> tuple[int, int]:
+    """The units (rows, columns) of one task of :func:`plan_tasks`.
+
+    >>> task_units(BlockGrid(1000, 1000, 512), (4, 1000)), task_units(BlockGrid(9000, 9000, 512), (512, 512))
+    ((1, 2), (4, 4))
+    """
+    cols = grid.shape_in_blocks[1]
+    if source_block[1] >= grid.width and cols > 1:  # strips: one row of units
+        return 1, cols
+    side = max(1, task_pixels // grid.block)
+    return side, side
+
+
+def plan_tasks(
+    grid: BlockGrid,
+    source_block: tuple[int, int],
+    *,
+    done: Set[BlockIndex] = frozenset(),
+    task_pixels: int = 2048,
+) -> list[IngestTask]:
+    """Group write units into tasks whose reads follow the source's own block layout.
+
+    A source whose blocks span the full width (strips) is read one full row of units at a
+    time, so each strip is decoded once; tiled sources are read in squares of units about
+    ``task_pixels`` on a side (fewer, larger reads and writes). Units in ``done`` are left
+    out, so a resumed run writes nothing twice.
+
+    >>> tasks = plan_tasks(BlockGrid(1000, 1000, 512), (4, 1000))
+    >>> [t.window for t in tasks]
+    [Window(row_off=0, col_off=0, height=512, width=1000), Window(row_off=512, col_off=0, height=488, width=1000)]
+    """
+    rows, cols = grid.shape_in_blocks
+    step_r, step_c = task_units(grid, source_block, task_pixels=task_pixels)
+    tasks = []
+    for r0 in range(0, rows, step_r):
+        for c0 in range(0, cols, step_c):
+            todo = tuple(
+                (BlockIndex(r, c), grid.window(r, c))
+                for r in range(r0, min(r0 + step_r, rows))
+                for c in range(c0, min(c0 + step_c, cols))
+                if BlockIndex(r, c) not in done
+            )
+            if todo:
+                window = Window.from_bounds(
+                    min(w.row_off for _, w in todo),
+                    min(w.col_off for _, w in todo),
+                    max(w.row_stop for _, w in todo),
+                    max(w.col_stop for _, w in todo),
+                )
+                tasks.append(IngestTask(window, todo))
+    return tasks
