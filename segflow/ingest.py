@@ -26,8 +26,9 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from segflow.io.store import (
     store_exists,
 )
 from segflow.outputs import check_unlocked, output_lock, plan_outputs
-from segflow.runtime import usable_cores
+from segflow.runtime import in_background, usable_cores
 from segflow.tiling import IngestTask, plan_tasks, task_units
 
 __all__ = ["IngestReport", "IngestSpec", "check_inputs", "ingest", "plan_tasks", "task_units"]
@@ -436,16 +437,23 @@ def _ingest(
     """:func:`ingest` under the store's lock."""
     t0 = time.perf_counter()
     out = _out_location(spec.out)
+    # the source's hash (its whole file) is only needed first when there is a store to compare
+    # with; for a new store it runs beside the writes
+    hashing = in_background(source_sha256, spec.source, assets=spec.assets)
     source = open_source(spec.source, **_source_options(spec))
     info = source.info
-    source_hash = source_sha256(spec.source, assets=spec.assets)
-    run_key = _run_key(spec, source_hash, _input_hashes(spec))
-    if store_complete(out):
+    label_hashes = _input_hashes(spec)
+    staging = staging_location(out)
+    fresh = not store_exists(out) and not _something_at(staging)
+    run_key = None if fresh else _run_key(spec, hashing.result(), label_hashes)
+    if run_key is not None and store_complete(out):
         return _already_complete(out, run_key, t0)
 
-    staging = staging_location(out)
     labels, instances = _open_staging_labels(spec, info, staging, run_key)
-    store = _open_or_create_staging(spec, info, staging, run_key, source_hash, labels, instances)
+    store, created = _open_or_create_staging(spec, info, staging, run_key, labels, instances)
+    # a new store learns its key once the hash is done, before its first marks (the tasks
+    # run meanwhile): a run killed before that has marked nothing and starts again
+    key = _KeyRecorder(store, spec, hashing, label_hashes) if created else None
 
     done = store.progress("ingest").done()
     tasks = plan_tasks(store.grid, info.block, done=done)
@@ -460,9 +468,17 @@ def _ingest(
         "labels": labels,
         "instances": instances,
         "store_path": str(store.path),  # absolute: workers may run elsewhere
-        "ingest_key": run_key,
+        "ingest_key": run_key or f"new {uuid.uuid4().hex}",
     }
-    _run_tasks(tasks, task_kwargs, store, staging, executor=executor, progress=progress)
+    _run_tasks(
+        tasks,
+        task_kwargs,
+        store,
+        staging,
+        executor=executor,
+        progress=progress,
+        settle=key.record if key else None,
+    )
     _finalize(store, spec)
     publish_store(staging, out)
     return _report(SceneStore.open(out), units_written=n_todo, units_skipped=len(done), t0=t0)
@@ -486,14 +502,14 @@ def _already_complete(out: Path | str, run_key: str, t0: float) -> IngestReport:
 
 
 def _open_staging_labels(
-    spec: IngestSpec, info: SourceInfo, staging: Path | str, run_key: str
+    spec: IngestSpec, info: SourceInfo, staging: Path | str, run_key: str | None
 ) -> tuple[LabelReader | None, LabelReader | None]:
     """Open the label inputs into ``staging``, first discarding one made from other inputs.
 
     Bad labels remove a staging store this call started, and leave a resumable one alone.
     """
     key = _store_key(staging)
-    exists = key is not None or _exists_locally(staging)
+    exists = key is not None or _something_at(staging)
     if exists and key != run_key:
         log.warning("discarding unfinished store %s made from other inputs", staging)
         remove_store(staging)
@@ -527,8 +543,14 @@ def _run_tasks(
     *,
     executor: Executor | None,
     progress: Callable[[int], None] | None,
+    settle: Callable[[], None] | None = None,
 ) -> None:
-    """Run ``tasks`` on ``executor`` (default: one thread per core), recording finished units."""
+    """Run ``tasks`` on ``executor`` (default: one thread per core), recording finished units.
+
+    ``settle()`` is called before any unit is marked (and at the end): a new store's key is
+    recorded before its first marks, so a resumed run never discards marked units. An error
+    it raises removes the store like a task's.
+    """
     own_pool = executor is None
     pool: Executor = executor or ThreadPoolExecutor(max_workers=usable_cores())
     futures = [pool.submit(_ingest_task, t, **task_kwargs) for t in tasks]
@@ -536,9 +558,13 @@ def _run_tasks(
     try:
         for fut in as_completed(futures):
             units = fut.result()
+            if settle:
+                settle()
             marks.mark_many(units)
             if progress:
                 progress(len(units))
+        if settle:
+            settle()
     except SegflowError:
         # e.g. label values outside the class table, found only when read: this store
         # can never be finished, so it is removed rather than left to resume
@@ -556,14 +582,14 @@ def _open_or_create_staging(
     spec: IngestSpec,
     info: SourceInfo,
     staging: Path | str,
-    run_key: str,
-    source_hash: str,
+    run_key: str | None,
     labels: LabelReader | None,
     instances: LabelReader | None,
-) -> SceneStore:
-    """Open the unfinished store of this run, or create it."""
-    if _store_key(staging) == run_key:
-        return SceneStore.open(staging, mode="r+", unfinished=True)
+) -> tuple[SceneStore, bool]:
+    """Open the unfinished store of this run, or create it without a key (the caller's
+    :class:`_KeyRecorder` records it); whether it was created."""
+    if run_key is not None and _store_key(staging) == run_key:
+        return SceneStore.open(staging, mode="r+", unfinished=True), False
     store = SceneStore.create(
         staging,
         bands=info.bands,
@@ -578,7 +604,7 @@ def _open_or_create_staging(
         slide=info.slide,
         source=SourceRecord(
             uri=spec.source if is_url(spec.source) else str(Path(spec.source).resolve()),
-            sha256=source_hash,
+            sha256="",  # with the key (below, or by _KeyRecorder)
             kind=info.kind,
             level=spec.level,
         ),
@@ -586,7 +612,6 @@ def _open_or_create_staging(
         ignore_index=spec.ignore_index,
         valid_fill=True,  # every unit is written: only chunks with nodata pixels are stored
     )
-    store.update_meta(ingest_key=run_key)
     if labels is not None:
         store.create_array(
             "labels",
@@ -597,7 +622,33 @@ def _open_or_create_staging(
         store.create_array("instances", dtype="uint32", fill_value=0)
     # one marker file per task (the coordinator marks a task's units together), not per unit
     store.progress("ingest", group=task_units(store.grid, info.block))
-    return store
+    return store, True
+
+
+@dataclass
+class _KeyRecorder:
+    """Records a new store's run key and source hash once the hash (in the background) is done."""
+
+    store: SceneStore
+    spec: IngestSpec
+    hashing: Future[str]
+    label_hashes: Mapping[str, str]
+    recorded: bool = False
+
+    def record(self) -> None:
+        """Record them (once), waiting for the hash; raises the hash's error."""
+        if self.recorded:
+            return
+        source_hash = self.hashing.result()
+        source = {**self.store.meta["source"], "sha256": source_hash}
+        key = _run_key(self.spec, source_hash, self.label_hashes)
+        self.store.update_meta(source=source, ingest_key=key)
+        self.recorded = True
+
+
+def _something_at(location: Path | str) -> bool:
+    """Whether a store or local folder (perhaps a half-made store) is at ``location``."""
+    return _exists_locally(location) or store_exists(location)
 
 
 def _finalize(store: SceneStore, spec: IngestSpec) -> None:

@@ -20,9 +20,14 @@ import ctypes.util
 import logging
 import os
 import sys
-from typing import NoReturn
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, NoReturn, TypeVar
 
-__all__ = ["exit_now", "tune_malloc", "usable_cores"]
+__all__ = ["exit_now", "in_background", "tune_malloc", "usable_cores"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,27 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap and are reused
 _TRIM_THRESHOLD = (1 << 31) - 1  # never give the top of the heap back
 _TOP_PAD = 1 << 28  # grow the heap 256 MiB at a time
+
+
+def in_background(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    """``fn(*args, **kwargs)`` in a daemon thread; its result (or error) in the future.
+
+    A daemon thread, not a ``ThreadPoolExecutor``: the executor's threads are joined when the
+    interpreter exits, so a command failing with one ``error:`` line would first wait for
+    work nobody needs any more (e.g. hashing a gigapixel source).
+    """
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as err:  # handed to whoever asks for the result
+                future.set_exception(err)
+
+    threading.Thread(target=run, name=f"segflow-{getattr(fn, '__name__', 'work')}",
+                     daemon=True).start()  # fmt: skip
+    return future
 
 
 def usable_cores() -> int:

@@ -222,6 +222,58 @@ def test_rerun_does_nothing_and_other_inputs_refused(samples: Path, tmp_path: Pa
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_the_source_hash_runs_beside_a_new_stores_writes(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new store gets the source's hash and its run key before its first marks; a hash that
+    fails removes the new store; a store left without a key is rebuilt, not resumed."""
+    import hashlib
+    import threading
+
+    import segflow.ingest as ingest_module
+
+    src = samples / "landsat" / "RGB.byte.tif"
+    out = tmp_path / "l.zarr"
+    started = threading.Event()
+    real = ingest_module.source_sha256
+
+    def slow_hash(*args: object, **kw: object) -> str:
+        assert started.wait(30)  # finishes only once a task has written its units
+        return real(*args, **kw)
+
+    def first_task(*args: object, **kw: object) -> object:
+        units = task(*args, **kw)
+        started.set()
+        return units
+
+    task = ingest_module._ingest_task
+    monkeypatch.setattr(ingest_module, "source_sha256", slow_hash)
+    monkeypatch.setattr(ingest_module, "_ingest_task", first_task)
+    ingest(IngestSpec(source=str(src), out=str(out), chunk=256))
+    meta = SceneStore.open(out).meta
+    assert meta["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    monkeypatch.undo()
+    again = ingest(IngestSpec(source=str(src), out=str(out), chunk=256))
+    assert again.already_complete  # the key recorded is the one a later run computes
+
+    def broken(*args: object, **kw: object) -> str:
+        raise SourceError("cannot read it to hash it")
+
+    monkeypatch.setattr(ingest_module, "source_sha256", broken)
+    with pytest.raises(SourceError, match="to hash it"):
+        ingest(IngestSpec(source=str(src), out=str(tmp_path / "b.zarr"), chunk=256))
+    assert not (tmp_path / "b.zarr").exists() and not staging_path(tmp_path / "b.zarr").exists()
+    monkeypatch.undo()
+
+    # killed before the key was recorded: a store without one, and nothing marked
+    keyless = SceneStore.create(staging_path(tmp_path / "k.zarr"), bands=("b",), height=8,
+                                width=8, dtype="uint8")  # fmt: skip
+    assert keyless.meta.get("ingest_key") is None
+    report = ingest(IngestSpec(source=str(src), out=str(tmp_path / "k.zarr"), chunk=256))
+    assert report.units_skipped == 0 and report.units_written == report.units_total
+    _assert_geotiff_roundtrip(src, tmp_path / "k.zarr")
+
+
 def test_plan_tasks_reads_strips_once_and_covers_every_unit() -> None:
     from segflow.geometry import BlockGrid
 
