@@ -22,11 +22,24 @@ once (``MALLOC_TRIM_THRESHOLD_``), so per-pixel temporaries cost more than the a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import numba
 import numpy as np
 
 __all__ = ["kept_sums", "squared_limit"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _jit(fn: F) -> F:
+    """``numba.njit`` without the GIL, cached on disk where numba finds a writable place (beside
+    this file, else the user's cache folder); else compiled once per process."""
+    try:
+        return cast(F, numba.njit(cache=True, nogil=True)(fn))
+    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install)
+        return cast(F, numba.njit(nogil=True)(fn))
 
 
 def squared_limit(r: float) -> int:
@@ -72,7 +85,7 @@ def kept_sums(instances: np.ndarray, *, r: float, tile: int) -> tuple[np.ndarray
     return _kept_sums(inst, float(r), squared_limit(r), math.floor(r), math.ceil(r), int(tile))
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit
 def _kept_sums(
     inst: np.ndarray, r: float, limit: int, grow: int, halo: int, tile: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +136,7 @@ def _kept_sums(
     return index[:n], sums[:n]
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit
 def _relabel(block: np.ndarray, lab: np.ndarray) -> int:
     """Ids ``1..count`` of ``block``'s objects into ``lab[:h, :w]``; returns ``count``.
 
@@ -161,7 +174,7 @@ def _relabel(block: np.ndarray, lab: np.ndarray) -> int:
     return ids.size
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit
 def _bounding_boxes(lab: np.ndarray, count: int) -> np.ndarray:
     """``boxes[k] = (row0, row1, col0, col1)`` of object ``k`` (half-open); ``row1 = 0`` if absent."""
     h, w = lab.shape
@@ -181,7 +194,7 @@ def _bounding_boxes(lab: np.ndarray, count: int) -> np.ndarray:
     return boxes
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit
 def _column_pass(
     lab: np.ndarray, k: int, r0: int, r1: int, c0: int, c1: int, g: np.ndarray
 ) -> None:
@@ -200,7 +213,7 @@ def _column_pass(
                 g[i, j] = g[i + 1, j] + 1
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit
 def _row_pass(
     g: np.ndarray,
     i: int,

@@ -284,3 +284,17 @@ def test_instances_from_labels_merge_across_chunks() -> None:
     assert same_partition(got, ref)
     # objects crossing chunk edges are one object
     assert len(np.unique(got)) - 1 == n_ref
+
+
+def test_the_kernel_imports_where_numba_cannot_cache() -> None:
+    """A read-only install with no writable cache folder compiles per process instead of
+    failing at import (numba raises "no locator available" for cache=True)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
+        "import segflow.border_kernel as k; print(type(k._kept_sums).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "CPUDispatcher"
