@@ -207,6 +207,15 @@ def test_fewer_than_two_objects_and_object_pixels() -> None:
     )  # d1 = 1, d2 = 2
 
 
+def test_a_cut_off_radius_beyond_int32_squared() -> None:
+    """sigma = 1e5 px: r^2 is past 2^31, the squared distances still compare right."""
+    inst = np.zeros((1, 7), np.uint32)
+    inst[0, 0], inst[0, 6] = 1, 2
+    assert border_radius(W0, 1e5, EPS) ** 2 > 2**31
+    assert np.array_equal(border_term(inst, sigma=1e5), naive_cut_term(inst, sigma=1e5))
+    assert border_term(inst, sigma=1e5)[0, 3] > 9.99
+
+
 def test_w0_zero_or_below_eps_gives_no_term() -> None:
     inst = np.zeros((30, 30), np.uint32)
     inst[5, 5], inst[5, 8] = 1, 2
