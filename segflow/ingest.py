@@ -468,7 +468,8 @@ def _ingest(
         "labels": labels,
         "instances": instances,
         "store_path": str(store.path),  # absolute: workers may run elsewhere
-        "ingest_key": run_key or f"new {uuid.uuid4().hex}",
+        # the workers' cache key of the opened store: a store made now is a new one
+        "ingest_key": f"new {uuid.uuid4().hex}" if created else run_key,
     }
     _run_tasks(
         tasks,
