@@ -285,11 +285,12 @@ def terminate_mid_run(cmd: list[str], started: Path, *, cwd: Path) -> tuple[int,
 
 
 def test_sigterm_stops_ingest_at_once(big_tiff: Path, tmp_path: Path) -> None:
-    """SIGTERM mid-ingest (4096 units of 64 px): exit 143 within seconds with one line, the
-    resumable ``.partial`` store kept, nothing at ``--out`` and no lock left."""
+    """SIGTERM mid-ingest (16384 units of 32 px, about 3.5 s of writing; 4096 units of 64 px
+    now take 0.9 s, less than the wait): exit 143 within seconds with one line, the resumable
+    ``.partial`` store kept, nothing at ``--out`` and no lock left."""
     out = tmp_path / "s.zarr"
     cmd = [sys.executable, str(ROOT / "flows" / "ingest.py"), str(big_tiff), "--out", str(out),
-           "--chunk", "64"]  # fmt: skip
+           "--chunk", "32"]  # fmt: skip
     status, err, seconds = terminate_mid_run(cmd, tmp_path / "s.zarr.partial", cwd=tmp_path)
     assert status == 143, err
     assert err.strip().splitlines() == ["terminated: re-run the same command to resume"], err
