@@ -96,7 +96,7 @@ log = logging.getLogger(__name__)
 FINGERPRINT_SUFFIX = ".fingerprint.json"
 _INPUTS = ("image", "valid", "labels", "instances")
 _PENDING = "segflow_pending"
-#: Largest side of the chunks the border term is computed in (memory per task).
+#: Largest side of the chunks class counts and the fingerprint are computed in (memory per task).
 MAX_COMPUTE_CHUNK = 1024
 
 Progress = Callable[[Any], Any]
@@ -283,8 +283,8 @@ def _compute(obj: Any, client: Any | None, progress: Progress | None) -> Any:
 
 
 def compute_chunk(store: SceneStore, limit: int = MAX_COMPUTE_CHUNK) -> int:
-    """The chunk side the border term is computed in: the largest multiple of the store's
-    chunk that divides the write unit and is at most ``limit`` (at least one chunk)."""
+    """The chunk side class counts and the fingerprint are computed in: the largest multiple
+    of the store's chunk that divides the write unit and is at most ``limit`` (at least one)."""
     c, u = store.chunk, store.write_unit
     best = c
     for k in range(c, min(u, limit) + 1, c):
@@ -301,11 +301,16 @@ def _from_store(store: SceneStore, name: str, side: int) -> Any:
     return da.from_zarr(arr, chunks=chunks)
 
 
-def _valid(store: SceneStore, side: int) -> Any | None:
+def _has_valid(store: SceneStore) -> bool:
+    """Whether the store has a complete ``valid`` array (a warning when it has not)."""
     if store.has("valid"):
-        return _from_store(store, "valid", side)
+        return True
     log.warning("store %s has no complete 'valid' array: every pixel counts as valid", store.path)
-    return None
+    return False
+
+
+def _valid(store: SceneStore, side: int) -> Any | None:
+    return _from_store(store, "valid", side) if _has_valid(store) else None
 
 
 def _write_block(
@@ -514,7 +519,7 @@ def write_weights(
         eps=config.eps,
         items=items,
         labels=store.has("labels"),
-        valid=_valid(store, store.chunk) is not None,
+        valid=_has_valid(store),
         tile=chunk or TILE,
     )
     unit = dask.delayed(_weights_unit, pure=False)
