@@ -269,6 +269,29 @@ def test_a_worker_that_cannot_run_the_task_names_itself_and_records_nothing(
     assert store.progress(ARRAYS[0]).done() == set()
 
 
+def test_a_rerun_task_counts_the_units_its_dead_attempt_recorded(
+    cluster: LoopbackCluster, model: Path, tmp_path: Path
+) -> None:
+    """A task re-run after its worker died skips the units the first attempt recorded, and
+    still reports them: they were written in this run (the run's unit count stays whole)."""
+    cluster.ensure_workers(1)
+    ok = segment_region(_request(CHIP, model, tmp_path / "ok"))
+    store = SceneStore.open(ok.inference["store_path"], mode="r+")
+    units = sorted(store.progress(ARRAYS[0]).done())
+    assert len(units) >= 2
+    store.progress(ARRAYS[0]).reset()
+    store.progress(ARRAYS[0]).mark(units[0])  # the dead attempt's
+    job = UnitJob(
+        image=str(CHIP), level=0, model=str(model), store=str(store.path),
+        options=InferenceOptions(tile=128, halo=8, device="cpu"), mean=(120.0,), std=(60.0,),
+        origin=(0, 0), units=tuple(units), num_classes=2, label_dtype="|u1", standalone=True,
+    )  # fmt: skip
+    r = cluster.client.submit(run_units, job, pure=False).result()
+    assert sorted(r["sizes"]) == sorted(store.grid.window(u.row, u.col).size for u in units)
+    assert sum(r["sizes"]) == ok.region.width * ok.region.height
+    assert store.progress(ARRAYS[0]).done() == set(units)
+
+
 def test_unit_groups_cover_every_unit_once_in_compact_blocks() -> None:
     units = [BlockIndex(r, c) for r in range(7) for c in range(10)]
     groups = unit_groups(units, strip_units=4, target=6)

@@ -120,7 +120,8 @@ def _worker_name() -> str:
 
 
 def run_units(job: UnitJob) -> dict[str, Any]:
-    """Compute and record ``job.units`` (on a worker); what it did, for the summary."""
+    """Compute and record ``job.units`` (on a worker); what it did, for the summary: ``sizes``
+    holds the pixels of each of the job's units, those an earlier attempt recorded too."""
     from segflow.train.checkpoint import load_checkpoint_cached
 
     t0 = time.perf_counter()
@@ -137,6 +138,9 @@ def run_units(job: UnitJob) -> dict[str, Any]:
     marker = store.progress(prediction_arrays(job.options)[0])
     done = marker.done()
     pending = [u for u in job.units if u not in done]  # a re-run task skips what is recorded
+    # the job's units recorded already were written in this run, by this task on a worker that
+    # died (the run sends only units pending at its start): they count as this run's
+    sizes = [store.grid.window(u.row, u.col).size for u in job.units if u in done]
     model.eval()
     model.to(device)
     forward = _Forward(
@@ -149,7 +153,6 @@ def run_units(job: UnitJob) -> dict[str, Any]:
         job.options, read_workers=min(job.options.read_workers, _worker_threads())
     )
     layout = build_layout(opts, reader.height, reader.width, job.origin)
-    sizes: list[int] = []  # the pixels of each unit written
     tiles = empty = 0
     if pending:
         tiles, empty = write_units(
