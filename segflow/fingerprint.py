@@ -151,7 +151,8 @@ def _moments_block(
         n[b] = xf.size
         mean[b] = xf.mean()
         d = xf - mean[b]
-        m2[b] = float(np.dot(d, d))
+        d *= d  # numpy's own sum, not BLAS's dot: its result depends on OpenBLAS's thread
+        m2[b] = float(d.sum())  # count, so a cluster's workers and one process disagreed
         lo[b], hi[b] = xf.min(), xf.max()
     return BandMoments(
         n=n,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dask.array as da
@@ -234,3 +237,27 @@ def test_pixel_size_from_georef_and_slide() -> None:
     slide = SlideInfo(mpp_x=0.499, mpp_y=0.5, objective_power=20)
     assert pixel_size(None, slide) == ((0.5, 0.499), "micron")
     assert pixel_size() == (None, None)
+
+
+_MOMENTS = """
+import dask.array as da
+import numpy as np
+from segflow.fingerprint import band_moments
+img = np.random.default_rng(0).normal(300, 263, (1, 2048, 2048))
+m = band_moments(da.from_array(img, chunks=(1, 2048, 2048)), None).compute(scheduler="sync")
+print(repr(float(m.mean[0])), repr(float(m.m2[0])))
+"""
+
+
+def test_statistics_do_not_depend_on_the_blas_thread_count() -> None:
+    """A process with BLAS on two threads and a cluster's worker on one compute the same
+    moments, bit for bit (BLAS's dot sums in per-thread parts: it did not)."""
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", _MOMENTS],
+            env={**os.environ, "OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n},
+            capture_output=True, text=True, check=True, timeout=120,
+        ).stdout
+        for n in ("1", "2")
+    }  # fmt: skip
+    assert len(runs) == 1, runs
