@@ -29,14 +29,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from distributed import Client, LocalCluster
+from typing import TYPE_CHECKING, Any
 
 from segflow.errors import ConfigError, option
 from segflow.runtime import usable_cores
+
+if TYPE_CHECKING:  # distributed is imported where a cluster is used: 0.2 s on every command
+    from distributed import Client
 
 __all__ = [
     "DEFAULT_HOST",
@@ -136,6 +138,9 @@ def dask_client(
     distributed.Client
         Connected to ``address``, or to the embedded cluster (closed on exit).
     """
+    _import_distributed()
+    from distributed import Client, LocalCluster
+
     address = address or os.environ.get(ENV_ADDRESS) or None
     if address:
         log.info("connecting to Dask scheduler at %s", address)
@@ -193,6 +198,20 @@ def _own_environment() -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _import_distributed() -> None:
+    """Import distributed where a cluster is first used (0.2 s that a command working in its
+    own process never needs), keeping the level its logger had: the import sets it from
+    Dask's config, and a command may have quieted it before (as before this import was lazy)."""
+    if "distributed" in sys.modules:
+        return
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    import distributed  # noqa: F401
+
+    if level != logging.NOTSET:
+        logger.setLevel(level)
+
+
 def _no_gc_diagnosis() -> None:
     """Remove distributed's GC-pause diagnosis from this process (an in-process scheduler and
     worker install it). Its ``gc.callbacks`` hook runs at every collection, and a signal
@@ -235,7 +254,8 @@ def gpu_worker_specs(gpus: int, threads: int, host: str) -> dict[str, dict[str, 
 def gpu_client(gpus: int, *, threads: int, host: str | None = None) -> Iterator[Client]:
     """An embedded cluster of one worker per GPU: dask-cuda's ``LocalCUDACluster`` where it
     is installed, else worker processes from :func:`gpu_worker_specs`; on loopback."""
-    from distributed import Scheduler, SpecCluster
+    _import_distributed()
+    from distributed import Client, Scheduler, SpecCluster
 
     host, dashboard = local_cluster_addresses(host, None)
     try:
