@@ -8,17 +8,27 @@ imports torch and MONAI, checks the request and loads the model; the flow then r
 ``PREFECT_API_URL`` set to it. Going through Prefect's own ``SubprocessASGIServer`` object
 instead would import the server's application (1.4-1.9 s on the command's critical path).
 Where the server does not come up, the flow runs as before and Prefect starts its own.
+
+The server is started before this process imports Prefect (0.5-0.8 s): it reads the same
+settings sources itself (environment, profile, ``prefect.toml``), as every ``prefect``
+command does. An API set in the environment or in the active profile is seen without
+Prefect; one set anywhere else is seen once Prefect is imported, and the server is then
+stopped unused. With this server, the flow sends no heartbeats: they tell a lasting server
+that a run died, and this one ends with the run (Prefect's heartbeat thread also held up
+the end of every run by up to a second).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from typing import Any
 
@@ -31,34 +41,59 @@ def warm_prefect_api() -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """Start Prefect's temporary API server now, in the background, when no API is set.
 
     Returns the function to call before the flow: it waits until the server answers and
-    returns the context to run the flow in (the API set to that server). The server stops
-    when the command exits, as Prefect's own would.
+    returns the context to run the flow in (the API set to that server, no heartbeats). The
+    server stops when the command exits, as Prefect's own would.
     """
-    import prefect
-    from prefect.settings import PREFECT_API_URL, get_current_settings
-
-    if PREFECT_API_URL.value():
+    spec = importlib.util.find_spec("prefect")
+    if _api_configured() or spec is None or spec.origin is None:
         return contextlib.nullcontext
     try:
         port = _free_port()
-        env = {**os.environ, **_SERVER_ENV,
-               **get_current_settings().to_environment_variables(exclude_unset=True)}  # fmt: skip
-        proc = subprocess.Popen(_server_command(str(prefect.__module_path__.parent), port), env=env)
+        app_dir = os.path.dirname(os.path.dirname(spec.origin))  # as prefect.__module_path__.parent
+        proc = subprocess.Popen(_server_command(app_dir, port), env={**os.environ, **_SERVER_ENV})
     except Exception:  # a Prefect without these settings starts its server itself
         return contextlib.nullcontext
     used: list[bool] = []
     atexit.register(_stop, proc, used)
 
     def ready() -> contextlib.AbstractContextManager[Any]:
-        from prefect.settings import temporary_settings
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            temporary_settings,
+        )
 
+        if PREFECT_API_URL.value():  # set where only Prefect looks (prefect.toml, .env)
+            _stop(proc, used)
+            return contextlib.nullcontext()
         used.append(True)
         url = f"http://127.0.0.1:{port}/api"
         if not _wait_healthy(proc, url):
             return contextlib.nullcontext()  # it died: Prefect starts its own
-        return temporary_settings(updates={PREFECT_API_URL: url})
+        return temporary_settings(
+            updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+        )
 
     return ready
+
+
+def _api_configured() -> bool:
+    """Whether ``PREFECT_API_URL`` is set in the environment or in the active profile, read
+    without importing Prefect (its profiles file: ``PREFECT_PROFILES_PATH``, default
+    ``$PREFECT_HOME/profiles.toml``; the active profile: ``PREFECT_PROFILE`` or the file's
+    ``active``)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = os.environ.get("PREFECT_HOME", os.path.join(os.path.expanduser("~"), ".prefect"))
+    path = os.environ.get("PREFECT_PROFILES_PATH", os.path.join(home, "profiles.toml"))
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            profiles = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # no profiles file: Prefect's defaults (no API)
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")  # none: the defaults
+    settings = profiles.get("profiles", {}).get(active, {})
+    return bool(isinstance(settings, dict) and settings.get("PREFECT_API_URL"))
 
 
 def _free_port() -> int:
