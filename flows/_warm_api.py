@@ -37,22 +37,24 @@ _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1"}  # fmt: skip
 
 
-def warm_prefect_api() -> Callable[[], contextlib.AbstractContextManager[Any]]:
+def warm_prefect_api() -> None:
     """Start Prefect's temporary API server now, in the background, when no API is set.
 
-    Returns the function to call before the flow: it waits until the server answers and
-    returns the context to run the flow in (the API set to that server, no heartbeats). The
-    server stops when the command exits, as Prefect's own would.
+    Called by a command run as a script (``__name__ == "__main__"``), not where its module is
+    imported (tests) or re-imported (the processes of an embedded Dask cluster). The flow
+    then runs in :func:`prefect_api`; the server stops when the command exits, as Prefect's
+    own would.
     """
+    global _ready
     spec = importlib.util.find_spec("prefect")
     if _api_configured() or spec is None or spec.origin is None:
-        return contextlib.nullcontext
+        return
     try:
         port = _free_port()
         app_dir = os.path.dirname(os.path.dirname(spec.origin))  # as prefect.__module_path__.parent
         proc = subprocess.Popen(_server_command(app_dir, port), env={**os.environ, **_SERVER_ENV})
     except Exception:  # a Prefect without these settings starts its server itself
-        return contextlib.nullcontext
+        return
     used: list[bool] = []
     atexit.register(_stop, proc, used)
 
@@ -74,7 +76,16 @@ def warm_prefect_api() -> Callable[[], contextlib.AbstractContextManager[Any]]:
             updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
         )
 
-    return ready
+    _ready = ready
+
+
+def prefect_api() -> contextlib.AbstractContextManager[Any]:
+    """The context to run the flow in: the API of the server :func:`warm_prefect_api`
+    started (once it answers; no heartbeats), or, where it started none, Prefect's choice."""
+    return _ready() if _ready is not None else contextlib.nullcontext()
+
+
+_ready: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
 
 
 def _api_configured() -> bool:

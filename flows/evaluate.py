@@ -21,6 +21,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli
+from _warm_api import prefect_api, warm_prefect_api
+
+if __name__ == "__main__":  # Prefect's API server comes up while the command loads
+    warm_prefect_api()
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -64,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     req = model_from_args(EvaluateRequest, parser().parse_args(argv))
     check_request(req)  # fail in a second, before Prefect starts
-    r = evaluate_flow(**req.model_dump())
+    with prefect_api():
+        r = evaluate_flow(**req.model_dump())
     px, ob = r["pixels"], r["objects"]
 
     def f(v: float | None) -> str:

@@ -16,6 +16,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli, tqdm_progress
+from _warm_api import prefect_api, warm_prefect_api
+
+if __name__ == "__main__":  # Prefect's API server comes up while the command loads
+    warm_prefect_api()
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     spec = build_spec(args)
     check_inputs(spec)  # fail in a second, before Prefect and Dask start
-    report = ingest_flow(spec, args.dask_address)
+    with prefect_api():
+        report = ingest_flow(spec, args.dask_address)
     print(
         f"{report['store']}: {report['width']} x {report['height']} px, "
         f"{report['units_written']} units written, {report['units_skipped']} skipped, "

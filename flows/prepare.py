@@ -23,6 +23,10 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli
+from _warm_api import prefect_api, warm_prefect_api
+
+if __name__ == "__main__":  # Prefect's API server comes up while the command loads
+    warm_prefect_api()
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -136,14 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     show = not args.no_progress and sys.stdout.isatty()
-    r = prepare_flow(
-        args.store,
-        cfg.model_dump(mode="json"),
-        args.fingerprint,
-        args.dask_address,
-        args.force,
-        show,
-    )
+    with prefect_api():
+        r = prepare_flow(
+            args.store, cfg.model_dump(mode="json"), args.fingerprint, args.dask_address,
+            args.force, show,
+        )  # fmt: skip
     weights = ", ".join(f"{k}: {v:.4g}" for k, v in r["class_weights"].items()) or "1 (no labels)"
     source = "given" if r["instances"] == "instances" else "connected components of the labels"
     print(

@@ -20,10 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli, tqdm_progress
-from _warm_api import warm_prefect_api
+from _warm_api import prefect_api, warm_prefect_api
 
 if __name__ == "__main__":  # Prefect's API server comes up while the scenes are listed
-    _api_ready = warm_prefect_api()
+    warm_prefect_api()
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     req = model_from_args(CollectionRequest, args, COLLECTION_FLAGS, tta_flips=tta is not None,
                           tta_set=None if tta in (None, "auto") else tta)  # fmt: skip
     check_collection(req)  # bad input fails in a second, before the flow starts
-    with _api_ready():
+    with prefect_api():
         r = segment_collection_flow(**req.model_dump())
     failed = [s for s in r["scenes"] if s["status"] == "failed"]
     c = r["counts"]

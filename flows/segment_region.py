@@ -20,10 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import ROOT, run_cli, tqdm_progress
-from _warm_api import warm_prefect_api
+from _warm_api import prefect_api, warm_prefect_api
 
 if __name__ == "__main__":  # Prefect's API server comes up while torch and the model load
-    _api_ready = warm_prefect_api()
+    warm_prefect_api()
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -146,7 +146,7 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
 def main(argv: list[str] | None = None) -> None:
     req = request_from_args(parser().parse_args(argv))
     check_request(req)  # fail in a second, before the flow starts
-    with _api_ready():
+    with prefect_api():
         r = segment_region_flow(**req.model_dump())
     print(
         f"{req.out}: {r['region']['width']} x {r['region']['height']} px in {r['seconds']:.1f} s "

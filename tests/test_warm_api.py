@@ -68,9 +68,9 @@ import psutil
 sys.path.insert(0, sys.argv[1])
 import _warm_api
 _warm_api._wait_healthy = lambda proc, url: True  # the server's start-up is not this test's
-ready = _warm_api.warm_prefect_api()
+_warm_api.warm_prefect_api()
 started = len(psutil.Process().children())
-with ready():
+with _warm_api.prefect_api():
     from prefect.settings import get_current_settings
     s = get_current_settings()
     print(started, len(psutil.Process().children()), s.api.url, s.flows.heartbeat_frequency)
