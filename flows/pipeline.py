@@ -19,17 +19,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli
+from _warm_api import prefect_api, warm_prefect_api
+
+if __name__ == "__main__":  # Prefect's API server comes up while the command loads
+    warm_prefect_api()
 from prefect import Task, flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from segflow.config import PipelineConfig, load_config
-from segflow.io import locations, remote
+from segflow.io import locations
 from segflow.stages import (
     StagePlan,
     StageRun,
@@ -40,6 +43,7 @@ from segflow.stages import (
     plan_prepare,
     plan_segment,
     plan_train,
+    results_dir,
     run_evaluate,
     run_ingest,
     run_prepare,
@@ -48,8 +52,6 @@ from segflow.stages import (
     summary,
 )
 from segflow.stages.collection import plan_collection, run_collection
-
-RESULTS_DIR = ".prefect-results"
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -100,20 +102,13 @@ def collection_stage(run: StageRun, cfg: PipelineConfig, device: str | None,
 def _call(stage: Task[..., dict[str, Any]], run: StageRun, *args: Any) -> dict[str, Any]:
     """Run one stage task: Prefect's cache answers only when the stage records say current."""
     configured: Callable[..., dict[str, Any]] = stage.with_options(
-        result_storage=_results_dir(run.work),
+        result_storage=results_dir(run.work),
         refresh_cache=run.plan is not StagePlan.SKIP,
     )
     result = dict(configured(run, *args))
     if run.plan is StagePlan.SKIP:  # a cached result is the one of the run that made it
         result.update(ran=False, plan=run.plan.value)
     return result
-
-
-def _results_dir(work: str | Path) -> Path:
-    """Prefect's results (a local directory): in the work directory, or segflow's cache."""
-    if not remote.is_url(work):
-        return Path(work).resolve() / RESULTS_DIR
-    return locations.cache_root() / "prefect-results" / sha256(str(work).encode()).hexdigest()[:24]
 
 
 @flow(name="pipeline", log_prints=False)
@@ -162,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = load_config(args.config)  # fail fast, before Prefect starts
     check_pipeline_inputs(cfg)
-    stages = pipeline_flow(args.config, args.dask_address, args.device)
+    with prefect_api():
+        stages = pipeline_flow(args.config, args.dask_address, args.device)
     print(summary(cfg, stages))
 
 

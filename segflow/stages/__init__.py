@@ -44,6 +44,7 @@ from segflow.stages.report import stage_status, summary
 from segflow.stages.run import (
     finished_training,
     prediction_store_reusable,
+    results_dir,
     run_ingest,
     run_prepare,
     run_segment,
@@ -84,6 +85,7 @@ __all__ = [
     "plan_stage",
     "plan_train",
     "prediction_store_reusable",
+    "results_dir",
     "read_record",
     "read_started",
     "record_path",

@@ -15,6 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,18 @@ __all__ = [
 
 #: Request parameters that define the region segment_region predicts.
 REGION_PARAMS = ("image", "bbox", "bbox_crs", "window")
+
+
+#: Prefect's stage results (the pipeline's cache), in a local work directory
+RESULTS_DIR = ".prefect-results"
+
+
+def results_dir(work: str | Path) -> Path:
+    """Where the pipeline's Prefect results go (a local directory): ``RESULTS_DIR`` in a
+    local work directory; for one on object storage, a folder of segflow's cache named by it."""
+    if not remote.is_url(work):
+        return Path(work).resolve() / RESULTS_DIR
+    return locations.cache_root() / "prefect-results" / sha256(str(work).encode()).hexdigest()[:24]
 
 
 def skipped(run: StageRun) -> dict[str, Any]:
