@@ -444,13 +444,16 @@ def _ingest(
     info = source.info
     label_hashes = _input_hashes(spec)
     staging = staging_location(out)
-    fresh = not store_exists(out) and not _something_at(staging)
+    staged_key = _store_key(staging)  # of an unfinished store there (looked up once)
+    staged = staged_key is not None or _something_at(staging)
+    fresh = not staged and not store_exists(out)
     run_key = None if fresh else _run_key(spec, hashing.result(), label_hashes)
     if run_key is not None and store_complete(out):
         return _already_complete(out, run_key, t0)
 
-    labels, instances = _open_staging_labels(spec, info, staging, run_key)
-    store, created = _open_or_create_staging(spec, info, staging, run_key, labels, instances)
+    resume = run_key is not None and staged_key == run_key
+    labels, instances = _open_staging_labels(spec, info, staging, staged=staged, resume=resume)
+    store, created = _open_or_create_staging(spec, info, staging, labels, instances, resume=resume)
     # a new store learns its key once the hash is done, before its first marks (the tasks
     # run meanwhile): a run killed before that has marked nothing and starts again
     key = _KeyRecorder(store, spec, hashing, label_hashes) if created else None
@@ -503,22 +506,17 @@ def _already_complete(out: Path | str, run_key: str, t0: float) -> IngestReport:
 
 
 def _open_staging_labels(
-    spec: IngestSpec, info: SourceInfo, staging: Path | str, run_key: str | None
+    spec: IngestSpec, info: SourceInfo, staging: Path | str, *, staged: bool, resume: bool
 ) -> tuple[LabelReader | None, LabelReader | None]:
-    """Open the label inputs into ``staging``, first discarding one made from other inputs.
-
-    Bad labels remove a staging store this call started, and leave a resumable one alone.
-    """
-    key = _store_key(staging)
-    exists = key is not None or _something_at(staging)
-    if exists and key != run_key:
+    """Open the label inputs into ``staging``, first discarding what is ``staged`` there unless
+    this run ``resume``s it (same inputs). Bad labels remove a store this call started."""
+    if staged and not resume:
         log.warning("discarding unfinished store %s made from other inputs", staging)
         remove_store(staging)
-        exists = False
     try:
         return _open_labels(spec, info, _labels_workdir(staging))
     except SegflowError:
-        if not exists:
+        if not resume:
             remove_store(staging)
         raise
 
@@ -583,13 +581,14 @@ def _open_or_create_staging(
     spec: IngestSpec,
     info: SourceInfo,
     staging: Path | str,
-    run_key: str | None,
     labels: LabelReader | None,
     instances: LabelReader | None,
+    *,
+    resume: bool,
 ) -> tuple[SceneStore, bool]:
-    """Open the unfinished store of this run, or create it without a key (the caller's
-    :class:`_KeyRecorder` records it); whether it was created."""
-    if run_key is not None and _store_key(staging) == run_key:
+    """Open the unfinished store of this run (``resume``), or create it without a key (the
+    caller's :class:`_KeyRecorder` records it); whether it was created."""
+    if resume:
         return SceneStore.open(staging, mode="r+", unfinished=True), False
     store = SceneStore.create(
         staging,
