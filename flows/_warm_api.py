@@ -40,10 +40,11 @@ _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
 def warm_prefect_api() -> None:
     """Start Prefect's temporary API server now, in the background, when no API is set.
 
-    Called by a command run as a script (``__name__ == "__main__"``), not where its module is
-    imported (tests) or re-imported (the processes of an embedded Dask cluster). The flow
-    then runs in :func:`prefect_api`; the server stops when the command exits, as Prefect's
-    own would.
+    Called first thing by a command that will run a flow: under ``__name__ == "__main__"``
+    (not where its module is imported by tests or re-imported by the processes of an embedded
+    Dask cluster), or, for train, once its arguments say a flow will run (not under torchrun).
+    The flow then runs in :func:`prefect_api`; the server stops when the command exits, as
+    Prefect's own would.
     """
     global _ready
     spec = importlib.util.find_spec("prefect")

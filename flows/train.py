@@ -29,10 +29,12 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/_common.py
 from _common import run_cli
+from _warm_api import prefect_api, warm_prefect_api
 
 from segflow.config import PipelineConfig, load_config
 from segflow.config.train import TrainConfig, make_train_config
 from segflow.io import locations, remote
+from segflow.stages.report import training_markdown
 from segflow.stages.training import (
     build_training_stores,
     check_training_request,
@@ -85,15 +87,6 @@ def run_training(tcfg: TrainConfig, out: Path | str, *, resume: bool, device: st
     return res.summary()
 
 
-def _markdown(r: dict[str, Any], metric: str) -> str:
-    rows = "".join(f"| {k} | {v:.5g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n"
-                   for k, v in r["final"].items())
-    return (f"### segflow train\n\n{r['steps']} of {r['total_steps']} steps in {r['wall_s']} s"
-            f"{' (stopped early)' if r['stopped_early'] else ''}; best {metric} "
-            f"{r['best_metric']} at step {r['best_step']}; checkpoints `{r['best_checkpoint']}`, "
-            f"`{r['last_checkpoint']}`\n\n| final metric | value |\n|---|---|\n{rows}")
-
-
 def make_flow() -> Any:
     from prefect import flow, task
     from prefect.artifacts import create_markdown_artifact
@@ -121,7 +114,7 @@ def make_flow() -> Any:
         result = train_task(train, out, resume, device, show)
         create_markdown_artifact(
             key="train-summary",
-            markdown=_markdown(result, make_train_config(train).select_metric),
+            markdown=training_markdown(result, make_train_config(train).select_metric),
             description=f"training of pipeline {pipeline['name']}",
         )
         return result
@@ -147,21 +140,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    no_prefect = args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not no_prefect:  # Prefect's API server comes up while the config is checked
+        warm_prefect_api()
     cfg = load_config(args.config)
     # fail in a second, before Prefect starts
     tcfg = training_config(cfg, steps=args.steps, time_limit_s=args.time_limit, source=args.config)
     out = args.out or locations.join(cfg.work_path, "train")  # a path, or a URL
     check_training_request(tcfg, out, device=args.device, prepare_only=args.prepare_only)
     show = not args.no_progress and sys.stderr.isatty()
-    if args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if no_prefect:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             ensure_stores(cfg, tcfg, show)
         if args.prepare_only:
             return
         result = run_training(tcfg, out, resume=args.resume, device=args.device, show=show)
     else:
-        result = make_flow()(cfg.model_dump(mode="json"), tcfg.model_dump(mode="json"), str(out),
-                             args.resume, args.device, args.prepare_only, show)
+        with prefect_api():
+            result = make_flow()(cfg.model_dump(mode="json"), tcfg.model_dump(mode="json"),
+                                 str(out), args.resume, args.device, args.prepare_only, show)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=1, default=str))
 

@@ -262,3 +262,15 @@ def test_a_collection_section_is_checked_first_and_a_failed_scene_keeps_it_unrec
         run_collection(run, cfg, device="cpu", dask_address=None)
     assert read_record(cfg.work_path, "segment_collection") is None
     assert plan_collection(cfg, None).plan is not StagePlan.SKIP
+
+
+def test_training_markdown_names_the_run_its_best_checkpoint_and_final_metrics() -> None:
+    from segflow.stages.report import training_markdown
+
+    r = {"steps": 40, "total_steps": 50, "wall_s": 12.5, "stopped_early": True,
+         "best_metric": 0.0712, "best_step": 30, "best_checkpoint": "o/best",
+         "last_checkpoint": "o/last", "final": {"pixel_error": 0.0734512, "epoch": 3}}  # fmt: skip
+    md = training_markdown(r, "pixel_error")
+    assert "40 of 50 steps in 12.5 s (stopped early); best pixel_error 0.0712 at step 30" in md
+    assert "`o/best`, `o/last`" in md
+    assert "| pixel_error | 0.073451 |" in md and "| epoch | 3 |" in md

@@ -9,7 +9,7 @@ from segflow.config import PipelineConfig
 from segflow.io import locations
 from segflow.stages.plan import StagePlan
 
-__all__ = ["stage_status", "summary"]
+__all__ = ["stage_status", "summary", "training_markdown"]
 
 
 def stage_status(name: str, st: dict[str, Any]) -> str:
@@ -54,3 +54,18 @@ def summary(cfg: PipelineConfig, stages: dict[str, Any]) -> str:
             + (f", mosaic `{col['outputs']['mosaic']}`" if "mosaic" in col["outputs"] else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def training_markdown(r: dict[str, Any], metric: str) -> str:
+    """The Markdown summary of a training run (the ``summary()`` of its result), ``metric``
+    being the one that picked the best checkpoint."""
+    rows = "".join(
+        f"| {k} | {v:.5g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n"
+        for k, v in r["final"].items()
+    )
+    return (
+        f"### segflow train\n\n{r['steps']} of {r['total_steps']} steps in {r['wall_s']} s"
+        f"{' (stopped early)' if r['stopped_early'] else ''}; best {metric} "
+        f"{r['best_metric']} at step {r['best_step']}; checkpoints `{r['best_checkpoint']}`, "
+        f"`{r['last_checkpoint']}`\n\n| final metric | value |\n|---|---|\n{rows}"
+    )
