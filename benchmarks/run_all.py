@@ -74,7 +74,9 @@ def _ingest(output: str, res: Path | None) -> str:
     r = _last_json(output)
     return (f"segflow {r['segflow_s']} s vs rioxarray {r['rioxarray_s']} s "
             f"(x{r['speedup_vs_rioxarray']}), peak {r['segflow_peak_gib']} vs "
-            f"{r['rioxarray_peak_gib']} GiB")
+            f"{r['rioxarray_peak_gib']} GiB; library / decode+encode limit "
+            f"{r['segflow_library_over_limit_median']} (median of "
+            f"{len(r['segflow_library_over_limit_rounds'])})")
 
 
 def _segment(output: str, res: Path | None) -> str:
