@@ -101,10 +101,13 @@ with dask.config.set(scheduler="threads"):
 
 
 def _limit(big: Path, scratch: Path) -> dict[str, float]:
-    """The LIMIT pass over ``big`` (its encoded chunks written under ``scratch``)."""
+    """The LIMIT pass over ``big`` (its encoded chunks written under ``scratch``, then removed:
+    each round starts with as little left to write back as the one before)."""
     out = subprocess.run(
         python("-c", LIMIT, str(big), str(scratch)), check=True, capture_output=True, text=True
     ).stdout
+    for folder in scratch.iterdir():
+        shutil.rmtree(folder)
     return json.loads(out.splitlines()[-1])
 
 
@@ -203,11 +206,11 @@ def main() -> None:
     mpx = gpx * 1000
     rounds = [mpx / library_s / limit["limit_mpx_s"]]
     for k in range(1, args.rounds):  # again, alternately, each store into a fresh folder
-        again = json.loads(
-            measure(python("-c", OURS, str(big), str(work / f"ours-{k}.zarr"))).output.strip()
-            .splitlines()[-1]
-        )["library_s"]  # fmt: skip
+        m = measure(python("-c", OURS, str(big), str(work / f"ours-{k}.zarr")))
+        if m.returncode != 0:
+            raise SystemExit(f"segflow (round {k + 1}) failed:\n{m.output[-3000:]}")
         shutil.rmtree(work / f"ours-{k}.zarr")
+        again = json.loads(m.output.strip().splitlines()[-1])["library_s"]
         rounds.append(mpx / again / _limit(big, scratch)["limit_mpx_s"])
     print(f"{'segflow library':14s} {library_s:7.1f} s  {mpx / library_s:7.1f} Mpx/s")
     print(f"decode only {limit['decode_mpx_s']:.1f} Mpx/s, encode only "

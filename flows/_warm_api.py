@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -42,7 +45,8 @@ def warm_prefect_api() -> None:
 
     Called first thing by a command that will run a flow: under ``__name__ == "__main__"``
     (not where its module is imported by tests or re-imported by the processes of an embedded
-    Dask cluster), or, for train, once its arguments say a flow will run (not under torchrun).
+    Dask cluster), or, for train run so, once its arguments say a flow will run (not under
+    torchrun).
     The flow then runs in :func:`prefect_api`; the server stops when the command exits, as
     Prefect's own would.
     """
@@ -50,10 +54,12 @@ def warm_prefect_api() -> None:
     spec = importlib.util.find_spec("prefect")
     if _api_configured() or spec is None or spec.origin is None:
         return
+    _exit_on_sigterm()
     try:
         port = _free_port()
         app_dir = os.path.dirname(os.path.dirname(spec.origin))  # as prefect.__module_path__.parent
-        proc = subprocess.Popen(_server_command(app_dir, port), env={**os.environ, **_SERVER_ENV})
+        proc = subprocess.Popen(_server_command(app_dir, port), env={**os.environ, **_SERVER_ENV},
+                                preexec_fn=_child_setup())  # fmt: skip
     except Exception:  # a Prefect without these settings starts its server itself
         return
     used: list[bool] = []
@@ -63,10 +69,13 @@ def warm_prefect_api() -> None:
         from prefect.settings import (
             PREFECT_API_URL,
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            PREFECT_SERVER_EPHEMERAL_ENABLED,
             temporary_settings,
         )
 
-        if PREFECT_API_URL.value():  # set where only Prefect looks (prefect.toml, .env)
+        # an API set where only Prefect looks (prefect.toml, .env), or temporary servers
+        # turned off: Prefect's own answer (that API, or its error)
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
             _stop(proc, used)
             return contextlib.nullcontext()
         used.append(True)
@@ -106,6 +115,30 @@ def _api_configured() -> bool:
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")  # none: the defaults
     settings = profiles.get("profiles", {}).get(active, {})
     return bool(isinstance(settings, dict) and settings.get("PREFECT_API_URL"))
+
+
+def _exit_on_sigterm() -> None:
+    """Until the command installs its own handler (``run_cli``), SIGTERM exits through the
+    exit hooks, which stop the server: by default it would end the process without them."""
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _child_setup() -> Callable[[], None] | None:
+    """On Linux, where this process runs no other thread yet: the server is sent SIGTERM when
+    this process dies, even by SIGKILL or the OOM killer (``PR_SET_PDEATHSIG``). Elsewhere,
+    or with threads (forking then is unsafe), None."""
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:

@@ -141,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     no_prefect = args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not no_prefect:  # Prefect's API server comes up while the config is checked
+    if not no_prefect and __name__ == "__main__":  # the API comes up while the config is checked
         warm_prefect_api()
     cfg = load_config(args.config)
     # fail in a second, before Prefect starts

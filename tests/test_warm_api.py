@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,46 @@ def test_api_in_the_profile_starts_no_server(prefect_env: Path, tmp_path: Path) 
     )
     started, running, url, _ = _warm_in(tmp_path, dict(os.environ))
     assert (started, running, url) == ("0", "0", "http://127.0.0.1:9/api")
+
+
+def test_temporary_servers_turned_off_stop_the_warm_server(
+    prefect_env: Path, tmp_path: Path
+) -> None:
+    """A profile that turns Prefect's temporary server off gets Prefect's own answer (no API:
+    its error), not the command's server."""
+    prefect_env.write_text(
+        'active = "off"\n[profiles.off]\nPREFECT_SERVER_EPHEMERAL_ENABLED = "false"\n'
+    )
+    started, running, url, _ = _warm_in(tmp_path, dict(os.environ))
+    assert (started, running, url) == ("1", "0", "None")
+
+
+_LOADING = """
+import sys, time
+import psutil
+sys.path.insert(0, sys.argv[1])
+import _warm_api
+_warm_api.warm_prefect_api()
+print(psutil.Process().children()[0].pid, flush=True)
+time.sleep(60)  # still loading, before run_cli installs its SIGTERM handler
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_command_killed_while_loading_takes_its_server_with_it(
+    prefect_env: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM before the command's own handler runs the exit hooks; SIGKILL (or the OOM
+    killer) leaves the server its parent-death signal."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOADING, str(ROOT / "flows")], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    server = psutil.Process(int(proc.stdout.readline()))
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+    psutil.wait_procs([server], timeout=30)
+    assert not server.is_running()
