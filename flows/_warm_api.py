@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from collections.abc import Callable
 from typing import Any
+
+from segflow.runtime import exit_on_sigterm, parent_death_signal
 
 #: What Prefect's SubprocessASGIServer sets for its temporary server (no UI).
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
@@ -54,12 +53,12 @@ def warm_prefect_api() -> None:
     spec = importlib.util.find_spec("prefect")
     if _api_configured() or spec is None or spec.origin is None:
         return
-    _exit_on_sigterm()
+    exit_on_sigterm()  # a kill while the command loads still stops the server
     try:
         port = _free_port()
         app_dir = os.path.dirname(os.path.dirname(spec.origin))  # as prefect.__module_path__.parent
         proc = subprocess.Popen(_server_command(app_dir, port), env={**os.environ, **_SERVER_ENV},
-                                preexec_fn=_child_setup())  # fmt: skip
+                                preexec_fn=parent_death_signal())  # fmt: skip
     except Exception:  # a Prefect without these settings starts its server itself
         return
     used: list[bool] = []
@@ -115,30 +114,6 @@ def _api_configured() -> bool:
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")  # none: the defaults
     settings = profiles.get("profiles", {}).get(active, {})
     return bool(isinstance(settings, dict) and settings.get("PREFECT_API_URL"))
-
-
-def _exit_on_sigterm() -> None:
-    """Until the command installs its own handler (``run_cli``), SIGTERM exits through the
-    exit hooks, which stop the server: by default it would end the process without them."""
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def _child_setup() -> Callable[[], None] | None:
-    """On Linux, where this process runs no other thread yet: the server is sent SIGTERM when
-    this process dies, even by SIGKILL or the OOM killer (``PR_SET_PDEATHSIG``). Elsewhere,
-    or with threads (forking then is unsafe), None."""
-    if not sys.platform.startswith("linux") or threading.active_count() > 1:
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:

@@ -19,13 +19,21 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, NoReturn, TypeVar
 
-__all__ = ["exit_now", "in_background", "tune_malloc", "usable_cores"]
+__all__ = [
+    "exit_now",
+    "exit_on_sigterm",
+    "in_background",
+    "parent_death_signal",
+    "tune_malloc",
+    "usable_cores",
+]
 
 T = TypeVar("T")
 
@@ -35,6 +43,8 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 _MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap and are reused
 _TRIM_THRESHOLD = (1 << 31) - 1  # never give the top of the heap back
@@ -113,3 +123,26 @@ def exit_now(status: int) -> NoReturn:
         with contextlib.suppress(OSError, ValueError):  # a closed pipe takes nothing more
             stream.flush()
     os._exit(status)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit through the exit hooks (``SystemExit(143)``) where its default action
+    would end the process without them; a handler already installed stays. Only from the
+    main thread (elsewhere: nothing)."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child gets ``sig`` when this
+    process dies, even by SIGKILL or the OOM killer (Linux's ``PR_SET_PDEATHSIG``, kept across
+    ``exec``). None off Linux, or while this process runs other threads (code between fork
+    and exec is then unsafe)."""
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, sig)
