@@ -140,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    no_prefect = args.no_prefect or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
+    no_prefect = args.no_prefect or ranks > 1
     if not no_prefect and __name__ == "__main__":  # the API comes up while the config is checked
         warm_prefect_api()
     cfg = load_config(args.config)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     check_training_request(tcfg, out, device=args.device, prepare_only=args.prepare_only)
     show = not args.no_progress and sys.stderr.isatty()
     if no_prefect:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if ranks <= 1:
             ensure_stores(cfg, tcfg, show)
         if args.prepare_only:
             return
