@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from segflow.errors import ConfigError, option
-from segflow.runtime import usable_cores
+from segflow.runtime import malloc_environment, usable_cores
 
 if TYPE_CHECKING:  # distributed is imported where a cluster is used: 0.2 s on every command
     from distributed import Client
@@ -164,7 +164,7 @@ def dask_client(
     # the worker's HTTP endpoint: with no address Dask binds an in-process worker's to every
     # interface (its inproc:// address names no interface)
     worker_http = f"{host}:0"
-    with _own_environment():  # the workers are spawned here
+    with _own_environment(), _worker_malloc():  # the workers are spawned here
         cluster = LocalCluster(
             n_workers=n_workers or 1,
             threads_per_worker=threads_per_worker or cores,
@@ -179,6 +179,17 @@ def dask_client(
         log.info("embedded Dask cluster: dashboard on %s", dashboard)
         _no_gc_diagnosis()
         yield client
+
+
+def _worker_malloc() -> Any:
+    """Dask's config while segflow starts worker processes: their environment gets
+    :func:`~segflow.runtime.malloc_environment` (as this process's own malloc is tuned), on
+    top of what ``distributed.nanny.pre-spawn-environ`` holds; a nanny keeps it for restarts.
+    A variable already in this process's environment still wins, as in Dask."""
+    import dask
+
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
+    return dask.config.set({"distributed.nanny.pre-spawn-environ": {**env, **malloc_environment()}})
 
 
 @contextlib.contextmanager
@@ -255,19 +266,29 @@ def gpu_client(gpus: int, *, threads: int, host: str | None = None) -> Iterator[
     """An embedded cluster of one worker per GPU: dask-cuda's ``LocalCUDACluster`` where it
     is installed, else worker processes from :func:`gpu_worker_specs`; on loopback."""
     _import_distributed()
-    from distributed import Client, Scheduler, SpecCluster
+    from distributed import Client
 
     host, dashboard = local_cluster_addresses(host, None)
-    try:
-        from dask_cuda import LocalCUDACluster
-
-        cluster: Any = LocalCUDACluster(
-            n_workers=gpus, threads_per_worker=threads, resources={"GPU": 1}, host=host,
-            dashboard_address=dashboard,
-        )  # fmt: skip
-    except ImportError:
-        scheduler = {"cls": Scheduler, "options": {"host": host, "dashboard_address": dashboard}}
-        cluster = SpecCluster(workers=gpu_worker_specs(gpus, threads, host), scheduler=scheduler)
-    with cluster, Client(cluster) as client:
+    with _own_environment(), _worker_malloc():  # the workers are spawned here
+        cluster = _gpu_cluster(gpus, threads, host, dashboard)
+    with _own_environment(), cluster, Client(cluster) as client:  # a restarted worker too
         log.info("embedded GPU cluster: %d workers, dashboard on %s", gpus, dashboard)
         yield client
+
+
+def _gpu_cluster(gpus: int, threads: int, host: str, dashboard: str) -> Any:
+    """The cluster of :func:`gpu_client`, not yet entered."""
+    from distributed import Scheduler, SpecCluster
+
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        scheduler = {"cls": Scheduler, "options": {"host": host, "dashboard_address": dashboard}}
+        return SpecCluster(workers=gpu_worker_specs(gpus, threads, host), scheduler=scheduler)
+    return LocalCUDACluster(
+        n_workers=gpus,
+        threads_per_worker=threads,
+        resources={"GPU": 1},
+        host=host,
+        dashboard_address=dashboard,
+    )

