@@ -139,3 +139,28 @@ def test_kubernetes_gpu_workers_declare_the_gpu_resource() -> None:
     assert {a for a in args if a.startswith("--")} <= _dask_worker_options()
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert docs["DaskWorkerGroup"]["spec"]["cluster"] == docs["DaskCluster"]["metadata"]["name"]
+
+
+def _assignments(text: str, prefix: str) -> dict[str, str]:
+    """``NAME=VALUE`` pairs of the MALLOC_ settings on the line starting with ``prefix``."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(prefix) and "MALLOC_" in ln)
+    return dict(t.split("=", 1) for t in shlex.split(line[len(prefix) :]))
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix"),
+    [
+        (ROOT / "deploy" / "docker" / "Dockerfile.cpu", "ENV "),
+        (ROOT / "deploy" / "docker" / "Dockerfile.cuda", "ENV "),
+        (GPU_NODE, "export "),
+    ],
+)
+def test_worker_environments_tune_malloc_as_segflow_does(path: Path, prefix: str) -> None:
+    """Workers started from the images or the GPU-node script get the same glibc settings as
+    the workers segflow starts itself (a Dask nanny would otherwise trim at 64 KiB)."""
+    from segflow.runtime import malloc_environment
+
+    expected = malloc_environment()
+    if not expected:
+        pytest.skip("glibc's settings: Linux only")
+    assert _assignments(path.read_text(), prefix) == expected

@@ -11,6 +11,9 @@
 # Threads feed the GPU (reading, normalizing, stitching, encoding): 4 per GPU keep a mid-range
 # card busy with segflow's U-Nets; raise them for faster cards.
 set -euo pipefail
+# glibc keeps large freed blocks for reuse in the workers' task threads (a Dask nanny would set
+# MALLOC_TRIM_THRESHOLD_=65536): segflow.runtime.malloc_environment
+export MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=268435456 MALLOC_ARENA_MAX=1
 SCHEDULER=${1:?usage: gpu-node.sh SCHEDULER_ADDRESS [THREADS_PER_WORKER]}
 THREADS=${2:-4}
 GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from dask_jobqueue import SLURMCluster
 
+from segflow.runtime import malloc_environment
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -38,6 +40,8 @@ def main() -> None:
         walltime=args.walltime, local_directory="$TMPDIR",
         job_extra_directives=extra,
         worker_extra_args=["--resources", "GPU=1"] if args.gpu else [],
+        # large freed blocks kept for reuse in the workers' task threads (see the function)
+        job_script_prologue=[f"export {k}={v}" for k, v in malloc_environment().items()],
     )
     cluster.scale(jobs=args.jobs)
     Path("dask-scheduler-address.txt").write_text(cluster.scheduler_address)
