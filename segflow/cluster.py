@@ -183,9 +183,10 @@ def dask_client(
 
 def _worker_malloc() -> Any:
     """Dask's config while segflow starts worker processes: their environment gets
-    :func:`~segflow.runtime.malloc_environment` (as this process's own malloc is tuned), on
-    top of what ``distributed.nanny.pre-spawn-environ`` holds; a nanny keeps it for restarts.
-    A variable already in this process's environment still wins, as in Dask."""
+    :func:`~segflow.runtime.malloc_environment` on top of what
+    ``distributed.nanny.pre-spawn-environ`` holds (these four variables replace the config's);
+    a nanny keeps it for restarts. A variable already in this process's environment still
+    wins, as in Dask."""
     import dask
 
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})

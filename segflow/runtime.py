@@ -52,6 +52,7 @@ _MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB come from the heap and are reuse
 _TRIM_THRESHOLD = (1 << 31) - 1  # never give the top of the heap back
 _TOP_PAD = 1 << 28  # grow the heap 256 MiB at a time
 _ARENA_MAX = 1  # threads allocate from the main heap too (see tune_malloc)
+_WORKER_TRIM_THRESHOLD = 1 << 30  # workers give the heap's top back past 1 GiB free
 
 
 def in_background(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -95,8 +96,10 @@ def tune_malloc() -> bool:
     readers, a library call from a thread pool or a Prefect task runner's thread).
     segment_region at 8192^2 called in a thread: 5.0-5.5 s with 2.2-2.7 s of system time;
     3.8 s with 0.15 s on the main heap. Ingest's decode and encode threads measured the same
-    with one arena as with eight. It applies to threads that have not allocated yet: call it
-    first thing.
+    with one arena as with eight (on 2 cores; many threads allocating mid-sized blocks at once
+    would wait on the one heap's lock). Threads started before the call keep their arenas, and
+    so may later ones (a finished thread's arena is reused): call it before any other thread
+    starts, or start the process with :func:`malloc_environment` in its environment.
 
     Idempotent and process-wide; does nothing (returns False) off Linux/glibc.
     """
@@ -126,12 +129,17 @@ def tune_malloc() -> bool:
 
 
 def malloc_environment() -> dict[str, str]:
-    """:func:`tune_malloc`'s settings as glibc's environment variables, for processes this one
-    starts (a Dask worker's task threads allocate before any code of ours runs in them).
+    """:func:`tune_malloc`'s settings as glibc's environment variables, for worker processes
+    (a Dask worker's task threads allocate before any code of ours runs in them).
+
+    One difference: the top of the heap is given back to the system past 1 GiB free, not
+    never, so that a worker's resident memory falls again after a peak and Dask's memory
+    monitor (spill at 70 %, pause at 80 % of the worker's limit) does not count a retained
+    peak as the worker's own for good.
 
     Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and a task's arrays were
     then page-faulted anew for every unit: with these settings instead, the border weights of a
-    32768^2 DSB raster took 52-53 s rather than 65-76 s on 2 workers, at a peak of 0.53-0.59 GiB
+    32768^2 DSB raster took 52-54 s rather than 65-76 s on 2 workers, at a peak of 0.53-0.59 GiB
     per worker instead of 0.44-0.50 (the same at 16384^2). Empty off Linux.
 
     Examples
@@ -144,7 +152,7 @@ def malloc_environment() -> dict[str, str]:
         return {}
     return {
         "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
-        "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(_WORKER_TRIM_THRESHOLD),
         "MALLOC_TOP_PAD_": str(_TOP_PAD),
         "MALLOC_ARENA_MAX": str(_ARENA_MAX),
     }

@@ -13,7 +13,7 @@
 set -euo pipefail
 # glibc keeps large freed blocks for reuse in the workers' task threads (a Dask nanny would set
 # MALLOC_TRIM_THRESHOLD_=65536): segflow.runtime.malloc_environment
-export MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=268435456 MALLOC_ARENA_MAX=1
+export MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=268435456 MALLOC_ARENA_MAX=1
 SCHEDULER=${1:?usage: gpu-node.sh SCHEDULER_ADDRESS [THREADS_PER_WORKER]}
 THREADS=${2:-4}
 GPUS=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)

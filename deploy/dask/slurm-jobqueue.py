@@ -19,9 +19,18 @@ import argparse
 import time
 from pathlib import Path
 
+import dask
 from dask_jobqueue import SLURMCluster
 
 from segflow.runtime import malloc_environment
+
+
+def _prologue() -> list[str]:
+    """The job script's prologue from Dask's config (a ``module load``, a ``source``), then
+    segflow's malloc settings: large freed blocks kept for reuse in the workers' task threads
+    (``segflow.runtime.malloc_environment``)."""
+    configured = list(dask.config.get("jobqueue.slurm.job-script-prologue", None) or [])
+    return configured + [f"export {k}={v}" for k, v in malloc_environment().items()]
 
 
 def main() -> None:
@@ -40,8 +49,7 @@ def main() -> None:
         walltime=args.walltime, local_directory="$TMPDIR",
         job_extra_directives=extra,
         worker_extra_args=["--resources", "GPU=1"] if args.gpu else [],
-        # large freed blocks kept for reuse in the workers' task threads (see the function)
-        job_script_prologue=[f"export {k}={v}" for k, v in malloc_environment().items()],
+        job_script_prologue=_prologue(),
     )
     cluster.scale(jobs=args.jobs)
     Path("dask-scheduler-address.txt").write_text(cluster.scheduler_address)
