@@ -95,9 +95,9 @@ def tune_malloc() -> bool:
     all, whatever the threshold, and much of the work runs in threads (segment_region's
     readers, a library call from a thread pool or a Prefect task runner's thread).
     segment_region at 8192^2 called in a thread: 5.0-5.5 s with 2.2-2.7 s of system time;
-    3.8 s with 0.15 s on the main heap. Ingest's decode and encode threads measured the same
-    with one arena as with eight (on 2 cores; many threads allocating mid-sized blocks at once
-    would wait on the one heap's lock). Threads started before the call keep their arenas, and
+    3.8 s with 0.15 s on the main heap. The one heap's lock has a cost where threads allocate
+    many mid-sized blocks at once: ingest's decode and encode threads took 2.33-2.35 s for
+    16384^2 with one arena, 2.24-2.28 s with eight (2 cores; more threads wait longer). Threads started before the call keep their arenas, and
     so may later ones (a finished thread's arena is reused): call it before any other thread
     starts, or start the process with :func:`malloc_environment` in its environment.
 
