@@ -97,9 +97,10 @@ def tune_malloc() -> bool:
     segment_region at 8192^2 called in a thread: 5.0-5.5 s with 2.2-2.7 s of system time;
     3.8 s with 0.15 s on the main heap. The one heap's lock has a cost where threads allocate
     many mid-sized blocks at once: ingest's decode and encode threads took 2.33-2.35 s for
-    16384^2 with one arena, 2.24-2.28 s with eight (2 cores; more threads wait longer). Threads started before the call keep their arenas, and
-    so may later ones (a finished thread's arena is reused): call it before any other thread
-    starts, or start the process with :func:`malloc_environment` in its environment.
+    16384^2 with one arena, 2.24-2.28 s with eight (2 cores; more threads wait longer).
+    Threads started before the call keep their arenas, and so may later ones (a finished
+    thread's arena is reused): call it before any other thread starts, or start the process
+    with :func:`malloc_environment` in its environment.
 
     Idempotent and process-wide; does nothing (returns False) off Linux/glibc.
     """
